@@ -1,0 +1,139 @@
+"""The mask generator: the U-Net of ADIOS (adapted from GENESIS) that predicts N soft masks.
+
+- [0] ADIOS, 2022, https://arxiv.org/abs/2201.13100
+- [1] GENESIS, 2020, https://arxiv.org/abs/1907.13052
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MASK_NORMS = ("gn", "in", "none")
+
+
+def default_num_blocks(image_size: int) -> int:
+    """The reference's block count ``int(log2(size) - 1)``: 4 at 32 px, 5 at 64/96 px, 6 at 224 px.
+
+    Never fewer than 3, so tiny test images still get a U-Net.
+    """
+    return max(3, int(math.log2(image_size) - 1))
+
+
+def _block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    """3x3 conv (stride 1, pad 1) + norm + ReLU; the conv has a bias only without a norm."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=norm == "none")
+    ]
+    if norm == "gn":
+        layers.append(nn.GroupNorm(8, out_channels))
+    elif norm == "in":
+        layers.append(nn.InstanceNorm2d(out_channels, affine=True))
+    layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class MaskGenerator(nn.Module):
+    """U-Net that maps images ``(B, 3, H, W)`` to ``num_masks`` soft masks ``(B, N, H, W)``.
+
+    At every pixel the N masks sum to 1 (softmax over slots). The layout reproduces the reference
+    for 4 to 6 blocks (ADIOS.md, "The masking network"): down widths ``[c]*(blocks-3) + [2c]*3``,
+    nearest x0.5 between down blocks, a bottleneck MLP ``2c*f*f -> 128 -> 128 -> 2c*f*f``, and an
+    up path that concatenates the skips. Sizes that are not divisible by ``2**(blocks-1)`` work
+    too: down-sampling floors the size and up-sampling returns exactly to each skip's size.
+
+    Args:
+        num_masks: N, the number of slots (at least 2).
+        image_size: Side of the square input images; the bottleneck MLP is sized for it.
+        width: Base width ``c`` (a multiple of 8 with ``norm="gn"``).
+        norm: ``"gn"`` (GroupNorm, 8 groups), ``"in"`` (InstanceNorm, affine) or ``"none"``.
+        num_blocks: U-Net depth; ``None`` takes the reference's :func:`default_num_blocks`.
+    """
+
+    def __init__(
+        self,
+        num_masks: int,
+        image_size: int,
+        width: int = 32,
+        norm: str = "gn",
+        num_blocks: int | None = None,
+    ) -> None:
+        super().__init__()
+        if norm not in MASK_NORMS:
+            raise ValueError(f"mask_norm={norm!r} is not supported; accepted: {list(MASK_NORMS)}")
+        if not isinstance(num_masks, int) or num_masks < 2:
+            raise ValueError(f"num_masks must be an integer >= 2 for a mask generator, got {num_masks!r}")
+        if not isinstance(width, int) or width <= 0 or (norm == "gn" and width % 8):
+            raise ValueError(
+                f"mask_width must be a positive integer (a multiple of 8 with mask_norm='gn'), got {width!r}"
+            )
+        num_blocks = default_num_blocks(image_size) if num_blocks is None else num_blocks
+        sizes = [image_size]
+        for _ in range(num_blocks - 1):
+            sizes.append(sizes[-1] // 2)
+        if num_blocks < 3 or sizes[-1] < 1:
+            raise ValueError(
+                f"image_size={image_size} is too small for a {num_blocks}-block mask generator "
+                "(need image_size >= 2**(blocks-1) and blocks >= 3)"
+            )
+        self.num_masks = num_masks
+        self.image_size = image_size
+        self.num_blocks = num_blocks
+
+        down_channels = [width] * (num_blocks - 3) + [2 * width] * 3
+        self.down = nn.ModuleList()
+        in_channels = 3
+        for out_channels in down_channels:
+            self.down.append(_block(in_channels, out_channels, norm))
+            in_channels = out_channels
+
+        bottom = sizes[-1]
+        flat = 2 * width * bottom * bottom
+        self.bottleneck = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, flat),
+            nn.ReLU(inplace=True),
+        )
+        self._bottom_shape = (2 * width, bottom, bottom)
+
+        skips = down_channels[::-1]
+        self.up = nn.ModuleList()
+        current = 2 * width
+        for i, skip in enumerate(skips):
+            out_channels = skips[i + 1] if i + 1 < len(skips) else width
+            self.up.append(_block(current + skip, out_channels, norm))
+            current = out_channels
+        self.head = nn.Conv2d(width, num_masks, kernel_size=1)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Unnormalised slot scores ``(B, N, H, W)``."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"the mask generator was built for images (B, 3, {self.image_size}, {self.image_size}); "
+                f"got {tuple(images.shape)} (set image_size to the size of the training views)"
+            )
+        skips = []
+        x = images
+        for i, block in enumerate(self.down):
+            x = block(x)
+            skips.append(x)
+            if i + 1 < len(self.down):
+                x = F.interpolate(x, scale_factor=0.5, mode="nearest")
+        x = self.bottleneck(x).view(x.shape[0], *self._bottom_shape)
+        skips.reverse()
+        for i, block in enumerate(self.up):
+            x = block(torch.cat([x, skips[i]], dim=1))
+            if i + 1 < len(self.up):
+                x = F.interpolate(x, size=skips[i + 1].shape[-2:], mode="nearest")
+        return self.head(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Soft masks ``(B, N, H, W)`` that sum to 1 over the slot dimension."""
+        return self.logits(images).softmax(dim=1)

@@ -1,0 +1,373 @@
+"""ADIOSModule: an encoder and a mask generator playing the ADIOS game under manual optimisation.
+
+- [0] ADIOS, 2022, https://arxiv.org/abs/2201.13100
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
+from adios_pl.encoders import check_encoder, create_encoder
+from adios_pl.masks import MASK_NORMS, MaskGenerator
+from adios_pl.objectives import Objective, SimCLR, ViewOutput
+from adios_pl.optim import OPTIMIZERS, build_optimizer, warmup_cosine_scheduler
+from adios_pl.penalties import entropy_term, mask_areas, masked_view, sample_slots, sparsity_penalty
+
+MASK_MODES = ("all", "one")
+
+
+def _no_op() -> None:
+    return None
+
+
+def _leaf_copies(outputs: ViewOutput) -> ViewOutput:
+    """Detached copies of the tensors that carry gradients, made leaves that collect gradients."""
+    return {k: v.detach().requires_grad_() if v.requires_grad else v for k, v in outputs.items()}
+
+
+class ADIOSModule(pl.LightningModule):
+    """ADIOS: an encoder (with the objective's heads) and a mask generator, trained adversarially.
+
+    Per batch ``(views, targets)`` (``views`` two tensors ``(B, 3, H, W)``, ``targets`` long with
+    -1 for unlabelled images), with masks ``m = mask_generator(views[1])`` computed once:
+
+    1. encoder step (encoder + heads): minimise ``sum_n L(views[0], views[1] * (1 - m_n))`` with
+       the masks detached;
+    2. mask step (mask generator), encoder side frozen:
+       ``mask_loss = -sum_n L(...) + sparsity_weight * sum_n mean_b 1/sin(pi area_bn)
+       - entropy_weight * sum_b sum_n p_bn log p_bn`` -- the mask generator *ascends* the SSL
+       loss minus the penalties of the paper.
+
+    The clean view is encoded once per step, the mask generator runs once per batch, and the N
+    masked terms are back-propagated one at a time, so peak activation memory does not grow
+    with N. The result equals the reference algorithm (see ``tests/test_exactness.py``).
+
+    Args:
+        encoder: A registered name (:func:`adios_pl.encoders.list_encoders`) or any module mapping
+            ``(B, 3, H, W)`` to ``(B, num_features)`` with an integer ``num_features``.
+        objective: An :class:`~adios_pl.objectives.Objective`; ``None`` means ``SimCLR()``.
+        num_masks: N, the number of mask slots; 0 trains the plain objective on the two views
+            (the baseline) through the same step code; 1 is rejected (one slot covers all).
+        mask_mode: ``"all"`` (ADIOS: every mask for every image) or ``"one"`` (ADIOS-s: one slot
+            per image, drawn uniformly, so one masked forward per step).
+        sparsity_weight: Weight ``a_s`` of the sparsity penalty.
+        entropy_weight: Weight ``a_e`` of the area-entropy term.
+        image_size: Side of the square training views.
+        mask_width: Base width ``c`` of the U-Net.
+        mask_norm: ``"gn"``, ``"in"`` or ``"none"``.
+        optimizer: ``"sgd"`` (momentum 0.9), ``"lars"`` or ``"adamw"``, for both players.
+        lr: Learning rate of the encoder side (encoder and heads).
+        mask_lr: Learning rate of the mask generator.
+        weight_decay: Weight decay of both players.
+        warmup_epochs: Linear warm-up length; a cosine decay to ``min_lr_factor * lr`` follows.
+            Both are per batch.
+        min_lr_factor: Final learning rate as a fraction of the initial one.
+        momentum: Momentum of SGD and LARS.
+        lars_eta: LARS trust coefficient.
+        encoder_kwargs: Extra arguments of a registered encoder (e.g. ``{"norm": "gn"}``).
+        mask_blocks: U-Net depth; ``None`` takes the reference's ``int(log2(image_size) - 1)``.
+    """
+
+    def __init__(
+        self,
+        encoder: str | nn.Module = "resnet18",
+        objective: Objective | None = None,
+        num_masks: int = 6,
+        mask_mode: str = "all",
+        sparsity_weight: float = 1.0,
+        entropy_weight: float = 0.0,
+        image_size: int = 32,
+        mask_width: int = 32,
+        mask_norm: str = "gn",
+        optimizer: str = "sgd",
+        lr: float = 0.3,
+        mask_lr: float = 0.1,
+        weight_decay: float = 1e-5,
+        warmup_epochs: float = 10.0,
+        min_lr_factor: float = 0.0,
+        momentum: float = 0.9,
+        lars_eta: float = 0.02,
+        encoder_kwargs: dict[str, Any] | None = None,
+        mask_blocks: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_arguments(
+            num_masks=num_masks, mask_mode=mask_mode, sparsity_weight=sparsity_weight,
+            entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
+            optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor,
+        )
+        ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        self.automatic_optimization = False
+
+        if isinstance(encoder, str):
+            encoder = create_encoder(encoder, image_size=image_size, **(encoder_kwargs or {}))
+        elif not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be a registered name or an nn.Module, got {type(encoder).__name__}")
+        check_encoder(encoder, image_size)
+        self.encoder = encoder
+
+        if objective is None:
+            objective = SimCLR()
+        if not isinstance(objective, Objective):
+            raise TypeError(
+                "objective must be an adios_pl.objectives.Objective (SimCLR, BYOL, SimSiam or your "
+                f"own subclass), got {type(objective).__name__}"
+            )
+        objective.build(self.encoder)
+        self.objective = objective
+        self.hparams["objective_name"] = type(objective).__name__
+
+        self.mask_generator: MaskGenerator | None = None
+        if num_masks > 0:
+            self.mask_generator = MaskGenerator(
+                num_masks, image_size, width=mask_width, norm=mask_norm, num_blocks=mask_blocks
+            )
+        self.num_masks = num_masks
+        self.mask_mode = mask_mode
+        self.sparsity_weight = sparsity_weight
+        self.entropy_weight = entropy_weight
+        self.image_size = image_size
+        self.total_steps = 1
+        self._slot_generator = torch.Generator()
+
+    # ----------------------------------------------------------------------------------- API
+    def embed(self, images: Tensor) -> Tensor:
+        """Encoder features ``(B, num_features)`` of images ``(B, 3, H, W)`` for evaluation."""
+        features: Tensor = self.encoder(images)
+        return features
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """What the encoder optimiser updates: the encoder and the objective's heads."""
+        yield from self.encoder.parameters()
+        yield from self.objective.trainable_parameters()
+
+    # ---------------------------------------------------------------------------- optimisers
+    def configure_optimizers(self) -> Any:
+        """One optimiser and one warm-up + cosine schedule (stepped per batch) per player."""
+        hp = self.hparams
+        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = self.trainer.num_training_batches
+        if hp.warmup_epochs > 0 and not math.isfinite(per_epoch):
+            raise ValueError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
+        warmup = round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs > 0 else 0
+        players = [(list(self.encoder_parameters()), hp.lr)]
+        if self.mask_generator is not None:
+            players.append((list(self.mask_generator.parameters()), hp.mask_lr))
+        optimizers, schedulers = [], []
+        for params, lr in players:
+            opt = build_optimizer(hp.optimizer, params, lr=lr, weight_decay=hp.weight_decay, momentum=hp.momentum, lars_eta=hp.lars_eta)
+            optimizers.append(opt)
+            schedulers.append(warmup_cosine_scheduler(opt, warmup, self.total_steps, hp.min_lr_factor))
+        return optimizers, schedulers
+
+    # -------------------------------------------------------------------------------- hooks
+    def on_train_start(self) -> None:
+        """Take gradient synchronisation over from DDP, and seed the ADIOS-s slot sampler per rank."""
+        disable_ddp_grad_sync(self.trainer.strategy.model)
+        self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the ADIOS-s slot sampler so a resumed run draws the same slots."""
+        checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the ADIOS-s slot sampler."""
+        if "adios_slot_rng" in checkpoint:
+            self._slot_generator.set_state(checkpoint["adios_slot_rng"])
+
+    # ------------------------------------------------------------------------------ training
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        """One round of the game on ``batch = (views, targets)``; returns the clean-view features.
+
+        The returned ``features`` (detached encoder output of ``views[0]``) and ``targets`` reach
+        callbacks through ``on_train_batch_end``, so online evaluation needs no extra forward.
+        """
+        x1, x2, targets = self._unpack(batch)
+        step = self.global_step  # counts batches here: see _count_batches_only
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        self._count_batches_only(optimizers)
+
+        masks = slots = None
+        if self.mask_generator is not None:
+            masks = self.mask_generator(x2)  # one forward serves both players
+            if self.mask_mode == "one":
+                slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device)
+
+        # Player 1: the encoder side minimises the SSL loss of the masked views.
+        enc_opt = optimizers[0]
+        encoder_loss, features = self._encoder_step(x1, x2, None if masks is None else masks.detach(), slots)
+        all_reduce_gradients(self._params_of(enc_opt))
+        enc_opt.step()
+        enc_opt.zero_grad(set_to_none=True)
+        self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+
+        logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
+        if masks is not None:
+            # Player 2: the mask generator ascends the SSL loss minus its penalties.
+            mask_opt = optimizers[1]
+            with self.toggled_optimizer(mask_opt):
+                mask_logs = self._mask_step(x1, x2, masks, slots)
+            all_reduce_gradients(self._params_of(mask_opt))
+            mask_opt.step()
+            mask_opt.zero_grad(set_to_none=True)
+            logs.update(mask_logs)
+            logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
+        for scheduler in schedulers:
+            scheduler.step()
+        broadcast_buffers(self.buffers())
+
+        self._check_finite(logs, step)
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        return {"loss": encoder_loss, "features": features, "targets": targets}
+
+    def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:
+        """The masked terms of one step: every slot (ADIOS) or the drawn slot per image (ADIOS-s)."""
+        if self.mask_generator is None:
+            return [0]
+        return [slots] if slots is not None else list(range(self.num_masks))
+
+    def _encoder_step(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Back-propagate ``sum_n L(x1, x2 * (1 - m_n))`` into the encoder side, one term at a time.
+
+        The clean view is encoded once; its outputs enter every term as detached leaves that
+        collect the gradients, which then go through the clean branch in one backward.
+        """
+        clean = self.objective(self.encoder, x1)
+        leaves = _leaf_copies(clean)
+        total = x1.new_zeros(())
+        for term in self._terms(slots):
+            view = x2 if masks is None else masked_view(x2, masks, term)
+            loss = self.objective.loss(leaves, self.objective(self.encoder, view))
+            self.manual_backward(loss)
+            total += loss.detach()
+        tensors = [clean[k] for k, leaf in leaves.items() if leaf.grad is not None and clean[k] is not leaf]
+        grads = [leaves[k].grad for k, leaf in leaves.items() if leaf.grad is not None and clean[k] is not leaf]
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        return total, clean["features"].detach()
+
+    def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None) -> dict[str, Tensor]:
+        """Back-propagate the mask loss into the mask generator (encoder side frozen by the caller).
+
+        The gradients of the N terms are collected on a detached copy of the masks, then go
+        through the mask generator in one backward.
+        """
+        with torch.no_grad():  # the clean view does not depend on the masks
+            clean = self.objective(self.encoder, x1)
+        leaf = masks.detach().requires_grad_()
+        ssl = x1.new_zeros(())
+        for term in self._terms(slots):
+            loss = self.objective.loss(clean, self.objective(self.encoder, masked_view(x2, leaf, term)))
+            self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
+            ssl += loss.detach()
+        areas = mask_areas(leaf)
+        penalty = sparsity_penalty(areas).mean(dim=0).sum()
+        entropy = entropy_term(areas)
+        self.manual_backward(self.sparsity_weight * penalty - self.entropy_weight * entropy)
+        masks.backward(leaf.grad)
+        areas = areas.detach()
+        mask_loss = -ssl + self.sparsity_weight * penalty.detach() - self.entropy_weight * entropy.detach()
+        return {
+            "train/mask_loss": mask_loss,
+            "train/mask_ssl_loss": ssl,
+            "train/sparsity_penalty": penalty.detach(),
+            "train/entropy": -entropy.detach(),
+            "train/mask_area_mean": areas.mean(),
+            "train/mask_area_min": areas.min(),
+            "train/mask_area_max": areas.max(),
+        }
+
+    # ---------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Features of evaluation images for the callbacks: ``{"features", "targets"}``.
+
+        ``batch`` is ``(images, targets)`` or ``(images, targets, segmentation)``.
+        """
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise TypeError("a validation batch must be (images, targets) or (images, targets, segmentation)")
+        return {"features": self.embed(batch[0]), "targets": batch[1]}
+
+    # ------------------------------------------------------------------------------ helpers
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+            raise TypeError(
+                "a training batch must be (views, targets): views a sequence of two tensors "
+                f"(B, 3, H, W) and targets a LongTensor (B,); got {type(batch).__name__}"
+                + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+            )
+        views, targets = batch
+        if not isinstance(views, (list, tuple)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
+            raise TypeError("views must be a sequence of two tensors (B, 3, H, W)")
+        x1, x2 = views
+        if x1.shape != x2.shape:
+            raise ValueError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
+        expected = (3, self.image_size, self.image_size)
+        if x1.dim() != 4 or tuple(x1.shape[1:]) != expected:
+            raise ValueError(
+                f"views must be (B, 3, {self.image_size}, {self.image_size}) for image_size={self.image_size}; "
+                f"got {tuple(x1.shape)}"
+            )
+        if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
+            raise TypeError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
+        return x1, x2, targets
+
+    def _count_batches_only(self, optimizers: list[Any]) -> None:
+        """Make ``global_step`` count batches: only the encoder optimiser's step advances it.
+
+        Lightning counts every ``optimizer.step()``, so two optimisers per batch would double it
+        (Lightning issue 17958) and ``max_steps``, schedules and checkpoint intervals would mean
+        half as many batches.
+        """
+        for opt in optimizers[1:]:
+            opt._on_before_step = _no_op
+            opt._on_after_step = _no_op
+
+    @staticmethod
+    def _params_of(optimizer: Any) -> list[nn.Parameter]:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+
+    def _check_finite(self, logs: dict[str, Any], step: int) -> None:
+        losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
+        if bool(torch.isfinite(torch.stack(list(losses.values()))).all()):
+            return
+        bad = [f"{k}={v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
+        raise FloatingPointError(
+            f"non-finite loss at batch {step} (epoch {self.current_epoch}): {', '.join(bad)}. "
+            "Lower lr/mask_lr, raise sparsity_weight if masks saturate, or use precision='32-true'."
+        )
+
+
+def _check_arguments(**kw: Any) -> None:
+    """Clear errors for arguments a user can get wrong, at construction time."""
+    num_masks = kw["num_masks"]
+    if not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 0:
+        raise ValueError(f"num_masks must be an integer >= 0 (0 = no masks, the baseline), got {num_masks!r}")
+    if num_masks == 1:
+        raise ValueError("num_masks=1 is not allowed: a single slot always covers the whole image; use 0 or >= 2")
+    if kw["mask_mode"] not in MASK_MODES:
+        raise ValueError(f"mask_mode={kw['mask_mode']!r} is not supported; accepted: 'all' (ADIOS), 'one' (ADIOS-s)")
+    if kw["mask_norm"] not in MASK_NORMS:
+        raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
+    if kw["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kw['optimizer']!r} is not supported; accepted: {list(OPTIMIZERS)}")
+    size = kw["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"image_size must be an integer >= 8, got {size!r}")
+    for name in ("sparsity_weight", "entropy_weight", "weight_decay", "warmup_epochs", "min_lr_factor"):
+        if not isinstance(kw[name], (int, float)) or kw[name] < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {kw[name]!r}")
+    for name in ("lr", "mask_lr"):
+        if not isinstance(kw[name], (int, float)) or kw[name] <= 0:
+            raise ValueError(f"{name} must be a number > 0, got {kw[name]!r}")

@@ -1,0 +1,57 @@
+"""The small interface every SSL objective implements."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+from torch import Tensor, nn
+
+#: What :meth:`Objective.forward` returns for one view: named tensors, ``"features"`` among them.
+ViewOutput = Dict[str, Tensor]
+
+
+class Objective(nn.Module):
+    """An SSL objective: its heads (``projector``, and ``predictor`` where the method has one) and
+    its loss between a clean view and a (possibly masked) view.
+
+    :class:`~adios_pl.ADIOSModule` calls, in this order:
+
+    1. ``build(encoder)`` once in its constructor: create the heads for ``encoder.num_features``
+       (and, for momentum methods, the momentum copies).
+    2. ``forward(encoder, images)`` per view and step: a dict of tensors for that view. Must hold
+       ``"features"`` (the encoder output). Tensors that need gradients carry them; targets that
+       must not (momentum branches, stop-gradients) are computed without them.
+    3. ``loss(clean, masked)``: a scalar tensor; a mean over the batch.
+    4. ``on_encoder_step_end(encoder, step, total_steps)`` after each encoder optimiser step
+       (``step`` counts batches from 0): momentum updates go here.
+
+    Parameters with ``requires_grad=True`` are trained by the encoder optimiser; momentum copies
+    must set ``requires_grad=False``. The loss of one view pair must not depend on other pairs, so
+    that ADIOS can back-propagate the N masked terms one at a time.
+    """
+
+    projector: nn.Module
+
+    def build(self, encoder: nn.Module) -> None:
+        """Create the heads for ``encoder`` (it has an integer ``num_features``)."""
+        raise NotImplementedError
+
+    def forward(self, encoder: nn.Module, images: Tensor) -> ViewOutput:  # pragma: no cover - abstract
+        """Outputs of one view ``(B, 3, H, W)``; must contain ``"features"``."""
+        raise NotImplementedError
+
+    def loss(self, clean: ViewOutput, masked: ViewOutput) -> Tensor:  # pragma: no cover - abstract
+        """Scalar loss between the clean view and the masked view."""
+        raise NotImplementedError
+
+    def on_encoder_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
+        """Hook after each encoder optimiser step; nothing by default."""
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The head parameters the encoder optimiser updates (momentum copies excluded)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    @property
+    def is_built(self) -> bool:
+        """Whether :meth:`build` has created the heads."""
+        return hasattr(self, "projector")
