@@ -153,8 +153,13 @@ class ADIOSModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """One optimiser and one warm-up + cosine schedule (stepped per batch) per player."""
         hp = self.hparams
-        self.total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = self.trainer.num_training_batches
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # with max_steps alone Lightning has not loaded it yet
+            trainer.fit_loop.setup_data()
+        estimated = trainer.estimated_stepping_batches  # batches: see _count_batches_only
+        # Endless training (no max_epochs, no max_steps): warm-up, then a constant rate.
+        self.total_steps = max(int(estimated), 1) if math.isfinite(estimated) else 2**62
+        per_epoch = trainer.num_training_batches
         if hp.warmup_epochs > 0 and not math.isfinite(per_epoch):
             raise ValueError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
         warmup = round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs > 0 else 0

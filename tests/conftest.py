@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny two-view batches and quiet CPU trainers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+os.environ.setdefault("PL_DISABLE_FORK", "1")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*litlogger.*")
+torch.set_num_threads(2)
+
+
+class TwoViewTensors(Dataset):
+    """Fixed random two-view samples ``((x1, x2), target)``."""
+
+    def __init__(self, n: int, size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x1 = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+        self.x2 = torch.randn(n, 3, size, size, generator=g, dtype=dtype)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        return (self.x1[i], self.x2[i]), self.y[i]
+
+
+def make_loader(n: int = 16, batch_size: int = 8, size: int = 32, seed: int = 0, **kw: Any) -> DataLoader:
+    """Unshuffled loader over :class:`TwoViewTensors`."""
+    return DataLoader(TwoViewTensors(n, size, seed, kw.pop("dtype", torch.float32)), batch_size=batch_size, shuffle=False, **kw)
+
+
+def quiet_trainer(**kw: Any) -> pl.Trainer:
+    """A CPU trainer without logger, checkpoints, progress bar or summary (overridable)."""
+    args: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    return make_loader()

@@ -1,0 +1,82 @@
+"""A plain, obviously-correct re-implementation of the reference ADIOS step.
+
+Written the way the reference code does it: the clean view is re-encoded for every mask, in both
+players; the mask generator runs once per player; the whole sum over masks is one loss and one
+backward. Tests compare :class:`adios_pl.ADIOSModule` against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from adios_pl.objectives import Objective, momentum_tau
+
+
+def reference_penalty(areas: Tensor) -> Tensor:
+    """The reference's sparsity penalty, verbatim: ``1 / (sin(pi * a) + 1e-10)``."""
+    return 1.0 / (torch.sin(math.pi * areas) + 1e-10)
+
+
+def hide(x2: Tensor, masks: Tensor, n: int, slots: Tensor | None) -> Tensor:
+    """``x2 * (1 - m)``, with mask ``n`` for every image, or image b's own ``slots[b]``."""
+    if slots is None:
+        return x2 * (1 - masks[:, n : n + 1])
+    rows = [masks[b, int(slots[b])] for b in range(x2.shape[0])]
+    return x2 * (1 - torch.stack(rows).unsqueeze(1))
+
+
+def reference_step(
+    encoder: nn.Module,
+    objective: Objective,
+    mask_generator: nn.Module | None,
+    x1: Tensor,
+    x2: Tensor,
+    enc_opt: torch.optim.Optimizer,
+    mask_opt: torch.optim.Optimizer | None,
+    num_masks: int,
+    sparsity_weight: float,
+    entropy_weight: float,
+    step: int,
+    total_steps: int,
+    slots: Tensor | None = None,
+) -> None:
+    """One batch of the reference game, in place."""
+    terms = range(1) if (mask_generator is None or slots is not None) else range(num_masks)
+
+    # Encoder step: masks detached, clean view re-encoded per mask, one backward of the sum.
+    loss = torch.zeros((), dtype=x1.dtype)
+    masks = mask_generator(x2).detach() if mask_generator is not None else None
+    for n in terms:
+        clean = objective(encoder, x1)
+        view = x2 if masks is None else hide(x2, masks, n, slots)
+        loss = loss + objective.loss(clean, objective(encoder, view))
+    enc_opt.zero_grad()
+    loss.backward()
+    enc_opt.step()
+    if isinstance(getattr(objective, "tau", None), float):  # BYOL: EMA with the cosine tau
+        tau = momentum_tau(step, total_steps, objective.base_tau, objective.final_tau)
+        pairs = [(encoder, objective.momentum_encoder), (objective.projector, objective.momentum_projector)]
+        with torch.no_grad():
+            for online, target in pairs:
+                for p, q in zip(online.parameters(), target.parameters()):
+                    q.copy_(tau * q + (1 - tau) * p)
+    if mask_generator is None or mask_opt is None:
+        return
+
+    # Mask step: the mask generator runs again and ascends L_mask; every module gets gradients,
+    # only the mask optimiser steps.
+    masks = mask_generator(x2)
+    ssl = torch.zeros((), dtype=x1.dtype)
+    for n in terms:
+        clean = objective(encoder, x1)
+        ssl = ssl + objective.loss(clean, objective(encoder, hide(x2, masks, n, slots)))
+    areas = masks.mean(dim=(2, 3))
+    penalty = sum(reference_penalty(areas[:, n]).mean() for n in range(num_masks))
+    p = torch.softmax(areas, dim=1)
+    l_mask = ssl - sparsity_weight * penalty + entropy_weight * (p * torch.log(p)).sum()
+    mask_opt.zero_grad()
+    (-l_mask).backward()
+    mask_opt.step()

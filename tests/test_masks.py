@@ -1,0 +1,125 @@
+"""The U-Net mask generator and the mask penalties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adios_pl.masks import MaskGenerator, default_num_blocks
+from adios_pl.penalties import entropy_term, mask_areas, masked_view, sample_slots, sparsity_penalty
+from reference import reference_penalty
+
+
+@pytest.mark.parametrize("size", [32, 64, 96, 100, 128, 224])
+def test_masks_shape_and_partition_of_unity(size: int) -> None:
+    gen = MaskGenerator(num_masks=4, image_size=size, width=8)
+    masks = gen(torch.randn(2, 3, size, size))
+    assert masks.shape == (2, 4, size, size)
+    assert torch.allclose(masks.sum(dim=1), torch.ones(2, size, size), atol=1e-5)
+    assert (masks >= 0).all()
+
+
+def test_block_count_follows_reference() -> None:
+    assert [default_num_blocks(s) for s in (32, 64, 96, 128, 224)] == [4, 5, 5, 6, 6]
+
+
+@pytest.mark.parametrize(
+    ("size", "down", "up"),
+    [
+        (32, [(3, 1), (1, 2), (2, 2), (2, 2)], [(4, 2), (4, 2), (4, 1), (2, 1)]),
+        (64, [(3, 1), (1, 1), (1, 2), (2, 2), (2, 2)], [(4, 2), (4, 2), (4, 1), (2, 1), (2, 1)]),
+        (224, [(3, 1), (1, 1), (1, 1), (1, 2), (2, 2), (2, 2)], [(4, 2), (4, 2), (4, 1), (2, 1), (2, 1), (2, 1)]),
+    ],
+)
+def test_layout_matches_reference(size: int, down: list, up: list) -> None:
+    c = 16
+    gen = MaskGenerator(num_masks=3, image_size=size, width=c)
+    channels = lambda k: 3 if k == 3 else k * c  # noqa: E731 - "3" means RGB, k means k*c
+    got_down = [(b[0].in_channels, b[0].out_channels) for b in gen.down]
+    got_up = [(b[0].in_channels, b[0].out_channels) for b in gen.up]
+    assert got_down == [(channels(i), channels(o)) for i, o in down]
+    assert got_up == [(channels(i), channels(o)) for i, o in up]
+    f = size // 2 ** (len(down) - 1)
+    assert gen.bottleneck[1].in_features == 2 * c * f * f and gen.bottleneck[1].out_features == 128
+    assert gen.head.out_channels == 3
+
+
+@pytest.mark.parametrize("norm", ["gn", "in", "none"])
+def test_norms(norm: str) -> None:
+    gen = MaskGenerator(num_masks=2, image_size=32, width=8, norm=norm)
+    assert gen(torch.randn(2, 3, 32, 32)).shape == (2, 2, 32, 32)
+    assert (gen.down[0][0].bias is not None) == (norm == "none")
+
+
+def test_wrong_input_size_is_a_clear_error() -> None:
+    gen = MaskGenerator(num_masks=2, image_size=32, width=8)
+    with pytest.raises(ValueError, match="image_size"):
+        gen(torch.randn(1, 3, 64, 64))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mask_norm"):
+        MaskGenerator(2, 32, norm="bn")
+    with pytest.raises(ValueError, match="mask_width"):
+        MaskGenerator(2, 32, width=12, norm="gn")
+    with pytest.raises(ValueError, match="num_masks"):
+        MaskGenerator(1, 32)
+
+
+def test_sparsity_penalty_equals_reference_where_well_defined() -> None:
+    areas = torch.tensor([[0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99]], dtype=torch.float64)
+    assert torch.allclose(sparsity_penalty(areas), reference_penalty(areas), rtol=1e-12)
+    assert torch.allclose(sparsity_penalty(torch.tensor([0.5])), torch.tensor([1.0]))
+
+
+def test_sparsity_penalty_is_large_positive_and_finite_at_saturation() -> None:
+    for dtype in (torch.float32, torch.float64):
+        a = torch.tensor([0.0, 1.0, 1.0 + 1e-7, -1e-7], dtype=dtype, requires_grad=True)
+        value = sparsity_penalty(a)
+        assert torch.isfinite(value).all() and (value > 1e9).all()
+        value.sum().backward()
+        assert torch.isfinite(a.grad).all()
+    # the reference formula goes hugely negative at area 1 in float32: what this form avoids
+    assert reference_penalty(torch.tensor([1.0])).item() < 0
+
+
+def test_entropy_term_equals_naive_sum() -> None:
+    areas = torch.rand(5, 4, dtype=torch.float64)
+    naive = 0.0
+    for b in range(5):
+        z = sum(math.exp(areas[b, n]) for n in range(4))
+        for n in range(4):
+            p = math.exp(areas[b, n]) / z
+            naive += p * math.log(p)
+    assert math.isclose(entropy_term(areas).item(), naive, rel_tol=1e-12)
+
+
+def test_masked_view_and_slots() -> None:
+    x = torch.randn(5, 3, 8, 8)
+    m = torch.rand(5, 3, 8, 8).softmax(dim=1)
+    assert torch.equal(masked_view(x, m, 1), x * (1 - m[:, 1:2]))
+    slots = sample_slots(5, 3, torch.Generator().manual_seed(0))
+    got = masked_view(x, m, slots)
+    for b in range(5):
+        assert torch.equal(got[b], x[b] * (1 - m[b, int(slots[b])]))
+    assert mask_areas(m).shape == (5, 3)
+
+
+def test_slots_are_uniform_and_any_batch_size() -> None:
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_slots(60000, 6, g), minlength=6).float()
+    assert (counts / 60000 - 1 / 6).abs().max() < 0.01
+    assert sample_slots(3, 6, g).shape == (3,)
+
+
+def test_saturated_masks_give_finite_gradients() -> None:
+    gen = MaskGenerator(num_masks=3, image_size=32, width=8)
+    with torch.no_grad():
+        gen.head.bias.copy_(torch.tensor([80.0, -80.0, -80.0]))  # slot 0 covers everything
+    masks = gen(torch.randn(2, 3, 32, 32))
+    loss = sparsity_penalty(mask_areas(masks)).sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in gen.parameters() if p.grad is not None)

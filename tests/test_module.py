@@ -1,0 +1,180 @@
+"""ADIOSModule: construction errors, batch counting, schedules, outputs, logging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from adios_pl import ADIOSModule
+from adios_pl.objectives import BYOL, SimCLR, momentum_tau
+from adios_pl.optim import warmup_cosine
+from conftest import make_loader, quiet_trainer
+
+TINY: dict[str, Any] = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, mask_width=8, num_masks=3)
+
+
+def tiny(**kw: Any) -> ADIOSModule:
+    args = dict(TINY)
+    args.update(kw)
+    return ADIOSModule(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(num_masks=-1), ValueError, "num_masks"),
+        (dict(num_masks=1), ValueError, "num_masks=1"),
+        (dict(num_masks=2.5), ValueError, "num_masks"),
+        (dict(mask_mode="some"), ValueError, "mask_mode"),
+        (dict(encoder="resnet7"), ValueError, "resnet18"),
+        (dict(optimizer="adam"), ValueError, "optimizer.*sgd"),
+        (dict(mask_norm="bn"), ValueError, "mask_norm"),
+        (dict(image_size=4), ValueError, "image_size"),
+        (dict(lr=0), ValueError, "lr"),
+        (dict(sparsity_weight=-1), ValueError, "sparsity_weight"),
+        (dict(objective="simclr"), TypeError, "objective"),
+        (dict(encoder=3), TypeError, "encoder"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        tiny(**kwargs)
+
+
+class NoFeatures(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class WrongFeatures(nn.Module):
+    num_features = 7
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.mean(dim=(2, 3)))
+
+
+def test_custom_encoder_checks() -> None:
+    with pytest.raises(TypeError, match="num_features"):
+        tiny(encoder=NoFeatures())
+    with pytest.raises(ValueError, match="num_features=7"):
+        tiny(encoder=WrongFeatures())
+    with pytest.raises(ValueError, match="patch size"):
+        tiny(encoder="vit_tiny", image_size=30, encoder_kwargs={})
+
+
+def test_heads_exist_after_construction() -> None:
+    model = tiny(objective=BYOL(proj_hidden_dim=16, proj_output_dim=8, pred_hidden_dim=16))
+    assert isinstance(model.objective.projector, nn.Module) and isinstance(model.objective.predictor, nn.Module)
+    assert not any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules())
+    masks = model.mask_generator(torch.randn(2, 3, 16, 16))
+    assert masks.shape == (2, 3, 16, 16)
+    assert model.embed(torch.randn(2, 3, 16, 16)).shape == (2, model.encoder.num_features)
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        [torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)],
+        ((torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)),),
+        ((torch.randn(2, 3, 16, 16), torch.randn(2, 3, 12, 12)), torch.zeros(2, dtype=torch.long)),
+        ((torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)), torch.zeros(2, dtype=torch.long)),
+    ],
+)
+def test_bad_batches_are_clear_errors(batch: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="views|batch|shape"):
+        tiny()._unpack(batch)
+
+
+class Recorder(pl.Callback):
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        row = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        row.update(global_step=trainer.global_step, outputs=outputs, tau=getattr(module.objective, "tau", None))
+        self.rows.append(row)
+
+
+def test_global_step_lr_and_tau_count_batches() -> None:
+    rec = Recorder()
+    model = tiny(objective=BYOL(proj_hidden_dim=16, proj_output_dim=8, pred_hidden_dim=16), lr=0.4, mask_lr=0.2, warmup_epochs=1)
+    trainer = quiet_trainer(max_steps=6, callbacks=[rec])
+    trainer.fit(model, make_loader(n=24, batch_size=8, size=16))  # 3 batches an epoch, 2 epochs
+    assert trainer.global_step == 6 and len(rec.rows) == 6 and trainer.current_epoch == 2
+    assert model.total_steps == 6
+    for k, row in enumerate(rec.rows):
+        assert row["global_step"] == k + 1
+        assert row["train/lr"] == pytest.approx(0.4 * warmup_cosine(k, 3, 6))
+        assert row["train/mask_lr"] == pytest.approx(0.2 * warmup_cosine(k, 3, 6))
+        assert row["tau"] == pytest.approx(momentum_tau(k + 1, 6, 0.99, 1.0))
+
+
+def test_training_step_returns_clean_features_and_logs() -> None:
+    rec = Recorder()
+    quiet_trainer(max_steps=1, callbacks=[rec]).fit(tiny(), make_loader(n=8, size=16))
+    out = rec.rows[0]["outputs"]
+    assert out["features"].shape == (8, 32) and not out["features"].requires_grad
+    assert out["targets"].shape == (8,)
+    for key in ["encoder_loss", "mask_loss", "sparsity_penalty", "mask_area_mean", "mask_area_min", "mask_area_max", "lr", "mask_lr"]:
+        assert f"train/{key}" in rec.rows[0], key
+    assert rec.rows[0]["train/mask_area_mean"] == pytest.approx(1 / 3, abs=1e-5)
+
+
+def test_adios_s_handles_a_smaller_last_batch() -> None:
+    rec = Recorder()
+    quiet_trainer(max_epochs=1, callbacks=[rec]).fit(tiny(mask_mode="one"), make_loader(n=11, batch_size=4, size=16))
+    assert len(rec.rows) == 3 and rec.rows[-1]["outputs"]["features"].shape[0] == 3
+
+
+def test_baseline_has_no_mask_generator_and_one_optimizer() -> None:
+    model = tiny(num_masks=0)
+    assert model.mask_generator is None
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, make_loader(n=16, size=16))
+    assert len(trainer.optimizers) == 1 and trainer.global_step == 2
+
+
+def test_non_finite_loss_stops_with_a_named_error() -> None:
+    model = tiny()
+    with torch.no_grad():
+        model.objective.projector.layers[0].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at batch 0.*train/encoder_loss=nan"):
+        quiet_trainer(max_steps=1).fit(model, make_loader(n=8, size=16))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "adamw"])
+@pytest.mark.parametrize("norm", ["gn", "in", "none"])
+def test_optimizers_and_norms_train(optimizer: str, norm: str) -> None:
+    model = tiny(optimizer=optimizer, mask_norm=norm)
+    quiet_trainer(max_steps=2).fit(model, make_loader(n=16, size=16))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("encoder", "size", "features"), [("resnet18", 32, 512), ("vit_tiny", 32, 192), ("resnet18", 96, 512), ("resnet50", 64, 2048)])
+def test_real_backbones_shapes(encoder: str, size: int, features: int) -> None:
+    model = ADIOSModule(encoder=encoder, image_size=size, num_masks=2, mask_width=8, objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16))
+    assert model.encoder.num_features == features
+    assert model.embed(torch.randn(2, 3, size, size)).shape == (2, features)
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "vit_tiny"])
+def test_real_backbones_train_a_step(encoder: str) -> None:
+    model = ADIOSModule(encoder=encoder, image_size=32, num_masks=2, mask_width=8, warmup_epochs=0, objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16))
+    before = [p.detach().clone() for p in model.encoder.parameters()]
+    quiet_trainer(max_steps=1).fit(model, make_loader(n=4, batch_size=4, size=32))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))
+
+
+def test_resnet_stem_depends_on_size() -> None:
+    small = ADIOSModule(encoder="resnet18", image_size=32, num_masks=0).encoder
+    large = ADIOSModule(encoder="resnet18", image_size=96, num_masks=0).encoder
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
+    assert large.conv1.kernel_size == (7, 7) and not isinstance(large.maxpool, nn.Identity)

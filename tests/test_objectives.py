@@ -1,0 +1,76 @@
+"""Objectives: heads, losses against naive loops, the interface."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adios_pl.encoders import SmallConvNet
+from adios_pl.objectives import BYOL, SimCLR, SimSiam, byol_loss, momentum_tau, simsiam_loss
+
+
+def naive_ntxent(a: torch.Tensor, b: torch.Tensor, t: float) -> float:
+    """NT-Xent over the 2B samples, one anchor at a time."""
+    z = F.normalize(torch.cat([a, b]), dim=1)
+    n = a.shape[0]
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / denom)
+    return total / (2 * n)
+
+
+def test_simclr_loss_equals_naive_loop() -> None:
+    obj = SimCLR(temperature=0.3)
+    obj.build(SmallConvNet(width=8))
+    a, b = torch.randn(6, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    assert math.isclose(obj.loss({"z": a}, {"z": b}).item(), naive_ntxent(a, b, 0.3), rel_tol=1e-9)
+
+
+def test_simclr_projector_is_reference_layout() -> None:
+    obj = SimCLR(proj_hidden_dim=2048, proj_output_dim=128)
+    obj.build(SmallConvNet(width=8))
+    layers = list(obj.projector.layers)
+    assert [type(m) for m in layers] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (32, 2048, 128)
+
+
+def test_byol_and_simsiam_losses() -> None:
+    p, z = torch.randn(4, 8), torch.randn(4, 8)
+    naive = sum(2 - 2 * float(p[i] @ z[i]) / float(p[i].norm() * z[i].norm()) for i in range(4)) / 4
+    assert math.isclose(byol_loss(p, z).item(), naive, rel_tol=1e-5)
+    assert math.isclose(simsiam_loss(p, z).item(), (naive - 2) / 2, rel_tol=1e-5)
+    pp, zz = p.clone().requires_grad_(), z.clone().requires_grad_()
+    simsiam_loss(pp, zz).backward()
+    assert pp.grad is not None and zz.grad is None  # stop-gradient on the target
+
+
+def test_byol_builds_frozen_momentum_copies() -> None:
+    enc = SmallConvNet(width=8)
+    obj = BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32)
+    obj.build(enc)
+    assert not any(p.requires_grad for p in obj.momentum_encoder.parameters())
+    assert not any(p.requires_grad for p in obj.momentum_projector.parameters())
+    trainable = set(map(id, obj.trainable_parameters()))
+    assert trainable == {id(p) for p in [*obj.projector.parameters(), *obj.predictor.parameters()]}
+    out = obj(enc, torch.randn(4, 3, 16, 16))
+    assert out["p"].requires_grad and not out["z_bar"].requires_grad
+
+
+def test_byol_tau_schedule() -> None:
+    assert momentum_tau(0, 100, 0.99, 1.0) == 0.99
+    assert momentum_tau(99, 100, 0.99, 1.0) == 1.0
+    mid = momentum_tau(50, 101, 0.99, 1.0)
+    assert abs(mid - 0.995) < 1e-9
+
+
+def test_simsiam_heads() -> None:
+    obj = SimSiam(proj_hidden_dim=64, proj_output_dim=32, pred_hidden_dim=8)
+    obj.build(SmallConvNet(width=8))
+    out = obj(SmallConvNet(width=8), torch.randn(4, 3, 16, 16))
+    assert out["z"].shape == (4, 32) and out["p"].shape == (4, 32)
+    assert isinstance(obj.projector.layers[-1], nn.BatchNorm1d) and not obj.projector.layers[-1].affine

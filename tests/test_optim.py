@@ -1,0 +1,57 @@
+"""LARS against the reference formula, and the warm-up + cosine factor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adios_pl.optim import LARS, build_optimizer, warmup_cosine
+
+
+def naive_lars_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list, lr: float, wd: float, eta: float) -> None:
+    """The reference (solo-learn) LARS with clip_lr and exclude_bias_n_norm, per tensor, in floats."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g.clone()
+        if p.ndim != 1:
+            pn, gn = float(p.norm()), float(g.norm())
+            if pn != 0 and gn != 0:
+                local = eta * pn / (gn + pn * wd + 1e-8)
+                local = min(local / lr, 1.0)
+                d = (d + wd * p) * local
+        bufs[i] = d.clone() if bufs[i] is None else 0.9 * bufs[i] + d
+        p -= lr * bufs[i]
+
+
+def test_lars_equals_reference_formula() -> None:
+    torch.manual_seed(0)
+    params = [torch.randn(5, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)]
+    mine = [torch.nn.Parameter(p.clone()) for p in params]
+    opt = LARS(mine, lr=0.5, momentum=0.9, weight_decay=1e-2, eta=0.02)
+    bufs: list = [None] * 3
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(mine, grads):
+            p.grad = g.clone()
+        opt.step()
+        naive_lars_step(params, grads, bufs, 0.5, 1e-2, 0.02)
+    for a, b in zip(mine, params):
+        assert torch.allclose(a.detach(), b, rtol=1e-12, atol=1e-14)
+
+
+def test_build_optimizer_names() -> None:
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    assert isinstance(build_optimizer("sgd", p, 0.1, 0.0), torch.optim.SGD)
+    assert isinstance(build_optimizer("lars", p, 0.1, 0.0), LARS)
+    assert isinstance(build_optimizer("adamw", p, 0.1, 0.0), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="accepted"):
+        build_optimizer("rmsprop", p, 0.1, 0.0)
+
+
+def test_warmup_cosine() -> None:
+    assert [warmup_cosine(k, 4, 10) for k in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert warmup_cosine(4, 4, 10) == 1.0
+    assert math.isclose(warmup_cosine(7, 4, 10), 0.5)
+    assert warmup_cosine(10, 4, 10) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(10, 4, 10, min_factor=0.1) == pytest.approx(0.1)
