@@ -121,7 +121,7 @@ def test_training_step_returns_clean_features_and_logs() -> None:
     rec = Recorder()
     quiet_trainer(max_steps=1, callbacks=[rec]).fit(tiny(), make_loader(n=8, size=16))
     out = rec.rows[0]["outputs"]
-    assert out["features"].shape == (8, 32) and not out["features"].requires_grad
+    assert out["features"].shape == (8, 64) and not out["features"].requires_grad
     assert out["targets"].shape == (8,)
     for key in ["encoder_loss", "mask_loss", "sparsity_penalty", "mask_area_mean", "mask_area_min", "mask_area_max", "lr", "mask_lr"]:
         assert f"train/{key}" in rec.rows[0], key

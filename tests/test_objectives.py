@@ -36,7 +36,7 @@ def test_simclr_projector_is_reference_layout() -> None:
     obj.build(SmallConvNet(width=8))
     layers = list(obj.projector.layers)
     assert [type(m) for m in layers] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (32, 2048, 128)
+    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (64, 2048, 128)
 
 
 def test_byol_and_simsiam_losses() -> None:

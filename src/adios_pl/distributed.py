@@ -77,3 +77,22 @@ def broadcast_buffers(buffers: Iterable[Tensor], src: int = 0) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+def gather_in_order(tensor: Tensor, dataset_length: int | None) -> Tensor:
+    """Rows of every rank, back in dataset order, without the distributed sampler's padding.
+
+    An unshuffled ``DistributedSampler`` gives rank ``r`` the dataset indices ``r, r + W, ...``
+    and pads the last round with indices from the start, so every rank has the same count.
+    Gathering ``(W, n, ...)`` and interleaving restores ``0, 1, 2, ...``; the first
+    ``dataset_length`` rows are the dataset exactly once. Outside a process group the tensor is
+    returned as is (cut to ``dataset_length`` when given).
+    """
+    if not is_distributed():
+        return tensor if dataset_length is None else tensor[:dataset_length]
+    world = dist.get_world_size()
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous())
+    stacked = torch.stack(parts, dim=1)  # (n, W, ...)
+    merged = stacked.reshape(-1, *tensor.shape[1:])
+    return merged if dataset_length is None else merged[:dataset_length]

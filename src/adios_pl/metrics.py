@@ -48,42 +48,49 @@ def knn_predict(
 
 
 def foreground_ari(pred: Tensor, true: Tensor) -> Tensor:
-    """Mean over images of the adjusted Rand index on foreground pixels (``true != 0``).
+    """Adjusted Rand index on the foreground pixels (``true != 0``) of each image: ``(B,)``.
 
     Args:
         pred: ``(B, H, W)`` predicted segment ids (the argmax slot).
         true: ``(B, H, W)`` ground-truth ids, 0 = background.
 
-    Images without foreground are left out; with none at all the result is NaN.
+    Images without foreground get NaN (average with ``nanmean``). An image whose foreground is
+    a single object scores 1 when one segment covers it and 0 otherwise (torchmetrics' ARI).
     """
     scores = []
     for p, t in zip(pred.flatten(1), true.flatten(1)):
         fg = t != 0
-        if fg.any():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                scores.append(adjusted_rand_score(p[fg], t[fg]).float())
-    return torch.stack(scores).mean() if scores else torch.tensor(float("nan"))
+        if not fg.any():
+            scores.append(torch.tensor(float("nan")))
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores.append(adjusted_rand_score(p[fg], t[fg]).float().cpu())
+    return torch.stack(scores) if scores else torch.zeros(0)
 
 
 def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
-    """Mean over ground-truth objects of the best IoU with any predicted segment.
+    """Mean over the ground-truth objects of each image of the best IoU with any segment: ``(B,)``.
 
     Args:
         pred: ``(B, H, W)`` predicted segment ids.
         true: ``(B, H, W)`` ground-truth ids, 0 = background (not scored).
+
+    Images without objects get NaN.
     """
     scores = []
     for p, t in zip(pred.flatten(1), true.flatten(1)):
-        pred_onehot = F.one_hot(p.long()).bool().T  # (S, P)
+        segments = F.one_hot(p.long()).bool().T  # (S, P)
+        best = []
         for obj in t.unique():
             if obj == 0:
                 continue
             target = t == obj
-            inter = (pred_onehot & target).sum(dim=1).float()
-            union = (pred_onehot | target).sum(dim=1).float()
-            scores.append((inter / union).max())
-    return torch.stack(scores).mean() if scores else torch.tensor(float("nan"))
+            inter = (segments & target).sum(dim=1).float()
+            union = (segments | target).sum(dim=1).float()
+            best.append((inter / union).max())
+        scores.append(torch.stack(best).mean().cpu() if best else torch.tensor(float("nan")))
+    return torch.stack(scores) if scores else torch.zeros(0)
 
 
 def random_patch_segmentation(batch: int, size: int, num_segments: int, patch: int, generator: torch.Generator | None = None) -> Tensor:

@@ -136,7 +136,9 @@ class ADIOSModule(pl.LightningModule):
         self.entropy_weight = entropy_weight
         self.image_size = image_size
         self.total_steps = 1
-        self._slot_generator = torch.Generator()
+        # Created in on_train_start: a torch.Generator cannot be sent to spawned processes.
+        self._slot_generator: torch.Generator | None = None
+        self._slot_state: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- API
     def embed(self, images: Tensor) -> Tensor:
@@ -175,18 +177,22 @@ class ADIOSModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------- hooks
     def on_train_start(self) -> None:
-        """Take gradient synchronisation over from DDP, and seed the ADIOS-s slot sampler per rank."""
-        disable_ddp_grad_sync(self.trainer.strategy.model)
-        self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+        """Seed the ADIOS-s slot sampler, differently on each rank."""
+        self._slot_generator = torch.Generator()
+        if self._slot_state is not None:  # resumed: continue the saved sequence
+            self._slot_generator.set_state(self._slot_state)
+            self._slot_state = None
+        else:
+            self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the ADIOS-s slot sampler so a resumed run draws the same slots."""
-        checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
+        if self._slot_generator is not None:
+            checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the ADIOS-s slot sampler."""
-        if "adios_slot_rng" in checkpoint:
-            self._slot_generator.set_state(checkpoint["adios_slot_rng"])
+        """Restore the ADIOS-s slot sampler (applied when training starts)."""
+        self._slot_state = checkpoint.get("adios_slot_rng")
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -196,6 +202,9 @@ class ADIOSModule(pl.LightningModule):
         callbacks through ``on_train_batch_end``, so online evaluation needs no extra forward.
         """
         x1, x2, targets = self._unpack(batch)
+        # DDP's reducer expects one backward reaching every parameter; each player's gradients
+        # are averaged below instead. Lightning re-enables the reducer after every step.
+        disable_ddp_grad_sync(self.trainer.strategy.model)
         step = self.global_step  # counts batches here: see _count_batches_only
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]

@@ -39,6 +39,10 @@ class SimCLR(Objective):
         self.proj_hidden_dim = proj_hidden_dim
         self.proj_output_dim = proj_output_dim
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+        # Without a memory bank lightly keeps an empty buffer; it never reads it, and an empty
+        # storage cannot be shared with spawned processes (ddp_spawn), so drop it.
+        if getattr(self.criterion.memory_bank, "bank", None) is not None and self.criterion.memory_bank.bank.numel() == 0:
+            del self.criterion.memory_bank.bank
 
     def build(self, encoder: nn.Module) -> None:
         """Create the projector for ``encoder.num_features`` inputs."""

@@ -1,0 +1,44 @@
+"""Shared pieces of the evaluation callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
+
+
+class EvaluationCallback(pl.Callback):
+    """Collects what the validation batches of loader 0 (evaluation split) and 1 (kNN bank) give.
+
+    ``every_n_epochs`` thins out the epochs on which it runs.
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        self.every_n_epochs = every_n_epochs
+        self._warned: set[str] = set()
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    @staticmethod
+    def _dataset_length(trainer: pl.Trainer, dataloader_idx: int) -> int | None:
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        try:
+            return len(loaders[dataloader_idx].dataset)
+        except (TypeError, IndexError, AttributeError):
+            return None
+
+
+def batch_parts(batch: Any) -> tuple[Any, Any, Any]:
+    """``(images, targets, segmentation or None)`` of a validation batch."""
+    images, targets, *rest = batch
+    return images, targets, rest[0] if rest else None

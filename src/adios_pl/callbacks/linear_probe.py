@@ -1,0 +1,140 @@
+"""Online linear probe on the detached clean-view features of each training step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.functional.classification import multiclass_accuracy
+
+from adios_pl.callbacks.base import EvaluationCallback, batch_parts
+from adios_pl.distributed import gather_in_order, is_distributed
+
+
+class OnlineLinearProbe(EvaluationCallback):
+    """A linear classifier trained beside the encoder on its detached features.
+
+    Trains on the ``features``/``targets`` that :meth:`ADIOSModule.training_step` returns (no
+    extra encoder forward; unlabelled targets -1 are left out) and logs ``val/linear_top1`` and
+    ``val/linear_top5`` on the evaluation split (validation loader 0). Under DDP the features of
+    all ranks are gathered, so every rank takes the same step and the weights stay identical.
+    Weights and optimiser state are saved in checkpoints and restored on resume.
+
+    Args:
+        num_classes: Number of classes of the labels.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        every_n_epochs: Evaluate on these epochs only (training continues every step).
+    """
+
+    def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, every_n_epochs: int = 1) -> None:
+        super().__init__(every_n_epochs)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.head: nn.Linear | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._logits: list[Tensor] = []
+        self._targets: list[Tensor] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Create the head (same seed on every rank) and its optimiser."""
+        if self.head is not None:
+            return
+        generator = torch.Generator().manual_seed(0)
+        head = nn.Linear(int(pl_module.encoder.num_features), self.num_classes)
+        with torch.no_grad():
+            bound = 1.0 / head.in_features**0.5
+            head.weight.uniform_(-bound, bound, generator=generator)
+            head.bias.zero_()
+        self.head = head.to(pl_module.device)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Move the head to the module's device (it is set up before the strategy moves the model)."""
+        assert self.head is not None and self.optimizer is not None
+        self.head.to(pl_module.device)
+        for state in self.optimizer.state.values():
+            for k, v in state.items():
+                if isinstance(v, Tensor):
+                    state[k] = v.to(pl_module.device)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """One SGD step of the head on the step's detached clean-view features."""
+        if not isinstance(outputs, dict) or "features" not in outputs:
+            self._warn_once("outputs", "OnlineLinearProbe: training_step returned no 'features'; the probe is not trained")
+            return
+        features, targets = outputs["features"].detach(), outputs["targets"]
+        if is_distributed():
+            features = pl_module.all_gather(features).flatten(0, 1)
+            targets = pl_module.all_gather(targets).flatten(0, 1)
+        labelled = targets >= 0
+        if not labelled.any():
+            return
+        if int(targets.max()) >= self.num_classes:
+            raise ValueError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())}; set num_classes to the number of classes of the data")
+        assert self.head is not None and self.optimizer is not None
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.head(features[labelled].float()), targets[labelled])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        pl_module.log("train/linear_loss", loss.detach(), on_step=True, on_epoch=False)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start collecting predictions."""
+        self._logits, self._targets = [], []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Predict the evaluation split (loader 0)."""
+        if dataloader_idx != 0 or not self._active(trainer):
+            return
+        assert self.head is not None
+        _, targets, _ = batch_parts(batch)
+        with torch.no_grad():
+            self._logits.append(self.head(outputs["features"].float()))
+        self._targets.append(targets)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log top-1 and top-5 over the whole evaluation split (every rank's share, no padding)."""
+        if not self._logits:
+            return
+        n = self._dataset_length(trainer, 0)
+        logits = gather_in_order(torch.cat(self._logits), n)
+        targets = gather_in_order(torch.cat(self._targets), n)
+        keep = targets >= 0
+        if int(targets.max()) >= self.num_classes:
+            raise ValueError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())} in the evaluation split")
+        for k in (1, 5):  # with fewer than 5 classes top-5 is trivially 1
+            acc = multiclass_accuracy(logits[keep], targets[keep], num_classes=self.num_classes, top_k=min(k, self.num_classes), average="micro")
+            pl_module.log(f"val/linear_top{k}", acc, add_dataloader_idx=False)
+        self._logits, self._targets = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Head weights and optimiser state, saved in the checkpoint."""
+        if self.head is None or self.optimizer is None:
+            return {}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore on resume (deferred until the head exists)."""
+        if not state_dict:
+            return
+        if self.head is None:
+            self._pending_state = state_dict
+        else:
+            self._restore(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.head is not None and self.optimizer is not None
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._pending_state = None

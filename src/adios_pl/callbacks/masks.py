@@ -1,0 +1,161 @@
+"""Mask pictures and mask quality while training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from adios_pl.callbacks.base import EvaluationCallback, batch_parts
+from adios_pl.distributed import gather_in_order
+from adios_pl.metrics import foreground_ari, mean_best_overlap, random_patch_segmentation
+
+#: Distinct colours for the argmax segmentation (Okabe-Ito, then a few more).
+PALETTE = torch.tensor([
+    [230, 159, 0], [86, 180, 233], [0, 158, 115], [240, 228, 66], [0, 114, 178], [213, 94, 0],
+    [204, 121, 167], [0, 0, 0], [153, 153, 153], [128, 0, 128], [255, 255, 255], [0, 128, 128],
+], dtype=torch.float32) / 255
+
+
+def _mask_generator(pl_module: pl.LightningModule) -> Any:
+    return getattr(pl_module, "mask_generator", None)
+
+
+def mask_grid(images: Tensor, masks: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None, scale: int = 1) -> Tensor:
+    """One row per image: the image, each mask, the argmax segmentation, each masked image.
+
+    Args:
+        images: Normalised images ``(B, 3, H, W)``.
+        masks: Soft masks ``(B, N, H, W)``.
+        mean: Normalisation mean to undo (``None``: rescale each image to [0, 1]).
+        std: Normalisation std to undo.
+        scale: Nearest-neighbour up-sampling factor for small images.
+
+    Returns:
+        A ``(3, H', W')`` picture in [0, 1].
+    """
+    b, n = masks.shape[:2]
+    if mean is not None and std is not None:
+        pictures = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    else:
+        low = images.amin(dim=(1, 2, 3), keepdim=True)
+        pictures = (images - low) / (images.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-8)
+    pictures = pictures.clamp(0, 1)
+    soft = masks.unsqueeze(2).expand(b, n, 3, *masks.shape[-2:])
+    segmentation = PALETTE[masks.argmax(dim=1) % len(PALETTE)].permute(0, 3, 1, 2)
+    hidden = pictures.unsqueeze(1) * (1 - masks.unsqueeze(2))
+    rows = torch.cat([pictures.unsqueeze(1), soft, segmentation.unsqueeze(1), hidden], dim=1)  # (B, 2N+2, 3, H, W)
+    tiles = rows.flatten(0, 1)
+    if scale > 1:
+        tiles = tiles.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    return make_grid(tiles, nrow=2 * n + 2, padding=2, pad_value=1.0)
+
+
+class MaskVisualizer(EvaluationCallback):
+    """Pictures of the masks of the first ``num_images`` evaluation images.
+
+    Each row: the image (denormalised), the N soft masks (white = hidden), the argmax
+    segmentation in distinct colours, and the N masked images. Logged to TensorBoard
+    (``val/masks``) and written to ``<run dir>/masks/epoch_XXX.png``.
+
+    Args:
+        every_n_epochs: Draw on these epochs.
+        num_images: Rows of the picture.
+        mean: Normalisation mean; ``None`` takes the DataModule's ``mean``.
+        std: Normalisation std; ``None`` takes the DataModule's ``std``.
+        out_dir: Where PNGs go; ``None``: ``<logger dir or default_root_dir>/masks``.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 8, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, out_dir: str | None = None) -> None:
+        super().__init__(every_n_epochs)
+        self.num_images = num_images
+        self.mean, self.std = mean, std
+        self.out_dir = out_dir
+        self.last_path: Path | None = None
+        self._images: Tensor | None = None
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep the first evaluation images."""
+        if dataloader_idx == 0 and batch_idx == 0 and self._active(trainer):
+            self._images = batch_parts(batch)[0][: self.num_images].detach()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw, log and save the picture (rank 0)."""
+        images, self._images = self._images, None
+        generator = _mask_generator(pl_module)
+        if images is None or not trainer.is_global_zero:
+            return
+        if generator is None:
+            self._warn_once("nomasks", "MaskVisualizer: the module has no mask generator (num_masks=0); no pictures")
+            return
+        with torch.no_grad():
+            masks = generator(images)
+        datamodule = getattr(trainer, "datamodule", None)
+        mean = self.mean if self.mean is not None else getattr(datamodule, "mean", None)
+        std = self.std if self.std is not None else getattr(datamodule, "std", None)
+        scale = max(1, 96 // images.shape[-1])
+        grid = mask_grid(images.float().cpu(), masks.float().cpu(), mean, std, scale)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("val/masks", grid, trainer.global_step)
+        root = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "masks"
+        root.mkdir(parents=True, exist_ok=True)
+        self.last_path = root / f"epoch_{trainer.current_epoch:03d}.png"
+        save_image(grid, self.last_path)
+
+
+class MaskQuality(EvaluationCallback):
+    """How well the argmax masks match the ground-truth objects (data with segmentations).
+
+    Logs ``val/mask_fg_ari`` (foreground adjusted Rand index, torchmetrics) and
+    ``val/mask_mbo`` (mean best overlap), averaged over the images of the evaluation split, and
+    ``val/mask_fg_ari_random`` for random square patches of side ``patch_size`` assigned to the
+    same number of slots: the baseline learned masks should beat.
+
+    Args:
+        every_n_epochs: Run on these epochs.
+        patch_size: Side of the random patches of the baseline.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, patch_size: int = 8) -> None:
+        super().__init__(every_n_epochs)
+        self.patch_size = patch_size
+        self._scores: list[Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start collecting."""
+        self._scores = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score the argmax masks of one evaluation batch."""
+        if dataloader_idx != 0 or not self._active(trainer):
+            return
+        images, _, segmentation = batch_parts(batch)
+        generator = _mask_generator(pl_module)
+        if generator is None:
+            self._warn_once("nomasks", "MaskQuality: the module has no mask generator (num_masks=0); mask quality is skipped")
+            return
+        if segmentation is None:
+            self._warn_once("noseg", "MaskQuality: validation batches carry no segmentation (only the Shapes data has one); mask quality is skipped")
+            return
+        with torch.no_grad():
+            pred = generator(images).argmax(dim=1)
+        rng = torch.Generator().manual_seed(batch_idx)
+        random = random_patch_segmentation(len(pred), pred.shape[-1], generator.num_masks, self.patch_size, rng).to(pred.device)
+        rows = torch.stack([foreground_ari(pred, segmentation), mean_best_overlap(pred, segmentation), foreground_ari(random, segmentation)], dim=1)
+        self._scores.append(rows.to(images.device))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Average over the whole evaluation split and log."""
+        if not self._scores:
+            return
+        scores = gather_in_order(torch.cat(self._scores), self._dataset_length(trainer, 0))
+        self._scores = []
+        means = scores.nanmean(dim=0)
+        for name, value in zip(("mask_fg_ari", "mask_mbo", "mask_fg_ari_random"), means):
+            pl_module.log(f"val/{name}", value, add_dataloader_idx=False)

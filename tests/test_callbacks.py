@@ -1,0 +1,147 @@
+"""Evaluation callbacks, metrics, export and offline evaluation (single process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from adios_pl import ADIOSModule
+from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
+from adios_pl.data import ShapesDataModule
+from adios_pl.evaluation import evaluate_encoder, knn_accuracy, linear_probe
+from adios_pl.export import export_encoder
+from adios_pl.metrics import foreground_ari, knn_predict, mean_best_overlap
+from adios_pl.objectives import SimCLR
+from conftest import quiet_trainer
+
+
+def shapes(**kw: object) -> ShapesDataModule:
+    args = dict(train_size=64, val_size=40, batch_size=16, num_workers=0, pin_memory=False)
+    args.update(kw)
+    return ShapesDataModule(**args)
+
+
+def small_model(**kw: object) -> ADIOSModule:
+    args = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=32, mask_width=8, num_masks=3, warmup_epochs=0,
+                objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16))
+    args.update(kw)
+    return ADIOSModule(**args)
+
+
+def naive_knn(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, c: int, k: int, t: float) -> torch.Tensor:
+    out = torch.zeros(len(q), c)
+    for i in range(len(q)):
+        sims = [float(torch.nn.functional.cosine_similarity(q[i], b, dim=0)) for b in bank]
+        order = sorted(range(len(bank)), key=lambda j: -sims[j])[:k]
+        for j in order:
+            out[i, labels[j]] += torch.exp(torch.tensor(sims[j] / t))
+    return out
+
+
+def test_knn_predict_equals_naive_and_chunks() -> None:
+    torch.manual_seed(0)
+    q, bank, labels = torch.randn(7, 5), torch.randn(30, 5), torch.randint(0, 3, (30,))
+    want = naive_knn(q, bank, labels, 3, 10, 0.1)
+    assert torch.allclose(knn_predict(q, bank, labels, 3, k=10, temperature=0.1), want, rtol=1e-4)
+    assert torch.allclose(knn_predict(q, bank, labels, 3, k=10, temperature=0.1, chunk_size=2), want, rtol=1e-4)
+    with pytest.raises(ValueError, match="empty"):
+        knn_predict(q, bank[:0], labels[:0], 3)
+
+
+def test_mask_metrics() -> None:
+    true = torch.zeros(2, 8, 8, dtype=torch.long)
+    true[:, :4, :4], true[:, 4:, 4:] = 1, 2
+    perfect = true.clone()
+    perfect[true == 0] = 5  # background ids do not matter for FG-ARI
+    assert torch.allclose(foreground_ari(perfect, true), torch.ones(2))
+    assert torch.allclose(mean_best_overlap(true, true), torch.ones(2))
+    one_segment = torch.zeros_like(true)
+    assert torch.allclose(foreground_ari(one_segment, true), torch.zeros(2))
+    assert mean_best_overlap(one_segment, true)[0] == pytest.approx(16 / 64)
+    assert torch.isnan(foreground_ari(one_segment, torch.zeros_like(true))).all()
+
+
+def test_callbacks_log_and_draw(tmp_path: Path) -> None:
+    dm = shapes()
+    viz = MaskVisualizer(num_images=4)
+    callbacks = [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5), MaskQuality(), viz]
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, logger=TensorBoardLogger(str(tmp_path)), default_root_dir=str(tmp_path))
+    trainer.fit(small_model(), dm)
+    metrics = trainer.callback_metrics
+    for key in ["val/linear_top1", "val/linear_top5", "val/knn_top1", "val/knn_top5", "val/mask_fg_ari", "val/mask_mbo", "val/mask_fg_ari_random", "train/linear_loss"]:
+        assert key in metrics, key
+        assert 0 <= float(metrics[key]) <= 1 or key == "train/linear_loss"
+    assert float(metrics["val/linear_top5"]) >= float(metrics["val/linear_top1"])
+    assert viz.last_path is not None and viz.last_path.exists()
+    width, height = Image.open(viz.last_path).size
+    assert width > height > 0  # 4 rows of 2N+2 = 8 tiles
+    assert list(Path(tmp_path).rglob("events.out.tfevents*"))
+
+
+def test_knn_callback_equals_offline_knn() -> None:
+    dm = shapes()
+    knn = OnlineKNN(k=7, temperature=0.1)
+    model = small_model()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[knn], limit_train_batches=0)
+    trainer.validate(model, dm)
+    dm.setup("fit")
+    from adios_pl.evaluation import extract_features
+    val, bank = dm.val_dataloader()
+    qx, qy = extract_features(model.encoder, val)
+    bx, by = extract_features(model.encoder, bank)
+    assert float(trainer.callback_metrics["val/knn_top1"]) == pytest.approx(knn_accuracy(bx, by, qx, qy, 4, k=7, temperature=0.1))
+
+
+def test_probe_state_is_checkpointed_and_restored(tmp_path: Path) -> None:
+    dm = shapes()
+    probe = OnlineLinearProbe(num_classes=4)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    quiet_trainer(max_epochs=1, callbacks=[probe, ckpt], enable_checkpointing=True, limit_val_batches=0).fit(small_model(), dm)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "OnlineLinearProbe" in k]
+    assert torch.equal(state["head"]["weight"], probe.head.weight.detach())
+    assert state["optimizer"]["state"], "the optimiser state (momentum) is saved"
+    fresh = OnlineLinearProbe(num_classes=4)
+    quiet_trainer(max_epochs=1, callbacks=[fresh], limit_train_batches=0, limit_val_batches=0).fit(small_model(), dm, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert torch.equal(fresh.head.weight.detach(), probe.head.weight.detach())
+
+
+def test_probe_rejects_labels_beyond_num_classes() -> None:
+    with pytest.raises(ValueError, match="num_classes=2"):
+        quiet_trainer(max_steps=1, callbacks=[OnlineLinearProbe(num_classes=2)], limit_val_batches=0).fit(small_model(), shapes())
+
+
+def test_mask_quality_warns_without_segmentation_or_masks() -> None:
+    with pytest.warns(UserWarning, match="no mask generator"):
+        quiet_trainer(max_epochs=1, callbacks=[MaskQuality()], limit_train_batches=0).validate(small_model(num_masks=0), shapes())
+
+
+def test_export_encoder_loads_into_plain_torchvision(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    model = ADIOSModule(encoder="resnet18", image_size=32, num_masks=2, mask_width=8, warmup_epochs=0, objective=SimCLR(proj_hidden_dim=16, proj_output_dim=8))
+    quiet_trainer(max_steps=1, callbacks=[ckpt], enable_checkpointing=True, limit_val_batches=0).fit(model, shapes(train_size=8, batch_size=8))
+    path = export_encoder(tmp_path / "last.ckpt", tmp_path / "encoder.pt")
+    plain = torchvision.models.resnet18()
+    plain.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    plain.maxpool, plain.fc = torch.nn.Identity(), torch.nn.Identity()
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), model.eval()
+    assert torch.allclose(plain(x), model.embed(x), atol=1e-5)
+
+
+def test_offline_evaluation_runs_and_probe_learns_separable_data() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 4
+    y = torch.randint(0, 3, (300,), generator=g)
+    x = centres[y] + torch.randn(300, 8, generator=g)
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 3, epochs=10) > 0.95
+    assert knn_accuracy(x[:200], y[:200], x[200:], y[200:], 3, k=20) > 0.95
+    result = evaluate_encoder(small_model().encoder, shapes(), epochs=2)
+    assert set(result) == {"linear_top1", "knn_top1"} and all(0 <= v <= 1 for v in result.values())

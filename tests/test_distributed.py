@@ -1,0 +1,113 @@
+"""Two CPU processes (gloo, ddp_spawn) give what one process gives on the concatenated batch."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from adios_pl import ADIOSModule
+from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
+from adios_pl.objectives import BYOL, SimCLR
+from conftest import TwoViewTensors, quiet_trainer
+
+PER_RANK = 4
+STEPS = 2
+
+
+class LabelledTensors(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.x[i], self.y[i]
+
+
+class ShardedData(pl.LightningDataModule):
+    """Rank r sees samples r, r + W, ... in order, so W ranks with batch B see what one process
+    with batch W*B sees. Validation: 13 evaluation and 11 bank images (padded by the sampler)."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def _sampler(self, dataset: Any) -> Any:
+        world = self.trainer.world_size
+        return DistributedSampler(dataset, num_replicas=world, rank=self.trainer.global_rank, shuffle=False) if world > 1 else None
+
+    def train_dataloader(self) -> DataLoader:
+        data = TwoViewTensors(2 * PER_RANK * STEPS, size=16)
+        return DataLoader(data, batch_size=self.batch_size, sampler=self._sampler(data))
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [DataLoader(d, batch_size=3, sampler=self._sampler(d)) for d in (LabelledTensors(13), LabelledTensors(11))]
+
+
+class SaveRankState(pl.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_fit_end(self, trainer: pl.Trainer, module: ADIOSModule) -> None:
+        probe = next((c for c in trainer.callbacks if isinstance(c, OnlineLinearProbe)), None)
+        state = {
+            "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+            "probe": probe.head.weight.detach().cpu().clone() if probe else None,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        }
+        torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
+
+
+def _model(objective: Any) -> ADIOSModule:
+    torch.manual_seed(0)
+    return ADIOSModule(
+        encoder="small_cnn", encoder_kwargs={"width": 8, "norm": "gn"}, objective=objective, num_masks=3,
+        image_size=16, mask_width=8, lr=0.1, mask_lr=0.05, warmup_epochs=0, sparsity_weight=0.5,
+    )
+
+
+def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list) -> None:
+    trainer = quiet_trainer(
+        max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
+        callbacks=[*callbacks, SaveRankState(out)], num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=ShardedData(PER_RANK * (2 if devices == 1 else 1)))
+
+
+def _update_error(initial: dict, a: dict, b: dict, prefix: str) -> float:
+    keys = [k for k in initial if k.startswith(prefix) and initial[k].is_floating_point()]
+    da = torch.cat([(a[k] - initial[k]).flatten() for k in keys])
+    db = torch.cat([(b[k] - initial[k]).flatten() for k in keys])
+    assert db.norm() > 0, f"{prefix} did not move"
+    return float((da - db).norm() / db.norm())
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol"])
+def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
+    objective = SimCLR(proj_hidden_dim=32, proj_output_dim=16) if name == "simclr" else BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32, batch_norm=False)
+    model = _model(objective)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    callbacks = lambda: [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5)]  # noqa: E731
+    _fit(copy.deepcopy(model), 1, tmp_path, callbacks())
+    _fit(copy.deepcopy(model), 2, tmp_path, callbacks())
+    one = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
+    rank0 = torch.load(tmp_path / "rank0_of2.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1_of2.pt", weights_only=True)
+    for prefix in ("encoder.", "objective.projector", "mask_generator."):
+        error = _update_error(initial, rank0["model"], one["model"], prefix)
+        assert error < 1e-4, f"{name}: {prefix} update differs by {error:.2e} between 2 processes and 1"
+    for k in rank0["model"]:
+        assert torch.equal(rank0["model"][k], rank1["model"][k]), f"{k} differs between ranks"
+    assert torch.equal(rank0["probe"], rank1["probe"]), "the linear probe differs between ranks"
+    assert torch.allclose(rank0["probe"], one["probe"], atol=1e-5), "the probe trained on other data in DDP"
+    assert rank0["metrics"]["val/knn_top1"] == pytest.approx(one["metrics"]["val/knn_top1"], abs=1e-6)
+    assert rank0["metrics"]["val/linear_top1"] == pytest.approx(one["metrics"]["val/linear_top1"], abs=1e-6)
