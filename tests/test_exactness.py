@@ -15,7 +15,7 @@ from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR, SimSiam
 from adios_pl.optim import warmup_cosine
 from conftest import make_loader, quiet_trainer
-from reference import reference_step
+from adios_pl.reference import reference_step
 
 NUM_BATCHES = 2
 

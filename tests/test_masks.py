@@ -9,7 +9,7 @@ import torch
 
 from adios_pl.masks import MaskGenerator, default_num_blocks
 from adios_pl.penalties import entropy_term, mask_areas, masked_view, sample_slots, sparsity_penalty
-from reference import reference_penalty
+from adios_pl.reference import reference_penalty
 
 
 @pytest.mark.parametrize("size", [32, 64, 96, 100, 128, 224])

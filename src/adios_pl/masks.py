@@ -137,3 +137,80 @@ class MaskGenerator(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Soft masks ``(B, N, H, W)`` that sum to 1 over the slot dimension."""
         return self.logits(images).softmax(dim=1)
+
+
+RANDOM_MASK_TYPES = ("random_patch", "random_block")
+
+
+class RandomMasks(nn.Module):
+    """Random masks as a baseline for learned ones: N slots that partition the image.
+
+    The image is cut into a grid of ``patch_size`` squares and every cell goes to one slot, so
+    each slot hides about ``1/N`` of the image -- the mean area of learned masks, which also sum
+    to 1 over slots.
+
+    - ``"random_patch"`` (MAE-style): cells are dealt to slots uniformly at random.
+    - ``"random_block"`` (BEiT-style): slots 1..N-1 each grow from random rectangles of cells
+      (aspect ratio 0.3-3.3) until they hold ``1/N`` of the cells; the last slot takes the rest.
+
+    - [0] MAE, 2021, https://arxiv.org/abs/2111.06377
+    - [1] BEiT, 2021, https://arxiv.org/abs/2106.08254
+
+    Args:
+        num_masks: N (at least 2).
+        image_size: Side of the square images.
+        kind: ``"random_patch"`` or ``"random_block"``.
+        patch_size: Cell side; ``None`` takes ``image_size // 8`` (at least 1).
+    """
+
+    def __init__(self, num_masks: int, image_size: int, kind: str = "random_patch", patch_size: int | None = None) -> None:
+        super().__init__()
+        if kind not in RANDOM_MASK_TYPES:
+            raise ValueError(f"kind={kind!r} is not supported; accepted: {list(RANDOM_MASK_TYPES)}")
+        if not isinstance(num_masks, int) or num_masks < 2:
+            raise ValueError(f"num_masks must be an integer >= 2, got {num_masks!r}")
+        self.num_masks = num_masks
+        self.image_size = image_size
+        self.kind = kind
+        self.patch_size = patch_size or max(1, image_size // 8)
+        self.cells = -(-image_size // self.patch_size)
+        self.generator: torch.Generator | None = None
+
+    def _patch_slots(self, batch: int) -> Tensor:
+        g2 = self.cells**2
+        rank = torch.rand(batch, g2, generator=self.generator).argsort(dim=1).argsort(dim=1)
+        return (rank * self.num_masks // g2).view(batch, self.cells, self.cells)
+
+    def _block_slots(self, batch: int) -> Tensor:
+        g, n = self.cells, self.num_masks
+        slots = torch.full((batch, g, g), n - 1, dtype=torch.long)
+        target = g * g // n
+        for b in range(batch):
+            free = torch.ones(g, g, dtype=torch.bool)
+            for slot in range(n - 1):
+                count = 0
+                for _ in range(100):  # BEiT-style: add random rectangles until the slot is full
+                    if count >= target:
+                        break
+                    area = float(torch.empty(1).uniform_(1, max(target - count, 1), generator=self.generator))
+                    aspect = math.exp(float(torch.empty(1).uniform_(math.log(0.3), math.log(1 / 0.3), generator=self.generator)))
+                    h = min(g, max(1, round(math.sqrt(area * aspect))))
+                    w = min(g, max(1, round(math.sqrt(area / aspect))))
+                    top = int(torch.randint(0, g - h + 1, (1,), generator=self.generator))
+                    left = int(torch.randint(0, g - w + 1, (1,), generator=self.generator))
+                    region = free[top : top + h, left : left + w]
+                    take = region.nonzero()
+                    take = take[: target - count]
+                    region[take[:, 0], take[:, 1]] = False
+                    slots[b, top + take[:, 0], left + take[:, 1]] = slot
+                    count += len(take)
+        return slots
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Hard masks ``(B, N, H, W)`` that partition each image; no gradient."""
+        batch = images.shape[0]
+        slots = self._patch_slots(batch) if self.kind == "random_patch" else self._block_slots(batch)
+        masks = F.one_hot(slots, self.num_masks).permute(0, 3, 1, 2).to(images.dtype)
+        masks = masks.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
+        return masks[..., : images.shape[-2], : images.shape[-1]].to(images.device)

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
-from adios_pl.masks import MASK_NORMS, MaskGenerator
+from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES, MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import OPTIMIZERS, build_optimizer, warmup_cosine_scheduler
-from adios_pl.penalties import entropy_term, mask_areas, masked_view, sample_slots, sparsity_penalty
+from adios_pl.penalties import entropy_term, mask_areas, masked_view, reverse_gradient, sample_slots, sparsity_penalty
 
 MASK_MODES = ("all", "one")
 
@@ -72,6 +72,18 @@ class ADIOSModule(pl.LightningModule):
         lars_eta: LARS trust coefficient.
         encoder_kwargs: Extra arguments of a registered encoder (e.g. ``{"norm": "gn"}``).
         mask_blocks: U-Net depth; ``None`` takes the reference's ``int(log2(image_size) - 1)``.
+        mask_type: ``"learned"`` (the U-Net, ADIOS) or a random-mask baseline at the same masked
+            fraction (each of the N slots hides about 1/N of the image): ``"random_patch"``
+            (MAE-style random patches) or ``"random_block"`` (BEiT-style blocks). Random masks
+            have no mask step.
+        mask_patch_size: Cell size of the random masks (``image_size // 8`` by default).
+        update: ``"alternating"`` (the reference game, exact) or ``"simultaneous"``: both
+            players' gradients from one forward/backward, the mask generator's through a
+            gradient reversal. An approximation (the mask generator sees the encoder before its
+            update, not after) that saves the mask step's N+1 encoder passes.
+        channels_last: Run the encoder and views in channels-last memory format (faster
+            convolutions on recent GPUs).
+        compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
     """
 
     def __init__(
@@ -95,18 +107,24 @@ class ADIOSModule(pl.LightningModule):
         lars_eta: float = 0.02,
         encoder_kwargs: dict[str, Any] | None = None,
         mask_blocks: int | None = None,
+        mask_type: str = "learned",
+        mask_patch_size: int | None = None,
+        update: str = "alternating",
+        channels_last: bool = False,
+        compile_encoder: bool = False,
     ) -> None:
         super().__init__()
         _check_arguments(
             num_masks=num_masks, mask_mode=mask_mode, sparsity_weight=sparsity_weight,
             entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor,
+            warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
         )
         ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         self.automatic_optimization = False
 
+        encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
         if isinstance(encoder, str):
             encoder = create_encoder(encoder, image_size=image_size, **(encoder_kwargs or {}))
         elif not isinstance(encoder, nn.Module):
@@ -123,13 +141,21 @@ class ADIOSModule(pl.LightningModule):
             )
         objective.build(self.encoder)
         self.objective = objective
-        self.hparams["objective_name"] = type(objective).__name__
+        # What a checkpoint must agree with to be loaded (saved beside the weights).
+        self.identity = {
+            "objective": type(objective).__name__, "encoder": encoder_name, "num_masks": num_masks,
+            "image_size": image_size, "mask_width": mask_width, "mask_norm": mask_norm,
+            "mask_blocks": mask_blocks, "mask_type": mask_type,
+        }
 
-        self.mask_generator: MaskGenerator | None = None
-        if num_masks > 0:
+        self.mask_generator: MaskGenerator | RandomMasks | None = None
+        if num_masks > 0 and mask_type == "learned":
             self.mask_generator = MaskGenerator(
                 num_masks, image_size, width=mask_width, norm=mask_norm, num_blocks=mask_blocks
             )
+        elif num_masks > 0:
+            self.mask_generator = RandomMasks(num_masks, image_size, kind=mask_type, patch_size=mask_patch_size)
+        self.learned_masks = isinstance(self.mask_generator, MaskGenerator)
         self.num_masks = num_masks
         self.mask_mode = mask_mode
         self.sparsity_weight = sparsity_weight
@@ -166,7 +192,8 @@ class ADIOSModule(pl.LightningModule):
             raise ValueError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
         warmup = round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs > 0 else 0
         players = [(list(self.encoder_parameters()), hp.lr)]
-        if self.mask_generator is not None:
+        if self.learned_masks:
+            assert self.mask_generator is not None
             players.append((list(self.mask_generator.parameters()), hp.mask_lr))
         optimizers, schedulers = [], []
         for params, lr in players:
@@ -184,14 +211,36 @@ class ADIOSModule(pl.LightningModule):
             self._slot_state = None
         else:
             self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+        if isinstance(self.mask_generator, RandomMasks):  # random baselines draw from it too
+            self.mask_generator.generator = self._slot_generator
+
+    def configure_model(self) -> None:
+        """Apply the channels-last and compile options once the model is on its device."""
+        if self.hparams.channels_last:
+            self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.hparams.compile_encoder and not getattr(self, "_compiled", False):
+            self.encoder.compile()
+            self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the ADIOS-s slot sampler so a resumed run draws the same slots."""
+        checkpoint["adios_identity"] = dict(self.identity)
         if self._slot_generator is not None:
             checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the ADIOS-s slot sampler (applied when training starts)."""
+        """Refuse a checkpoint of another configuration; restore the ADIOS-s slot sampler."""
+        saved = checkpoint.get("adios_identity", {})
+        mismatches = [
+            f"{key}: checkpoint {saved[key]!r}, this model {value!r}"
+            for key, value in self.identity.items()
+            if key in saved and saved[key] != value
+        ]
+        if mismatches:
+            raise ValueError(
+                "the checkpoint was trained with another configuration (" + "; ".join(mismatches)
+                + "); load it into a model built with the same settings"
+            )
         self._slot_state = checkpoint.get("adios_slot_rng")
 
     # ------------------------------------------------------------------------------ training
@@ -212,26 +261,41 @@ class ADIOSModule(pl.LightningModule):
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         self._count_batches_only(optimizers)
 
-        masks = slots = None
+        if self.hparams.channels_last:
+            x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
+        masks = slots = leaf = None
         if self.mask_generator is not None:
             masks = self.mask_generator(x2)  # one forward serves both players
             if self.mask_mode == "one":
                 slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device)
+        simultaneous = self.hparams.update == "simultaneous" and masks is not None and self.learned_masks
+        if simultaneous:
+            # One backward for both players: the masks' gradient is reversed on its way to the
+            # mask generator, which so ascends the same SSL loss the encoder descends.
+            assert masks is not None
+            leaf = masks.detach().requires_grad_()
+            encoder_masks: Tensor | None = reverse_gradient(leaf)
+        else:
+            encoder_masks = None if masks is None else masks.detach()
 
         # Player 1: the encoder side minimises the SSL loss of the masked views.
         enc_opt = optimizers[0]
-        encoder_loss, features = self._encoder_step(x1, x2, None if masks is None else masks.detach(), slots)
+        encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
         all_reduce_gradients(self._params_of(enc_opt))
         enc_opt.step()
         enc_opt.zero_grad(set_to_none=True)
         self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
 
         logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
-        if masks is not None:
+        if masks is not None and self.learned_masks:
             # Player 2: the mask generator ascends the SSL loss minus its penalties.
             mask_opt = optimizers[1]
-            with self.toggled_optimizer(mask_opt):
-                mask_logs = self._mask_step(x1, x2, masks, slots)
+            if simultaneous:
+                assert leaf is not None
+                mask_logs = self._mask_penalties_and_backward(masks, leaf, encoder_loss)
+            else:
+                with self.toggled_optimizer(mask_opt):
+                    mask_logs = self._mask_step(x1, x2, masks, slots)
             all_reduce_gradients(self._params_of(mask_opt))
             mask_opt.step()
             mask_opt.zero_grad(set_to_none=True)
@@ -286,6 +350,10 @@ class ADIOSModule(pl.LightningModule):
             loss = self.objective.loss(clean, self.objective(self.encoder, masked_view(x2, leaf, term)))
             self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
             ssl += loss.detach()
+        return self._mask_penalties_and_backward(masks, leaf, ssl)
+
+    def _mask_penalties_and_backward(self, masks: Tensor, leaf: Tensor, ssl: Tensor) -> dict[str, Tensor]:
+        """Add the penalties' gradients on ``leaf`` and back-propagate all into the mask generator."""
         areas = mask_areas(leaf)
         penalty = sparsity_penalty(areas).mean(dim=0).sum()
         entropy = entropy_term(areas)
@@ -372,6 +440,10 @@ def _check_arguments(**kw: Any) -> None:
         raise ValueError("num_masks=1 is not allowed: a single slot always covers the whole image; use 0 or >= 2")
     if kw["mask_mode"] not in MASK_MODES:
         raise ValueError(f"mask_mode={kw['mask_mode']!r} is not supported; accepted: 'all' (ADIOS), 'one' (ADIOS-s)")
+    if kw["mask_type"] not in ("learned", *RANDOM_MASK_TYPES):
+        raise ValueError(f"mask_type={kw['mask_type']!r} is not supported; accepted: 'learned', {', '.join(map(repr, RANDOM_MASK_TYPES))}")
+    if kw["update"] not in ("alternating", "simultaneous"):
+        raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,3 +62,19 @@ def masked_view(images: Tensor, masks: Tensor, slot: int | Tensor) -> Tensor:
     else:
         mask = masks[torch.arange(masks.shape[0], device=masks.device), slot.to(masks.device)].unsqueeze(1)
     return images * (1.0 - mask)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+def reverse_gradient(x: Tensor) -> Tensor:
+    """Identity forward, negated gradient backward (for the simultaneous two-player update)."""
+    out: Tensor = _ReverseGradient.apply(x)
+    return out

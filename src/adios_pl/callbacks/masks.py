@@ -48,7 +48,9 @@ def mask_grid(images: Tensor, masks: Tensor, mean: Sequence[float] | None, std: 
     pictures = pictures.clamp(0, 1)
     soft = masks.unsqueeze(2).expand(b, n, 3, *masks.shape[-2:])
     segmentation = PALETTE[masks.argmax(dim=1) % len(PALETTE)].permute(0, 3, 1, 2)
-    hidden = pictures.unsqueeze(1) * (1 - masks.unsqueeze(2))
+    # a hidden pixel becomes 0 after normalisation, i.e. the data mean colour: show it so
+    fill = torch.tensor(mean).view(1, 1, 3, 1, 1) if mean is not None else torch.full((1, 1, 3, 1, 1), 0.5)
+    hidden = pictures.unsqueeze(1) * (1 - masks.unsqueeze(2)) + fill * masks.unsqueeze(2)
     rows = torch.cat([pictures.unsqueeze(1), soft, segmentation.unsqueeze(1), hidden], dim=1)  # (B, 2N+2, 3, H, W)
     tiles = rows.flatten(0, 1)
     if scale > 1:

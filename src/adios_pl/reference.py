@@ -2,7 +2,8 @@
 
 Written the way the reference code does it: the clean view is re-encoded for every mask, in both
 players; the mask generator runs once per player; the whole sum over masks is one loss and one
-backward. Tests compare :class:`adios_pl.ADIOSModule` against it.
+backward. It is the slow version that tests compare :class:`adios_pl.ADIOSModule` against, and
+the baseline of ``benchmarks/step_speed.py``; it is not meant for training.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ def reference_step(
     step: int,
     total_steps: int,
     slots: Tensor | None = None,
+    probe_forward: bool = False,
 ) -> None:
-    """One batch of the reference game, in place."""
+    """One batch of the reference game, in place.
+
+    ``probe_forward`` adds the reference's extra forward of both views for its online
+    classifier (what the reference pays per batch; the benchmark includes it).
+    """
     terms = range(1) if (mask_generator is None or slots is not None) else range(num_masks)
 
     # Encoder step: masks detached, clean view re-encoded per mask, one backward of the sum.
@@ -63,6 +69,9 @@ def reference_step(
             for online, target in pairs:
                 for p, q in zip(online.parameters(), target.parameters()):
                     q.copy_(tau * q + (1 - tau) * p)
+    if probe_forward:
+        with torch.no_grad():
+            encoder(x1), encoder(x2)
     if mask_generator is None or mask_opt is None:
         return
 

@@ -1,0 +1,118 @@
+"""The command line: every shipped config runs fast_dev_run on stubbed data; user errors are one line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from torch.utils.data import Dataset
+
+from adios_pl.cli import main
+from adios_pl.data import CIFAR100DataModule, ImageNet100DataModule, SSLDataModule
+from adios_pl.data.torchvision_sets import _TorchvisionDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.sync_batchnorm=false",
+       "--trainer.logger=false", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false"]
+
+
+class FakeImages(Dataset):
+    def __init__(self, n: int, size: int, classes: int) -> None:
+        self.images = np.random.default_rng(0).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Any:
+        return Image.fromarray(self.images[i]), i % self.classes
+
+
+def fake_setup(self: SSLDataModule, stage: str | None = None) -> None:
+    classes = 100 if isinstance(self, (ImageNet100DataModule, CIFAR100DataModule)) else 10
+    self.pretrain_set = self.eval_set = self.bank_set = FakeImages(4, self.image_size + 8, classes)
+    self.num_classes = classes
+
+
+@pytest.fixture
+def stubbed_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for cls in [ImageNet100DataModule, *_TorchvisionDataModule.__subclasses__(), _TorchvisionDataModule]:
+        monkeypatch.setattr(cls, "setup", fake_setup)
+    monkeypatch.setattr(_TorchvisionDataModule, "prepare_data", lambda self: None)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_every_published_setting_has_a_config() -> None:
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    for data in ("imagenet100_s", "stl10"):
+        for encoder in ("resnet18", "vit_tiny"):
+            for method in ("simclr", "byol", "simsiam"):
+                assert f"{data}/{method}_adios_{encoder}.yaml" in names
+                assert f"{data}/{method}_baseline_{encoder}.yaml" in names
+    for method in ("simclr", "byol", "simsiam"):
+        assert f"imagenet100/{method}_adios_s_resnet18.yaml" in names
+    assert "stl10/simclr_random_patch_resnet18.yaml" in names and "cifar10/simclr_random_block_resnet18.yaml" in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS])
+def test_config_runs_fast_dev_run(config: Path, stubbed_data: None) -> None:
+    assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *CPU]) == 0
+
+
+def test_print_config_and_misspelt_key(capsys: pytest.CaptureFixture, stubbed_data: None) -> None:
+    config = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "sparsity_weight: 0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--model.sparsity_wieght=1"])
+    assert exit_info.value.code != 0
+    assert "did you mean 'model.sparsity_weight'" in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code = main(["fit", "--config", str(ROOT / "configs/imagenet100_s/simclr_adios_resnet18.yaml"), *CPU,
+                 f"--data.init_args.data_dir={tmp_path / 'nowhere'}", "--trainer.fast_dev_run=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("adios-pl: error:") and "nowhere" in err[0]
+
+
+def test_checkpoint_of_another_objective_is_refused(capsys: pytest.CaptureFixture, stubbed_data: None, tmp_path: Path) -> None:
+    from adios_pl import ADIOSModule
+    from adios_pl.objectives import SimCLR
+    from conftest import make_loader, quiet_trainer
+
+    simclr = ADIOSModule(encoder="resnet18", objective=SimCLR(), num_masks=4, mask_width=32, image_size=32, warmup_epochs=0)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(simclr, make_loader(n=4, batch_size=4, size=32))
+    trainer.save_checkpoint(tmp_path / "simclr.ckpt")
+    byol = str(ROOT / "configs/cifar10/byol_adios_resnet18.yaml")
+    code = main(["fit", "--config", byol, *CPU, "--trainer.max_steps=2", f"--ckpt_path={tmp_path / 'simclr.ckpt'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(r"objective: checkpoint 'SimCLR', this model 'BYOL'", err), err
+
+
+def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["demo", "--tiny", "--max-steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    for row in ("kNN top-1", "linear top-1", "mask FG-ARI", "random 8-px patch FG-ARI", "training images/s"):
+        assert row in out
+    assert (tmp_path / "demo" / "masks.png").exists()
+    assert (tmp_path / "demo" / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "demo" / "demo_results.json").exists()
+
+
+def test_readme_quickstart_matches_ci() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```", 2)[1]
+    commands = [line for line in block.splitlines()[1:] if line.strip()]
+    assert len(commands) == 2, "the Quickstart block holds exactly two commands"
+    assert "adios-pl demo" in commands[0]
+    assert "pytest" in commands[1]
+    assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
