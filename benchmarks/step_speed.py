@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -86,32 +87,39 @@ class SavedTensorMeter:
     """Peak bytes of tensors saved for backward and still alive, while active."""
 
     def __init__(self) -> None:
-        self.current = 0
-        self.peak = 0
+        # [current, peak]; the finalizers hold only this list, never the meter (or the models
+        # reachable from its owner), so nothing stays alive through them.
+        self.counts = [0, 0]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def _pack(self, tensor: torch.Tensor) -> Any:
-        size = tensor.untyped_storage().nbytes() if tensor.device.type != "meta" else 0
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        holder = _Held(tensor)
-        weakref.finalize(holder, self._release, size)
-        return holder
+    @property
+    def peak(self) -> int:
+        return self.counts[1]
 
-    def _release(self, size: int) -> None:
-        self.current -= size
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        size = tensor.untyped_storage().nbytes()
+        counts = self.counts
+        counts[0] += size
+        counts[1] = max(counts[1], counts[0])
+        holder = _Held(tensor.detach())  # detached: an output saved by its own node would otherwise form a cycle through autograd that gc cannot see
+        weakref.finalize(holder, _release, counts, size)
+        return holder
 
     @staticmethod
     def _unpack(holder: Any) -> torch.Tensor:
         return holder.tensor
 
     def __enter__(self) -> "SavedTensorMeter":
-        self.current = self.peak = 0
+        self.counts[0] = self.counts[1] = 0
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._hooks.__exit__(*exc)
+
+
+def _release(counts: list[int], size: int) -> None:
+    counts[0] -= size
 
 
 class _Held:
@@ -187,6 +195,10 @@ def run_setting(args: argparse.Namespace, objective: str, num_masks: int, mode: 
     )
     loader = DataLoader(FixedBatches(batch, warmup + args.reps * args.steps), batch_size=None)
     trainer.fit(model, loader)
+    del trainer, model, reference, loader, batch  # free this setting's memory before the next
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     def per_rep(times: list[float]) -> list[float]:
         times = times[warmup:]
