@@ -114,7 +114,7 @@ def test_global_step_lr_and_tau_count_batches() -> None:
         assert row["global_step"] == k + 1
         assert row["train/lr"] == pytest.approx(0.4 * warmup_cosine(k, 3, 6))
         assert row["train/mask_lr"] == pytest.approx(0.2 * warmup_cosine(k, 3, 6))
-        assert row["tau"] == pytest.approx(momentum_tau(k + 1, 6, 0.99, 1.0))
+        assert row["tau"] == pytest.approx(momentum_tau(k, 6, 0.99, 1.0))
 
 
 def test_training_step_returns_clean_features_and_logs() -> None:

@@ -12,7 +12,12 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from adios_pl.checkpoint import AtomicCheckpointIO
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync, is_distributed
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES, MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
@@ -84,6 +89,8 @@ class ADIOSModule(pl.LightningModule):
         channels_last: Run the encoder and views in channels-last memory format (faster
             convolutions on recent GPUs).
         compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
+        nonfinite: ``"raise"`` (stop on a NaN/Inf loss, naming it) or ``"skip"`` (drop that
+            player's update for the batch and count it in ``train/skipped_batches``).
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class ADIOSModule(pl.LightningModule):
         update: str = "alternating",
         channels_last: bool = False,
         compile_encoder: bool = False,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
         _check_arguments(
@@ -119,6 +127,7 @@ class ADIOSModule(pl.LightningModule):
             entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
+            nonfinite=nonfinite,
         )
         ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -162,6 +171,11 @@ class ADIOSModule(pl.LightningModule):
         self.entropy_weight = entropy_weight
         self.image_size = image_size
         self.total_steps = 1
+        self.skipped_batches = 0
+        self._last_finite: dict[str, float] = {}
+        self._collapse_steps = torch.zeros(())
+        self._epoch_steps = 0
+        self._collapse_warned = False
         # Created in on_train_start: a torch.Generator cannot be sent to spawned processes.
         self._slot_generator: torch.Generator | None = None
         self._slot_state: Tensor | None = None
@@ -213,6 +227,12 @@ class ADIOSModule(pl.LightningModule):
             self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
         if isinstance(self.mask_generator, RandomMasks):  # random baselines draw from it too
             self.mask_generator.generator = self._slot_generator
+
+    def setup(self, stage: str) -> None:
+        """Install atomic, weights-only checkpoint I/O in place of Lightning's default."""
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def configure_model(self) -> None:
         """Apply the channels-last and compile options once the model is on its device."""
@@ -281,13 +301,15 @@ class ADIOSModule(pl.LightningModule):
         # Player 1: the encoder side minimises the SSL loss of the masked views.
         enc_opt = optimizers[0]
         encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
-        all_reduce_gradients(self._params_of(enc_opt))
-        enc_opt.step()
-        enc_opt.zero_grad(set_to_none=True)
-        self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
-
         logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
-        if masks is not None and self.learned_masks:
+        stepped = self._finite_or_skip(logs, step, optimizers)
+        if stepped:
+            all_reduce_gradients(self._params_of(enc_opt))
+            enc_opt.step()
+            self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+        enc_opt.zero_grad(set_to_none=True)
+
+        if stepped and masks is not None and self.learned_masks:
             # Player 2: the mask generator ascends the SSL loss minus its penalties.
             mask_opt = optimizers[1]
             if simultaneous:
@@ -296,16 +318,19 @@ class ADIOSModule(pl.LightningModule):
             else:
                 with self.toggled_optimizer(mask_opt):
                     mask_logs = self._mask_step(x1, x2, masks, slots)
-            all_reduce_gradients(self._params_of(mask_opt))
-            mask_opt.step()
-            mask_opt.zero_grad(set_to_none=True)
             logs.update(mask_logs)
             logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
+            if self._finite_or_skip(logs, step, optimizers):
+                all_reduce_gradients(self._params_of(mask_opt))
+                mask_opt.step()
+            mask_opt.zero_grad(set_to_none=True)
+            self._track_collapse(mask_logs["train/mask_collapsed_fraction"])
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
 
-        self._check_finite(logs, step)
+        self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
+        logs["train/skipped_batches"] = float(self.skipped_batches)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
         return {"loss": encoder_loss, "features": features, "targets": targets}
@@ -361,6 +386,7 @@ class ADIOSModule(pl.LightningModule):
         masks.backward(leaf.grad)
         areas = areas.detach()
         mask_loss = -ssl + self.sparsity_weight * penalty.detach() - self.entropy_weight * entropy.detach()
+        second = areas.topk(2, dim=1).values[:, 1] if areas.shape[1] > 1 else areas[:, 0]
         return {
             "train/mask_loss": mask_loss,
             "train/mask_ssl_loss": ssl,
@@ -369,6 +395,8 @@ class ADIOSModule(pl.LightningModule):
             "train/mask_area_mean": areas.mean(),
             "train/mask_area_min": areas.min(),
             "train/mask_area_max": areas.max(),
+            # fraction of images whose second-largest mask covers < 2%: one slot has everything
+            "train/mask_collapsed_fraction": (second < 0.02).float().mean(),
         }
 
     # ---------------------------------------------------------------------------- evaluation
@@ -420,15 +448,48 @@ class ADIOSModule(pl.LightningModule):
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
         return [p for group in optimizer.param_groups for p in group["params"]]
 
-    def _check_finite(self, logs: dict[str, Any], step: int) -> None:
+    def _finite_or_skip(self, logs: dict[str, Any], step: int, optimizers: list[Any]) -> bool:
+        """Whether the losses in ``logs`` are finite on every rank; else raise or skip.
+
+        With ``nonfinite="raise"`` (default) a NaN/Inf loss stops training with an error naming
+        the loss, the batch and the last finite values; with ``"skip"`` the player's update is
+        dropped and ``skipped_batches`` counts it (logged as ``train/skipped_batches``).
+        """
         losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
-        if bool(torch.isfinite(torch.stack(list(losses.values()))).all()):
-            return
-        bad = [f"{k}={v.item()}" for k, v in losses.items() if not torch.isfinite(v)]
+        ok = torch.isfinite(torch.stack([v.float() for v in losses.values()])).all().float()
+        if is_distributed():  # every rank must take the same decision
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if bool(ok):
+            return True
+        bad = ", ".join(f"{k}={float(v)}" for k, v in losses.items() if not torch.isfinite(v))
+        if self.hparams.nonfinite == "skip":
+            self.skipped_batches += 1
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            return False
+        last = ", ".join(f"{k}={v:.4g}" for k, v in self._last_finite.items()) or "none yet"
         raise FloatingPointError(
-            f"non-finite loss at batch {step} (epoch {self.current_epoch}): {', '.join(bad)}. "
-            "Lower lr/mask_lr, raise sparsity_weight if masks saturate, or use precision='32-true'."
+            f"non-finite loss at batch {step} (epoch {self.current_epoch}): {bad}; last finite values: {last}. "
+            "Lower lr/mask_lr, raise sparsity_weight if masks saturate, use precision='32-true', "
+            "or pass nonfinite='skip' to drop such batches."
         )
+
+    def _track_collapse(self, collapsed_fraction: Tensor) -> None:
+        """Count steps where (nearly) every image has all but one mask empty."""
+        self._collapse_steps = self._collapse_steps.to(collapsed_fraction.device) + (collapsed_fraction >= 0.9).float()
+        self._epoch_steps += 1
+
+    def on_train_epoch_end(self) -> None:
+        """Warn once if the masks collapsed to a single slot for a whole epoch."""
+        steps, collapsed = self._epoch_steps, float(self._collapse_steps)
+        self._epoch_steps, self._collapse_steps = 0, torch.zeros(())
+        if steps and collapsed >= steps and not self._collapse_warned:
+            self._collapse_warned = True
+            rank_zero_warn(
+                f"mask collapse: in every step of epoch {self.current_epoch} one slot covered (nearly) whole "
+                f"images and the other {self.num_masks - 1} were empty. Raise sparsity_weight "
+                f"(now {self.sparsity_weight}; try {max(2 * self.sparsity_weight, 0.5):g}) or lower mask_lr."
+            )
 
 
 def _check_arguments(**kw: Any) -> None:
@@ -442,6 +503,8 @@ def _check_arguments(**kw: Any) -> None:
         raise ValueError(f"mask_mode={kw['mask_mode']!r} is not supported; accepted: 'all' (ADIOS), 'one' (ADIOS-s)")
     if kw["mask_type"] not in ("learned", *RANDOM_MASK_TYPES):
         raise ValueError(f"mask_type={kw['mask_type']!r} is not supported; accepted: 'learned', {', '.join(map(repr, RANDOM_MASK_TYPES))}")
+    if kw["nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"nonfinite={kw['nonfinite']!r} is not supported; accepted: 'raise', 'skip'")
     if kw["update"] not in ("alternating", "simultaneous"):
         raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
     if kw["mask_norm"] not in MASK_NORMS:

@@ -87,10 +87,13 @@ class BYOL(Objective):
         return byol_loss(clean["p"], masked["z_bar"]) + byol_loss(masked["p"], clean["z_bar"])
 
     def on_encoder_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
-        """Move the momentum networks toward the online ones, then advance tau."""
+        """Move the momentum networks toward the online ones with tau of batch ``step``.
+
+        Tau is a pure function of the batch index, so a resumed run continues it exactly.
+        """
+        self.tau = momentum_tau(step, total_steps, self.base_tau, self.final_tau)
         update_momentum(encoder, self.momentum_encoder, m=self.tau)
         update_momentum(self.projector, self.momentum_projector, m=self.tau)
-        self.tau = momentum_tau(step + 1, total_steps, self.base_tau, self.final_tau)
 
 
 def momentum_tau(step: int, total_steps: int, base_tau: float, final_tau: float) -> float:
