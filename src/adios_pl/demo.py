@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
-from adios_pl.data import ShapesDataModule
+from adios_pl.data import SSLDataModule, ShapesDataModule
 from adios_pl.evaluation import extract_features, knn_accuracy, linear_probe
 from adios_pl.metrics import foreground_ari, random_patch_segmentation
 from adios_pl.module import ADIOSModule
@@ -65,27 +65,27 @@ def demo_parts(tiny: bool = False, seed: int = 0, num_workers: int = 2, mask_mod
 
 
 @torch.no_grad()
-def measure(model: ADIOSModule, data: ShapesDataModule, probe_epochs: int = 30) -> dict[str, float]:
+def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> dict[str, float]:
     """Offline kNN and linear top-1 of the encoder; FG-ARI of the masks and of random patches."""
     was_training = model.training
     model.eval()
     val, bank = data.val_dataloader()
     test_x, test_y = extract_features(model.encoder, val)
     train_x, train_y = extract_features(model.encoder, bank)
-    segmentations = torch.cat([b[2] for b in val])
-    images = torch.cat([b[0] for b in val])
-    assert model.mask_generator is not None
-    predicted = torch.cat([model.mask_generator(x).argmax(1) for x in images.split(256)])
-    random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
+    result: dict[str, float] = {}
+    if len(val.dataset[0]) > 2 and model.mask_generator is not None:  # data with segmentations
+        segmentations = torch.cat([b[2] for b in val])
+        images = torch.cat([b[0] for b in val])
+        predicted = torch.cat([model.mask_generator(x).argmax(1) for x in images.split(256)])
+        random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
+        result["mask_fg_ari"] = float(foreground_ari(predicted, segmentations).nanmean())
+        result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
     model.train(was_training)
+    num_classes = int(data.num_classes or 0)
     with torch.enable_grad():
-        linear = linear_probe(train_x, train_y, test_x, test_y, 4, epochs=probe_epochs)
-    return {
-        "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, 4),
-        "linear_top1": linear,
-        "mask_fg_ari": float(foreground_ari(predicted, segmentations).nanmean()),
-        "random_patch_fg_ari": float(foreground_ari(random, segmentations).nanmean()),
-    }
+        result["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=probe_epochs)
+    result["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, num_classes)
+    return result
 
 
 def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, tiny: bool = False, seed: int = 0, mask_mode: str = "all") -> dict[str, Any]:

@@ -18,6 +18,20 @@ from torch import Tensor, nn
 from adios_pl.metrics import knn_predict
 
 
+def seeded_linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
+    """A linear layer with PyTorch's default-range uniform weights drawn from ``seed`` and zero bias.
+
+    The same seed gives the same layer on every rank, without a broadcast.
+    """
+    layer = nn.Linear(in_features, out_features)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bound = 1.0 / in_features**0.5
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        layer.bias.zero_()
+    return layer
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable[Any], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
     """Features and targets of every batch ``(images, targets, ...)`` of ``loader`` (eval mode)."""
@@ -49,11 +63,7 @@ def linear_probe(
     if len(y) == 0:
         raise ValueError("linear_probe: no labelled training features")
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        bound = 1.0 / x.shape[1] ** 0.5
-        head.weight.uniform_(-bound, bound, generator=generator)
-        head.bias.zero_()
+    head = seeded_linear(x.shape[1], num_classes, seed)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.6 * epochs), int(0.8 * epochs)], gamma=0.1)
     for _ in range(epochs):

@@ -12,6 +12,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order, is_distributed
+from adios_pl.evaluation import seeded_linear
 
 
 class OnlineLinearProbe(EvaluationCallback):
@@ -47,13 +48,7 @@ class OnlineLinearProbe(EvaluationCallback):
         """Create the head (same seed on every rank) and its optimiser."""
         if self.head is not None:
             return
-        generator = torch.Generator().manual_seed(0)
-        head = nn.Linear(int(pl_module.encoder.num_features), self.num_classes)
-        with torch.no_grad():
-            bound = 1.0 / head.in_features**0.5
-            head.weight.uniform_(-bound, bound, generator=generator)
-            head.bias.zero_()
-        self.head = head.to(pl_module.device)
+        self.head = seeded_linear(int(pl_module.encoder.num_features), self.num_classes, seed=0).to(pl_module.device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self._restore(self._pending_state)
