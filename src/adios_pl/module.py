@@ -170,6 +170,7 @@ class ADIOSModule(pl.LightningModule):
         self.sparsity_weight = sparsity_weight
         self.entropy_weight = entropy_weight
         self.image_size = image_size
+        self.update_rule = update  # not hparams.update: that name is the dict's method
         self.total_steps = 1
         self.skipped_batches = 0
         self._last_finite: dict[str, float] = {}
@@ -288,7 +289,7 @@ class ADIOSModule(pl.LightningModule):
             masks = self.mask_generator(x2)  # one forward serves both players
             if self.mask_mode == "one":
                 slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device)
-        simultaneous = self.hparams.update == "simultaneous" and masks is not None and self.learned_masks
+        simultaneous = self.update_rule == "simultaneous" and masks is not None and self.learned_masks
         if simultaneous:
             # One backward for both players: the masks' gradient is reversed on its way to the
             # mask generator, which so ascends the same SSL loss the encoder descends.
