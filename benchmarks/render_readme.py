@@ -21,7 +21,7 @@ def step_tables() -> str:
     from step_speed import format_table
 
     parts = []
-    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_bf16.json"):
+    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_simultaneous.json", "step_speed_gpu_bf16.json"):
         path = RESULTS / name
         if path.exists():
             parts.append(format_table(json.loads(path.read_text())))

@@ -20,7 +20,7 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def disable_ddp_grad_sync(model: nn.Module) -> bool:
+def disable_ddp_grad_sync(model: nn.Module | None) -> bool:
     """Stop a ``DistributedDataParallel`` wrapper from reducing gradients itself.
 
     Sets ``require_backward_grad_sync = False`` for good (what ``no_sync()`` does for one block):

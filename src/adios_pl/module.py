@@ -195,7 +195,7 @@ class ADIOSModule(pl.LightningModule):
     # ---------------------------------------------------------------------------- optimisers
     def configure_optimizers(self) -> Any:
         """One optimiser and one warm-up + cosine schedule (stepped per batch) per player."""
-        hp = self.hparams
+        hp: Any = self.hparams
         trainer = self.trainer
         if trainer.train_dataloader is None:  # with max_steps alone Lightning has not loaded it yet
             trainer.fit_loop.setup_data()
@@ -237,9 +237,9 @@ class ADIOSModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Apply the channels-last and compile options once the model is on its device."""
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if self.hparams.compile_encoder and not getattr(self, "_compiled", False):
+        if self.hparams["compile_encoder"] and not getattr(self, "_compiled", False):
             self.encoder.compile()
             self._compiled = True
 
@@ -276,13 +276,13 @@ class ADIOSModule(pl.LightningModule):
         # are averaged below instead. Lightning re-enables the reducer after every step.
         disable_ddp_grad_sync(self.trainer.strategy.model)
         step = self.global_step  # counts batches here: see _count_batches_only
-        optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        schedulers = self.lr_schedulers()
-        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        opts: Any = self.optimizers()
+        optimizers: list[Any] = opts if isinstance(opts, list) else [opts]
+        scheds: Any = self.lr_schedulers()
+        schedulers: list[Any] = scheds if isinstance(scheds, list) else [scheds]
         self._count_batches_only(optimizers)
 
-        if self.hparams.channels_last:
+        if self.hparams["channels_last"]:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         masks = slots = leaf = None
         if self.mask_generator is not None:
@@ -463,7 +463,7 @@ class ADIOSModule(pl.LightningModule):
         if bool(ok):
             return True
         bad = ", ".join(f"{k}={float(v)}" for k, v in losses.items() if not torch.isfinite(v))
-        if self.hparams.nonfinite == "skip":
+        if self.hparams["nonfinite"] == "skip":
             self.skipped_batches += 1
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)

@@ -9,6 +9,7 @@ the baseline of ``benchmarks/step_speed.py``; it is not meant for training.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,8 +64,9 @@ def reference_step(
     loss.backward()
     enc_opt.step()
     if isinstance(getattr(objective, "tau", None), float):  # BYOL: EMA with the cosine tau
-        tau = momentum_tau(step, total_steps, objective.base_tau, objective.final_tau)
-        pairs = [(encoder, objective.momentum_encoder), (objective.projector, objective.momentum_projector)]
+        byol: Any = objective
+        tau = momentum_tau(step, total_steps, byol.base_tau, byol.final_tau)
+        pairs = [(encoder, byol.momentum_encoder), (byol.projector, byol.momentum_projector)]
         with torch.no_grad():
             for online, target in pairs:
                 for p, q in zip(online.parameters(), target.parameters()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -48,7 +48,7 @@ class OnlineLinearProbe(EvaluationCallback):
         """Create the head (same seed on every rank) and its optimiser."""
         if self.head is not None:
             return
-        self.head = seeded_linear(int(pl_module.encoder.num_features), self.num_classes, seed=0).to(pl_module.device)
+        self.head = seeded_linear(int(getattr(pl_module, "encoder").num_features), self.num_classes, seed=0).to(pl_module.device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self._restore(self._pending_state)
@@ -69,8 +69,8 @@ class OnlineLinearProbe(EvaluationCallback):
             return
         features, targets = outputs["features"].detach(), outputs["targets"]
         if is_distributed():
-            features = pl_module.all_gather(features).flatten(0, 1)
-            targets = pl_module.all_gather(targets).flatten(0, 1)
+            features = cast(Tensor, pl_module.all_gather(features)).flatten(0, 1)
+            targets = cast(Tensor, pl_module.all_gather(targets)).flatten(0, 1)
         labelled = targets >= 0
         if not labelled.any():
             return

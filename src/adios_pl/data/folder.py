@@ -34,8 +34,9 @@ def load_rgb(path: str) -> Image.Image:
         CorruptImageError: naming the file, when it cannot be decoded.
     """
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image: Image.Image = opened
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float64)
                 top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0

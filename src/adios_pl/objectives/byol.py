@@ -66,7 +66,7 @@ class BYOL(Objective):
 
     def build(self, encoder: nn.Module) -> None:
         """Create projector, predictor and the momentum copies of encoder and projector."""
-        d = int(encoder.num_features)
+        d = int(getattr(encoder, "num_features"))
         self.projector = _mlp(d, self.proj_hidden_dim, self.proj_output_dim, self.batch_norm)
         self.predictor = _mlp(self.proj_output_dim, self.pred_hidden_dim, self.proj_output_dim, self.batch_norm)
         self.momentum_encoder = copy.deepcopy(encoder)

@@ -46,7 +46,7 @@ class SimCLR(Objective):
 
     def build(self, encoder: nn.Module) -> None:
         """Create the projector for ``encoder.num_features`` inputs."""
-        d = int(encoder.num_features)
+        d = int(getattr(encoder, "num_features"))
         self.projector = ProjectionHead(
             [(d, self.proj_hidden_dim, None, nn.ReLU()), (self.proj_hidden_dim, self.proj_output_dim, None, None)]
         )

@@ -39,7 +39,7 @@ class SimSiam(Objective):
 
     def build(self, encoder: nn.Module) -> None:
         """Create the projector and predictor for ``encoder.num_features`` inputs."""
-        d = int(encoder.num_features)
+        d = int(getattr(encoder, "num_features"))
         self.projector = SimSiamProjectionHead(d, self.proj_hidden_dim, self.proj_output_dim)
         self.predictor = SimSiamPredictionHead(self.proj_output_dim, self.pred_hidden_dim, self.proj_output_dim)
 
