@@ -46,8 +46,8 @@ def quality_table() -> str:
 def main() -> None:
     readme = (ROOT / "README.md").read_text()
     for name, render in (("step", step_tables), ("data", data_table), ("quality", quality_table)):
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
-        readme = pattern.sub(lambda m: m.group(1) + render() + m.group(2), readme)
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + render() + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)
 
 
