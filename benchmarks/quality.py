@@ -26,7 +26,9 @@ import pytorch_lightning as pl
 import torch
 
 from adios_pl import ADIOSModule
-from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe
+from torchvision.utils import save_image
+
+from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe, mask_grid
 from adios_pl.data import ImageFolderDataModule, ShapesDataModule
 from adios_pl.demo import TrainSpeed, measure
 from adios_pl.objectives import SimCLR
@@ -73,12 +75,28 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     trainer.validate(model, data, verbose=False)
     online = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     offline = measure(model.cpu(), data, probe_epochs=30)
+    if model.mask_generator is not None and seed == args.seeds[0]:
+        save_mask_picture(model, data, RESULTS / f"masks_{data_name(args)}_{variant}.png")
     row = {"variant": variant, "seed": seed, "steps": args.steps, "images_per_s": speed.images_per_second,
            "train_seconds": train_seconds, "online_linear_top1": online.get("val/linear_top1"), "knn_top1": online.get("val/knn_top1"),
            "offline_linear_top1": offline["linear_top1"], "offline_knn_top1": offline["knn_top1"],
            "mask_fg_ari": offline.get("mask_fg_ari"), "random_patch_fg_ari": offline.get("random_patch_fg_ari")}
     print(json.dumps(row), flush=True)
     return row
+
+
+def data_name(args: argparse.Namespace) -> str:
+    return "shapes" if args.data == "shapes" else Path(args.data_dir).parent.name or "folder"
+
+
+@torch.no_grad()
+def save_mask_picture(model: ADIOSModule, data: Any, path: Path, rows: int = 4) -> None:
+    """The masks of the first evaluation images (see MaskVisualizer for the layout)."""
+    images = next(iter(data.val_dataloader()[0]))[0][:rows]
+    model.eval()
+    grid = mask_grid(images, model.mask_generator(images), data.mean, data.std, scale=2)
+    model.train()
+    save_image(grid, path)
 
 
 def render() -> str:
@@ -128,7 +146,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if not args.render_only:
         runs = [run(args, variant, seed) for seed in args.seeds for variant in args.variants]
-        name = "shapes" if args.data == "shapes" else Path(args.data_dir).parent.name or "folder"
+        name = data_name(args)
         revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
         machine = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
         command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
