@@ -116,3 +116,12 @@ def test_readme_quickstart_matches_ci() -> None:
     assert "adios-pl demo" in commands[0]
     assert "pytest" in commands[1]
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without GPUs")
+def test_more_devices_than_available_is_one_line(capsys: pytest.CaptureFixture, stubbed_data: None) -> None:
+    args = [a for a in CPU if not a.startswith(("--trainer.accelerator", "--trainer.devices"))]
+    code = main(["fit", "--config", str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml"), *args,
+                 "--trainer.accelerator=gpu", "--trainer.devices=8", "--trainer.fast_dev_run=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("adios-pl: error:"), err
