@@ -30,8 +30,7 @@ from torchvision.utils import save_image
 
 from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe, mask_grid
 from adios_pl.data import ImageFolderDataModule, ShapesDataModule
-from adios_pl.demo import TrainSpeed, measure
-from adios_pl.objectives import SimCLR
+from adios_pl.demo import TrainSpeed, demo_model, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
@@ -57,11 +56,7 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     data = make_data(args)
     data.setup("fit")
-    model = ADIOSModule(
-        encoder=args.encoder, encoder_kwargs={"width": 16} if args.encoder == "small_cnn" else {},
-        objective=SimCLR(temperature=0.2, proj_hidden_dim=512), image_size=32, mask_width=8, sparsity_weight=1.0,
-        optimizer="adamw", lr=2e-3, mask_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5, **VARIANTS[variant],
-    )
+    model = demo_model(encoder=args.encoder, **VARIANTS[variant])  # the demo's settings, per variant
     speed = TrainSpeed()
     callbacks: list[pl.Callback] = [OnlineLinearProbe(num_classes=int(data.num_classes)), OnlineKNN(), speed]
     if args.data == "shapes":

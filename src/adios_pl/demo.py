@@ -48,6 +48,21 @@ class TrainSpeed(pl.Callback):
         return self.images / self.seconds if self.seconds else 0.0
 
 
+def demo_model(encoder: str = "small_cnn", width: int = 16, **overrides: Any) -> ADIOSModule:
+    """The demo's SimCLR + ADIOS model (N=4, AdamW); ``overrides`` replace any argument.
+
+    The quality benchmark builds its variants (baseline, ADIOS-s, random masks) from this too.
+    """
+    args: dict[str, Any] = dict(
+        encoder=encoder, encoder_kwargs={"width": width} if encoder == "small_cnn" else {},
+        objective=SimCLR(temperature=0.2, proj_hidden_dim=512, proj_output_dim=128),
+        num_masks=4, mask_mode="all", image_size=32, mask_width=8, mask_norm="gn", sparsity_weight=1.0,
+        optimizer="adamw", lr=2e-3, mask_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
+    )
+    args.update(overrides)
+    return ADIOSModule(**args)
+
+
 def demo_parts(tiny: bool = False, seed: int = 0, num_workers: int = 2, mask_mode: str = "all") -> tuple[ADIOSModule, ShapesDataModule]:
     """The demo's model and data (``tiny`` shrinks both for tests)."""
     pl.seed_everything(seed, verbose=False)
@@ -55,13 +70,7 @@ def demo_parts(tiny: bool = False, seed: int = 0, num_workers: int = 2, mask_mod
         train_size=64 if tiny else 8192, val_size=32 if tiny else 1024, batch_size=16 if tiny else 128,
         num_workers=0 if tiny else num_workers, pin_memory=False,
     )
-    model = ADIOSModule(
-        encoder="small_cnn", encoder_kwargs={"width": 8 if tiny else 16},
-        objective=SimCLR(temperature=0.2, proj_hidden_dim=512, proj_output_dim=128),
-        num_masks=4, mask_mode=mask_mode, image_size=32, mask_width=8, mask_norm="gn", sparsity_weight=1.0,
-        optimizer="adamw", lr=2e-3, mask_lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
-    )
-    return model, data
+    return demo_model(width=8 if tiny else 16, mask_mode=mask_mode), data
 
 
 @torch.no_grad()

@@ -186,7 +186,9 @@ class ShapesDataModule(SSLDataModule):
         The colour augmentation is :class:`RandomColourShuffle` rather than ``ColorJitter``:
         as strong for this data (colour carries no label) and 20x cheaper, so two loader
         workers keep up with CPU training on 2 cores (ColorJitter's hue shift alone took
-        about 0.4 ms a view and made the loader the bottleneck).
+        about 0.4 ms a view and made the loader the bottleneck). Of the jitter strengths it uses
+        ``brightness`` and ``contrast``; ``saturation`` and ``hue`` have no effect here (the
+        channel shuffle replaces them).
         """
         view = T.Compose([
             T.RandomResizedCrop(self.image_size, scale=(self.min_scale, 1.0), antialias=True),
