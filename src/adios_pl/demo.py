@@ -75,17 +75,21 @@ def demo_parts(tiny: bool = False, seed: int = 0, num_workers: int = 2, mask_mod
 
 @torch.no_grad()
 def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> dict[str, float]:
-    """Offline kNN and linear top-1 of the encoder; FG-ARI of the masks and of random patches."""
+    """Offline kNN and linear top-1 of the encoder; FG-ARI of the masks and of random patches.
+
+    Features are computed on the model's device; the probe and kNN run on the CPU.
+    """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     val, bank = data.val_dataloader()
-    test_x, test_y = extract_features(model.encoder, val)
-    train_x, train_y = extract_features(model.encoder, bank)
+    test_x, test_y = extract_features(model.encoder, val, device)
+    train_x, train_y = extract_features(model.encoder, bank, device)
     result: dict[str, float] = {}
     if len(val.dataset[0]) > 2 and model.mask_generator is not None:  # data with segmentations
         segmentations = torch.cat([b[2] for b in val])
         images = torch.cat([b[0] for b in val])
-        predicted = torch.cat([model.mask_generator(x).argmax(1) for x in images.split(256)])
+        predicted = torch.cat([model.mask_generator(x.to(device)).argmax(1).cpu() for x in images.split(256)])
         random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
         result["mask_fg_ari"] = float(foreground_ari(predicted, segmentations).nanmean())
         result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())

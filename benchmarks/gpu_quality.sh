@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The CIFAR-10 quality comparison with ResNet18 on one GPU, as many steps as fit in one ~8-minute
+# run: unpacks the CIFAR-10 training archive (nothing is downloaded), then runs quality.py with
+# --minutes. Results (JSON, table, mask pictures) go to $1; more arguments go to quality.py.
+#   bash benchmarks/gpu_quality.sh OUT path/to/cifar10/train.tar.gz [quality.py arguments]
+set -euo pipefail
+out=${1:?usage: gpu_quality.sh OUTPUT_DIR CIFAR10_TRAIN_TAR_GZ [quality.py arguments]}
+archive=${2:?usage: gpu_quality.sh OUTPUT_DIR CIFAR10_TRAIN_TAR_GZ [quality.py arguments]}
+shift 2
+mkdir -p "$out" /tmp/cifar10_quality
+export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+tar xzf "$archive" -C /tmp/cifar10_quality
+nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+python3 benchmarks/quality.py --data folder --data-dir /tmp/cifar10_quality/train --encoder resnet18 \
+    --accelerator gpu --precision bf16-mixed --batch-size 256 --num-workers 12 --minutes 7 --eval-reserve 40 \
+    --variants baseline adios random_patch adios_s random_block --results "$out" "$@" 2>&1 | grep -v -i "warn\|tip\|available:" | tee "$out/quality.log"
