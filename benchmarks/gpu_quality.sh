@@ -7,10 +7,11 @@ set -euo pipefail
 out=${1:?usage: gpu_quality.sh OUTPUT_DIR CIFAR10_TRAIN_TAR_GZ [quality.py arguments]}
 archive=${2:?usage: gpu_quality.sh OUTPUT_DIR CIFAR10_TRAIN_TAR_GZ [quality.py arguments]}
 shift 2
-mkdir -p "$out" /tmp/cifar10_quality
+data=/tmp/quality_data/cifar10  # the result files are named after this folder
+mkdir -p "$out" "$data"
 export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-tar xzf "$archive" -C /tmp/cifar10_quality
+tar xzf "$archive" -C "$data"
 nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
-python3 benchmarks/quality.py --data folder --data-dir /tmp/cifar10_quality/train --encoder resnet18 \
+python3 benchmarks/quality.py --data folder --data-dir "$data/train" --encoder resnet18 \
     --accelerator gpu --precision bf16-mixed --batch-size 256 --num-workers 12 --minutes 7 --eval-reserve 40 \
-    --variants baseline adios random_patch adios_s random_block --results "$out" "$@" 2>&1 | grep -v -i "warn\|tip\|available:" | tee "$out/quality.log"
+    --variants baseline adios random_patch adios_s random_block --results "$out" "$@" 2>&1 | grep --line-buffered -v -i "warn\|tip\|available:" | tee "$out/quality.log"

@@ -133,12 +133,14 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     trainer = trainer_for(args, callbacks)
     trainer.validate(model, data, verbose=False)
     online = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    validate_seconds = time.perf_counter() - started - train_seconds
     offline = measure(model, data, probe_epochs=30)
+    measure_seconds = time.perf_counter() - started - train_seconds - validate_seconds
     if model.mask_generator is not None and seed == args.seeds[0]:
         save_mask_picture(model, data, args.results / f"masks_{result_name(args)}_{variant}.png")
     epochs = args.steps * args.batch_size / len(data.pretrain_set)
     row = {"variant": variant, "seed": seed, "steps": args.steps, "epochs": epochs, "images_per_s": speed.images_per_second,
-           "train_seconds": train_seconds, "online_linear_top1": online.get("val/linear_top1"), "knn_top1": online.get("val/knn_top1"),
+           "train_seconds": train_seconds, "validate_seconds": validate_seconds, "offline_eval_seconds": measure_seconds, "online_linear_top1": online.get("val/linear_top1"), "knn_top1": online.get("val/knn_top1"),
            "offline_linear_top1": offline["linear_top1"], "offline_knn_top1": offline["knn_top1"],
            "mask_fg_ari": offline.get("mask_fg_ari"), "random_patch_fg_ari": offline.get("random_patch_fg_ari")}
     print(json.dumps(row), flush=True)
@@ -168,12 +170,14 @@ def save_mask_picture(model: ADIOSModule, data: Any, path: Path, rows: int = 4) 
 
 
 def git_revision() -> str:
-    """``git rev-parse HEAD``, else $GIT_REVISION (a copy of the tree without .git), else "unknown"."""
+    """$GIT_REVISION if set (a copy of the tree whose .git is not its own), else ``git rev-parse HEAD``."""
+    if os.environ.get("GIT_REVISION"):
+        return os.environ["GIT_REVISION"]
     try:
         found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS).stdout.strip()
     except OSError:
         found = ""
-    return found or os.environ.get("GIT_REVISION", "unknown")
+    return found or "unknown"
 
 
 def render(results: Path = RESULTS) -> str:
