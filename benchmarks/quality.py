@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--objective", choices=list(OBJECTIVES), default="simclr")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--minutes", type=float, default=None, help="instead of --steps: the most steps that let every run finish in this time")
+    parser.add_argument("--minutes", type=float, default=None, help="instead of --steps: the most steps that let every run finish in this time (0: use --steps)")
     parser.add_argument("--eval-reserve", type=float, default=30.0, help="seconds kept per run for start-up and evaluation (with --minutes)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--encoder", default="small_cnn")
@@ -242,7 +242,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.render_only:
         started = time.perf_counter()
-        if args.minutes is not None:
+        if args.minutes:  # 0 or unset: --steps
             args.steps = calibrate(args, args.minutes * 60)
         path = args.results / f"quality_{result_name(args)}.json"
         revision = git_revision()
