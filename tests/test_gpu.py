@@ -60,3 +60,16 @@ def test_sync_batchnorm_ddp_runs(tmp_path: Any) -> None:
     trainer = quiet_trainer(accelerator="gpu", devices=2, strategy="ddp_spawn", sync_batchnorm=True, max_steps=2)
     trainer.fit(model, make_loader(n=128, batch_size=32, size=96))
     assert trainer.global_step == 2
+
+
+def test_offline_evaluation_on_the_gpu_matches_the_cpu() -> None:
+    from adios_pl.evaluation import knn_accuracy, linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=generator) * 2
+    y = torch.randint(0, 5, (600,), generator=generator)
+    x = centres[y] + torch.randn(600, 32, generator=generator)
+    split = (x[:500], y[:500], x[500:], y[500:])
+    on_gpu = tuple(t.cuda() for t in split)
+    assert abs(linear_probe(*on_gpu, 5, epochs=10) - linear_probe(*split, 5, epochs=10)) <= 0.01
+    assert knn_accuracy(*on_gpu, 5, k=20) == knn_accuracy(*split, 5, k=20)

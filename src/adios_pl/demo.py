@@ -77,7 +77,7 @@ def demo_parts(tiny: bool = False, seed: int = 0, num_workers: int = 2, mask_mod
 def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> dict[str, float]:
     """Offline kNN and linear top-1 of the encoder; FG-ARI of the masks and of random patches.
 
-    Features are computed on the model's device; the probe and kNN run on the CPU.
+    Features, the probe and kNN are computed on the model's device.
     """
     was_training = model.training
     model.eval()
@@ -95,6 +95,7 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
         result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
     model.train(was_training)
     num_classes = int(data.num_classes or 0)
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
     with torch.enable_grad():
         result["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=probe_epochs)
     result["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, num_classes)
