@@ -152,9 +152,9 @@ def data_name(args: argparse.Namespace) -> str:
 
 
 def result_name(args: argparse.Namespace) -> str:
-    """``<data>[_<encoder>][_<objective>]``, the defaults (small_cnn, simclr) left out."""
+    """``<data>[_<encoder>][_<objective>][_<tag>]``, the defaults (small_cnn, simclr) left out."""
     parts = [data_name(args)] + [x for x, default in ((args.encoder, "small_cnn"), (args.objective, "simclr")) if x != default]
-    return "_".join(parts)
+    return "_".join(parts + ([args.tag] if args.tag else []))
 
 
 @torch.no_grad()
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--tag", default="", help="added to the result file's name (e.g. long, for runs with other --steps)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON, the tables and the mask pictures")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--append", action="store_true", help="add these runs to the existing result file (same variant and seed replaced)")
@@ -254,7 +255,7 @@ def main() -> None:
             new = {(v, seed) for seed in args.seeds for v in args.variants}
             kept = [r for r in old["runs"] if (r["variant"], r["seed"]) not in new]
             command = old["command"] + "; then " + command
-        title = f"{data_name(args)}, {args.encoder}, {args.objective}"
+        title = ", ".join([data_name(args), args.encoder, args.objective] + ([args.tag] if args.tag else []))
         result = {"data": data_name(args), "title": title, "command": command, "git_revision": revision, "machine": machine, "runs": kept}
         for seed in args.seeds:
             for variant in args.variants:
