@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     if model.mask_generator is not None and seed == args.seeds[0]:
         save_mask_picture(model, data, args.results / f"masks_{result_name(args)}_{variant}.png")
     epochs = args.steps * args.batch_size / len(data.pretrain_set)
-    row = {"variant": variant, "seed": seed, "steps": args.steps, "epochs": epochs, "images_per_s": speed.images_per_second,
+    row = {"variant": variant, "seed": seed, "git_revision": git_revision(), "steps": args.steps, "epochs": epochs, "images_per_s": speed.images_per_second,
            "train_seconds": train_seconds, "validate_seconds": validate_seconds, "offline_eval_seconds": measure_seconds, "online_linear_top1": online.get("val/linear_top1"), "knn_top1": online.get("val/knn_top1"),
            "offline_linear_top1": offline["linear_top1"], "offline_knn_top1": offline["knn_top1"],
            "mask_fg_ari": offline.get("mask_fg_ari"), "random_patch_fg_ari": offline.get("random_patch_fg_ari")}
@@ -186,7 +186,7 @@ def render(results: Path = RESULTS) -> str:
     for path in sorted(results.glob("quality_*.json")):
         result = json.loads(path.read_text())
         title = result.get("title", result["data"])
-        out.append(f"**{title}** — {result['machine']}, revision {result['git_revision'][:10]}: `{result['command']}`\n")
+        out.append(f"**{title}** — {result['machine']}, last run at revision {result['git_revision'][:10]}: `{result['command']}`\n")
         out.append("| variant | seeds | steps (epochs) | offline linear top-1 | kNN top-1 | online linear top-1 | mask FG-ARI | images/s | train min |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for variant in VARIANTS:
