@@ -162,8 +162,7 @@ def save_mask_picture(model: ADIOSModule, data: Any, path: Path, rows: int = 4) 
     """The masks of the first evaluation images (see MaskVisualizer for the layout)."""
     images = next(iter(data.val_dataloader()[0]))[0][:rows]
     model.eval()
-    device = next(model.parameters()).device
-    masks = model.mask_generator(images.to(device)).float().cpu()
+    masks = model.mask_generator(images.to(model.device)).float().cpu()
     grid = mask_grid(images, masks, data.mean, data.std, scale=2)
     model.train()
     save_image(grid, path)

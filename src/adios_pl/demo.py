@@ -81,7 +81,7 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model.device
     val, bank = data.val_dataloader()
     test_x, test_y = extract_features(model.encoder, val, device)
     train_x, train_y = extract_features(model.encoder, bank, device)
@@ -95,7 +95,6 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
         result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
     model.train(was_training)
     num_classes = int(data.num_classes or 0)
-    train_x, train_y, test_x, test_y = (t.to(device) for t in (train_x, train_y, test_x, test_y))
     with torch.enable_grad():
         result["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=probe_epochs)
     result["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, num_classes)

@@ -34,13 +34,16 @@ def seeded_linear(in_features: int, out_features: int, seed: int = 0) -> nn.Line
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: Iterable[Any], device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Features and targets of every batch ``(images, targets, ...)`` of ``loader`` (eval mode)."""
+    """Features and targets of every batch ``(images, targets, ...)`` of ``loader`` (eval mode), on ``device``.
+
+    They stay where they were computed, so the probe and kNN that follow run there too.
+    """
     was_training = encoder.training
     encoder.eval()
     features, targets = [], []
     for batch in loader:
-        features.append(encoder(batch[0].to(device)).float().cpu())
-        targets.append(batch[1].cpu())
+        features.append(encoder(batch[0].to(device)).float())
+        targets.append(batch[1].to(device))
     encoder.train(was_training)
     return torch.cat(features), torch.cat(targets)
 
@@ -105,8 +108,8 @@ def evaluate_encoder(encoder: nn.Module, datamodule: Any, device: str | torch.de
     if len(loaders) < 2:
         raise ValueError("evaluate_encoder needs a DataModule with an evaluation split and labelled training images")
     encoder = encoder.to(device)
-    test_x, test_y = (t.to(device) for t in extract_features(encoder, loaders[0], device))
-    train_x, train_y = (t.to(device) for t in extract_features(encoder, loaders[1], device))
+    test_x, test_y = extract_features(encoder, loaders[0], device)
+    train_x, train_y = extract_features(encoder, loaders[1], device)
     num_classes = int(datamodule.num_classes)
     return {
         "linear_top1": linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=epochs),
