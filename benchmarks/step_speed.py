@@ -2,7 +2,7 @@
 
 For each setting (N masks, ADIOS or ADIOS-s, SimCLR or BYOL) one Lightning run trains
 ADIOSModule on a fixed batch; after every one of its steps a callback runs the reference step
-(``adios_pl.reference.reference_step``: clean view re-encoded per mask in both players, mask
+(``benchmarks/reference_step.py``: clean view re-encoded per mask in both players, mask
 generator run twice, the online classifier's extra forward of both views) on the same batch, so
 the two alternate. Reported: median images/s over ``--reps`` repetitions of ``--steps`` steps
 each, and the peak activation memory of a step: the largest total size of tensors held for
@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR
-from adios_pl.reference import reference_step
+from reference_step import reference_step  # benchmarks/reference_step.py
 
 
 class FixedBatches(Dataset):

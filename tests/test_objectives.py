@@ -62,10 +62,11 @@ def test_byol_builds_frozen_momentum_copies() -> None:
 
 
 def test_byol_tau_schedule() -> None:
-    assert momentum_tau(0, 100, 0.99, 1.0) == 0.99
-    assert momentum_tau(99, 100, 0.99, 1.0) == 1.0
-    mid = momentum_tau(50, 101, 0.99, 1.0)
-    assert abs(mid - 0.995) < 1e-9
+    # the reference: batch t uses the cosine at t - 1 over total_steps, base at batches 0 and 1
+    assert momentum_tau(0, 100, 0.99, 1.0) == momentum_tau(1, 100, 0.99, 1.0) == 0.99
+    assert abs(momentum_tau(51, 100, 0.99, 1.0) - 0.995) < 1e-12
+    assert momentum_tau(101, 100, 0.99, 1.0) == 1.0
+    assert abs(momentum_tau(26, 100, 0.99, 1.0) - (1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)) < 1e-12
 
 
 def test_simsiam_heads() -> None:

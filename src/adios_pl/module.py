@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -21,10 +21,11 @@ from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disabl
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES, MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
-from adios_pl.optim import OPTIMIZERS, build_optimizer, warmup_cosine_scheduler
+from adios_pl.optim import OPTIMIZERS, build_optimizer, schedule_factor
 from adios_pl.penalties import entropy_term, mask_areas, masked_view, reverse_gradient, sample_slots, sparsity_penalty
 
 MASK_MODES = ("all", "one")
+SCHEDULE_INTERVALS = ("step", "epoch")
 
 
 def _no_op() -> None:
@@ -71,8 +72,11 @@ class ADIOSModule(pl.LightningModule):
         mask_lr: Learning rate of the mask generator.
         weight_decay: Weight decay of both players.
         warmup_epochs: Linear warm-up length; a cosine decay to ``min_lr_factor * lr`` follows.
-            Both are per batch.
         min_lr_factor: Final learning rate as a fraction of the initial one.
+        schedule_interval: ``"step"`` (warm-up and cosine advance every batch) or ``"epoch"``
+            (the reference: pl_bolts' warm-up cosine, stepped once per epoch).
+        warmup_start_lr: Learning rate at the start of the warm-up (the reference: 0.003), the
+            same absolute value for both players.
         momentum: Momentum of SGD and LARS.
         lars_eta: LARS trust coefficient.
         encoder_kwargs: Extra arguments of a registered encoder (e.g. ``{"norm": "gn"}``).
@@ -110,6 +114,8 @@ class ADIOSModule(pl.LightningModule):
         weight_decay: float = 1e-5,
         warmup_epochs: float = 10.0,
         min_lr_factor: float = 0.0,
+        schedule_interval: Literal["step", "epoch"] = "step",
+        warmup_start_lr: float = 0.0,
         momentum: float = 0.9,
         lars_eta: float = 0.02,
         encoder_kwargs: dict[str, Any] | None = None,
@@ -127,7 +133,7 @@ class ADIOSModule(pl.LightningModule):
             entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
-            nonfinite=nonfinite,
+            nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
         )
         ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -194,7 +200,13 @@ class ADIOSModule(pl.LightningModule):
 
     # ---------------------------------------------------------------------------- optimisers
     def configure_optimizers(self) -> Any:
-        """One optimiser and one warm-up + cosine schedule (stepped per batch) per player."""
+        """One optimiser and one warm-up + cosine schedule per player.
+
+        The schedulers are stepped once per batch; with ``schedule_interval="epoch"`` their
+        factor changes only at epoch boundaries. Parameters the objective names in
+        ``constant_lr_parameters`` (SimSiam's predictor, optionally) form a group of their own
+        whose rate is not scheduled.
+        """
         hp: Any = self.hparams
         trainer = self.trainer
         if trainer.train_dataloader is None:  # with max_steps alone Lightning has not loaded it yet
@@ -205,16 +217,32 @@ class ADIOSModule(pl.LightningModule):
         per_epoch = trainer.num_training_batches
         if hp.warmup_epochs > 0 and not math.isfinite(per_epoch):
             raise ValueError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
-        warmup = round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs > 0 else 0
-        players = [(list(self.encoder_parameters()), hp.lr)]
+        if hp.schedule_interval == "epoch" and not math.isfinite(per_epoch):
+            raise ValueError('schedule_interval="epoch" needs a training dataloader with a length; use "step"')
+        per_epoch = int(per_epoch) if math.isfinite(per_epoch) else 1
+        constant = {id(p) for p in self.objective.constant_lr_parameters()}
+        encoder_groups = [[p for p in self.encoder_parameters() if id(p) not in constant]]
+        if constant:
+            encoder_groups.append([p for p in self.encoder_parameters() if id(p) in constant])
+        players = [(encoder_groups, hp.lr)]
         if self.learned_masks:
             assert self.mask_generator is not None
-            players.append((list(self.mask_generator.parameters()), hp.mask_lr))
+            players.append(([list(self.mask_generator.parameters())], hp.mask_lr))
         optimizers, schedulers = [], []
-        for params, lr in players:
-            opt = build_optimizer(hp.optimizer, params, lr=lr, weight_decay=hp.weight_decay, momentum=hp.momentum, lars_eta=hp.lars_eta)
+        for groups, lr in players:
+            opt = build_optimizer(
+                hp.optimizer, [{"params": g} for g in groups], lr=lr, weight_decay=hp.weight_decay,
+                momentum=hp.momentum, lars_eta=hp.lars_eta,
+            )
+            factors = [
+                schedule_factor(
+                    hp.schedule_interval, hp.warmup_epochs, per_epoch, self.total_steps,
+                    start_factor=hp.warmup_start_lr / lr, min_factor=hp.min_lr_factor, constant=i > 0,
+                )
+                for i in range(len(groups))
+            ]
             optimizers.append(opt)
-            schedulers.append(warmup_cosine_scheduler(opt, warmup, self.total_steps, hp.min_lr_factor))
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, factors))
         return optimizers, schedulers
 
     # -------------------------------------------------------------------------------- hooks
@@ -284,9 +312,11 @@ class ADIOSModule(pl.LightningModule):
 
         if self.hparams["channels_last"]:
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
+        both = self.mask_generator is not None and self.objective.mask_both_views
         masks = slots = leaf = None
         if self.mask_generator is not None:
-            masks = self.mask_generator(x2)  # one forward serves both players
+            # One forward serves both players; masks of both views in one batch when both are masked.
+            masks = self.mask_generator(torch.cat([x1, x2]) if both else x2)
             if self.mask_mode == "one":
                 slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device)
         simultaneous = self.update_rule == "simultaneous" and masks is not None and self.learned_masks
@@ -326,6 +356,8 @@ class ADIOSModule(pl.LightningModule):
                 mask_opt.step()
             mask_opt.zero_grad(set_to_none=True)
             self._track_collapse(mask_logs["train/mask_collapsed_fraction"])
+        if stepped:  # after both players, as the reference's on_train_batch_end (BYOL's momentum)
+            self.objective.on_step_end(self.encoder, step, self.total_steps)
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
@@ -342,25 +374,49 @@ class ADIOSModule(pl.LightningModule):
             return [0]
         return [slots] if slots is not None else list(range(self.num_masks))
 
+    def _clean_views(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
+        """The views the loss compares masked views with: ``views[0]``, and ``views[1]`` too when
+        the objective masks both."""
+        return [x1, x2] if self.mask_generator is not None and self.objective.mask_both_views else [x1]
+
+    def _term_losses(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None, clean: list[ViewOutput]) -> Iterator[Tensor]:
+        """The SSL loss of each masked term against the clean-view outputs ``clean``.
+
+        ``masks`` are the mask generator's output: of ``views[1]`` ``(B, N, H, W)``, or of both
+        views stacked ``(2B, N, H, W)`` when the objective masks both.
+        """
+        objective, encoder = self.objective, self.encoder
+        for term in self._terms(slots):
+            if masks is None:
+                yield objective.loss(clean[0], objective(encoder, x2))
+            elif len(clean) == 2:
+                m1, m2 = masks.split(x1.shape[0])
+                masked = [objective(encoder, masked_view(x1, m1, term)), objective(encoder, masked_view(x2, m2, term))]
+                yield objective.loss_both(clean, masked)
+            else:
+                yield objective.loss(clean[0], objective(encoder, masked_view(x2, masks, term)))
+
     def _encoder_step(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> tuple[Tensor, Tensor]:
         """Back-propagate ``sum_n L(x1, x2 * (1 - m_n))`` into the encoder side, one term at a time.
 
-        The clean view is encoded once; its outputs enter every term as detached leaves that
+        The clean views are encoded once; their outputs enter every term as detached leaves that
         collect the gradients, which then go through the clean branch in one backward.
         """
-        clean = self.objective(self.encoder, x1)
-        leaves = _leaf_copies(clean)
+        clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
+        leaves = [_leaf_copies(out) for out in clean]
         total = x1.new_zeros(())
-        for term in self._terms(slots):
-            view = x2 if masks is None else masked_view(x2, masks, term)
-            loss = self.objective.loss(leaves, self.objective(self.encoder, view))
+        for loss in self._term_losses(x1, x2, masks, slots, leaves):
             self.manual_backward(loss)
             total += loss.detach()
-        tensors = [clean[k] for k, leaf in leaves.items() if leaf.grad is not None and clean[k] is not leaf]
-        grads = [leaves[k].grad for k, leaf in leaves.items() if leaf.grad is not None and clean[k] is not leaf]
+        tensors, grads = [], []
+        for out, leaf in zip(clean, leaves):
+            for k, v in leaf.items():
+                if v.grad is not None and out[k] is not v:
+                    tensors.append(out[k])
+                    grads.append(v.grad)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        return total, clean["features"].detach()
+        return total, clean[0]["features"].detach()
 
     def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None) -> dict[str, Tensor]:
         """Back-propagate the mask loss into the mask generator (encoder side frozen by the caller).
@@ -368,21 +424,26 @@ class ADIOSModule(pl.LightningModule):
         The gradients of the N terms are collected on a detached copy of the masks, then go
         through the mask generator in one backward.
         """
-        with torch.no_grad():  # the clean view does not depend on the masks
-            clean = self.objective(self.encoder, x1)
+        with torch.no_grad():  # the clean views do not depend on the masks
+            clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
         leaf = masks.detach().requires_grad_()
         ssl = x1.new_zeros(())
-        for term in self._terms(slots):
-            loss = self.objective.loss(clean, self.objective(self.encoder, masked_view(x2, leaf, term)))
+        for loss in self._term_losses(x1, x2, leaf, slots, clean):
             self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
             ssl += loss.detach()
         return self._mask_penalties_and_backward(masks, leaf, ssl)
 
     def _mask_penalties_and_backward(self, masks: Tensor, leaf: Tensor, ssl: Tensor) -> dict[str, Tensor]:
-        """Add the penalties' gradients on ``leaf`` and back-propagate all into the mask generator."""
+        """Add the penalties' gradients on ``leaf`` and back-propagate all into the mask generator.
+
+        With both views masked the penalties cover the 2N masks of each image: the sparsity term
+        sums each view's batch mean, the entropy is over the 2N areas, as in the reference.
+        """
+        views = 2 if self.objective.mask_both_views else 1
+        batch = leaf.shape[0] // views
         areas = mask_areas(leaf)
-        penalty = sparsity_penalty(areas).mean(dim=0).sum()
-        entropy = entropy_term(areas)
+        penalty = sparsity_penalty(areas).sum(dim=0).sum() / batch
+        entropy = entropy_term(torch.cat(areas.split(batch), dim=1))
         self.manual_backward(self.sparsity_weight * penalty - self.entropy_weight * entropy)
         masks.backward(leaf.grad)
         areas = areas.detach()
@@ -521,3 +582,7 @@ def _check_arguments(**kw: Any) -> None:
     for name in ("lr", "mask_lr"):
         if not isinstance(kw[name], (int, float)) or kw[name] <= 0:
             raise ValueError(f"{name} must be a number > 0, got {kw[name]!r}")
+    if kw["schedule_interval"] not in SCHEDULE_INTERVALS:
+        raise ValueError(f"schedule_interval={kw['schedule_interval']!r} is not supported; accepted: 'step', 'epoch'")
+    if not isinstance(kw["warmup_start_lr"], (int, float)) or kw["warmup_start_lr"] < 0:
+        raise ValueError(f"warmup_start_lr must be a number >= 0, got {kw['warmup_start_lr']!r}")

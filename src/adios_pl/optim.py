@@ -67,9 +67,8 @@ class LARS(Optimizer):
                     scale = eta * p_norm / (g_norm + p_norm * wd + eps)
                     if group["clip_lr"]:
                         scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
-                    # No scaling where either norm is zero (fresh zero-initialised weights).
-                    scale = torch.where((p_norm > 0) & (g_norm > 0), scale, torch.ones_like(scale))
-                    d_p = d_p.add(p, alpha=wd) * scale
+                    # As the reference: neither scaling nor weight decay where either norm is zero.
+                    d_p = torch.where((p_norm > 0) & (g_norm > 0), d_p.add(p, alpha=wd) * scale, d_p)
                 if group["momentum"] != 0:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
@@ -83,13 +82,13 @@ class LARS(Optimizer):
 
 def build_optimizer(
     name: str,
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Iterable[dict],
     lr: float,
     weight_decay: float,
     momentum: float = 0.9,
     lars_eta: float = 0.02,
 ) -> Optimizer:
-    """Create ``"sgd"`` (momentum, no Nesterov), ``"lars"`` or ``"adamw"`` over ``params``."""
+    """Create ``"sgd"`` (momentum, no Nesterov), ``"lars"`` or ``"adamw"`` over ``params`` (or groups)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "lars":
@@ -110,6 +109,67 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_factor: fl
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_epochs(epoch: int, warmup_epochs: int, max_epochs: int, start_factor: float = 0.0, min_factor: float = 0.0) -> float:
+    """Learning-rate factor of epoch ``epoch`` under the reference's per-epoch schedule.
+
+    The closed form of pl_bolts' ``LinearWarmupCosineAnnealingLR`` (the reference steps it once
+    per epoch): ``start_factor`` at epoch 0, rising linearly to 1 at epoch ``warmup_epochs - 1``,
+    then a half cosine from 1 (at ``warmup_epochs``) to ``min_factor`` (at ``max_epochs``).
+    ``start_factor`` is the reference's ``warmup_start_lr`` divided by the base rate.
+    """
+    if epoch < warmup_epochs:
+        return start_factor + epoch * (1.0 - start_factor) / max(1, warmup_epochs - 1)
+    progress = min((epoch - warmup_epochs) / max(max_epochs - warmup_epochs, 1), 1.0)
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _constant(step: int, start_factor: float = 1.0, steps_per_epoch: int = 0) -> float:
+    """Factor 1, except ``start_factor`` during the first epoch when ``steps_per_epoch`` is set."""
+    return start_factor if steps_per_epoch and step < steps_per_epoch else 1.0
+
+
+def _per_epoch(step: int, steps_per_epoch: int, **kw: float) -> float:
+    return warmup_cosine_epochs(step // steps_per_epoch, **kw)  # type: ignore[arg-type]
+
+
+def schedule_factor(
+    interval: str,
+    warmup_epochs: float,
+    steps_per_epoch: int,
+    total_steps: int,
+    start_factor: float = 0.0,
+    min_factor: float = 0.0,
+    constant: bool = False,
+) -> Callable[[int], float]:
+    """The learning-rate factor of one parameter group as a pure function of the batch index.
+
+    ``interval="step"``: :func:`warmup_cosine` over batches (warm-up from ``start_factor``).
+    ``interval="epoch"``: :func:`warmup_cosine_epochs`, held for every batch of an epoch, as the
+    reference. ``constant``: 1 throughout (the reference's SimSiam predictor: the first epoch
+    still runs at ``start_factor`` under the per-epoch schedule).
+    """
+    if interval == "epoch":
+        if constant:
+            return functools.partial(_constant, start_factor=start_factor, steps_per_epoch=steps_per_epoch)
+        max_epochs = max(math.ceil(total_steps / steps_per_epoch), 1)
+        return functools.partial(
+            _per_epoch, steps_per_epoch=steps_per_epoch, warmup_epochs=round(warmup_epochs),
+            max_epochs=max_epochs, start_factor=start_factor, min_factor=min_factor,
+        )
+    if constant:
+        return _constant
+    warmup = round(warmup_epochs * steps_per_epoch) if warmup_epochs > 0 else 0
+    base = functools.partial(warmup_cosine, warmup_steps=warmup, total_steps=total_steps, min_factor=min_factor)
+    if start_factor == 0:
+        return base
+    return functools.partial(_from_start, base=base, warmup=warmup, start_factor=start_factor)
+
+
+def _from_start(step: int, base: Callable[[int], float], warmup: int, start_factor: float) -> float:
+    factor = base(step)
+    return start_factor + (1.0 - start_factor) * factor if step < warmup else factor
 
 
 def warmup_cosine_scheduler(

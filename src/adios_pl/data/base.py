@@ -61,6 +61,10 @@ class SSLDataModule(pl.LightningDataModule):
         saturation: Colour-jitter strength.
         hue: Colour-jitter strength.
         blur_prob: Probability of Gaussian blur (0 for 32-px data, as in solo-learn's CIFAR runs).
+        jitter_prob: Probability of colour jitter.
+        grayscale_prob: Probability of grayscale.
+        solarization_prob: Probability of solarisation.
+        flip_prob: Probability of a horizontal flip.
     """
 
     default_mean: Sequence[float] = (0.5, 0.5, 0.5)
@@ -82,6 +86,10 @@ class SSLDataModule(pl.LightningDataModule):
         saturation: float = 0.8,
         hue: float = 0.2,
         blur_prob: float | None = None,
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        solarization_prob: float = 0.0,
+        flip_prob: float = 0.5,
     ) -> None:
         super().__init__()
         for name, value, low in (("image_size", image_size, 8), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
@@ -89,6 +97,11 @@ class SSLDataModule(pl.LightningDataModule):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0 < min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
+        probs = dict(jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, solarization_prob=solarization_prob, flip_prob=flip_prob)
+        for name, value in probs.items():
+            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        self.probabilities = probs
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -107,7 +120,10 @@ class SSLDataModule(pl.LightningDataModule):
     # transforms ------------------------------------------------------------------------
     def train_transform(self) -> Callable[[Any], tuple[Tensor, Tensor]]:
         """The two-view pretraining transform."""
-        return TwoViews(pretrain_transform(self.image_size, self.mean, self.std, min_scale=self.min_scale, blur_prob=self.blur_prob, **self.jitter))
+        return TwoViews(pretrain_transform(
+            self.image_size, self.mean, self.std, min_scale=self.min_scale, blur_prob=self.blur_prob,
+            **self.jitter, **self.probabilities,
+        ))
 
     def val_transform(self) -> Callable[[Any], Tensor]:
         """The deterministic evaluation transform."""

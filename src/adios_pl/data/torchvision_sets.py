@@ -9,7 +9,9 @@ import torchvision
 from torch.utils.data import ConcatDataset, Dataset
 
 from adios_pl.data.base import SSLDataModule
-from adios_pl.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, STL10_MEAN, STL10_STD
+from adios_pl.data.transforms import (
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, STL10_MEAN, STL10_STD, eval_transform,
+)
 
 
 def _open(factory: Any, data_dir: str, download: bool, what: str, **kwargs: Any) -> Dataset:
@@ -100,6 +102,11 @@ class STL10DataModule(_TorchvisionDataModule):
             raise ValueError(f"pretrain_split={pretrain_split!r} is not supported; accepted: 'train+unlabeled', 'train'")
         super().__init__(data_dir=data_dir, download=download, image_size=image_size, **kwargs)
         self.pretrain_split = pretrain_split
+
+    def val_transform(self) -> Any:
+        """Resize to ``image_size`` without a crop (the reference's ``Resize((96, 96))``: STL10
+        images are 96 px already, so nothing of them is cut away)."""
+        return eval_transform(self.image_size, self.mean, self.std, crop=False)
 
     def _datasets(self) -> tuple[Dataset, Dataset]:
         factory = torchvision.datasets.STL10

@@ -35,12 +35,14 @@ def pretrain_transform(
     grayscale_prob: float = 0.2,
     blur_prob: float = 0.5,
     flip_prob: float = 0.5,
+    solarization_prob: float = 0.0,
 ) -> Callable[[Any], Tensor]:
     """One view of the published pretraining augmentation (ADIOS.md, "Data").
 
     RandomResizedCrop (bicubic, scale ``(min_scale, 1)``), colour jitter with probability
     ``jitter_prob``, grayscale, Gaussian blur (sigma in [0.1, 2], kernel about a tenth of the
-    image), horizontal flip, then normalisation. Returns a float tensor ``(3, S, S)``.
+    image), solarisation (threshold half the range), horizontal flip, then normalisation -- the
+    reference's order. Returns a float tensor ``(3, S, S)``.
     """
     steps: list[Any] = [
         T.ToImage(),
@@ -53,6 +55,8 @@ def pretrain_transform(
     if blur_prob > 0:
         kernel = max(3, (image_size // 10) | 1)
         steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
+    if solarization_prob > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=solarization_prob))
     if flip_prob > 0:
         steps.append(T.RandomHorizontalFlip(p=flip_prob))
     steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]

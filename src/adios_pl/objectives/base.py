@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -21,9 +21,12 @@ class Objective(nn.Module):
     2. ``forward(encoder, images)`` per view and step: a dict of tensors for that view. Must hold
        ``"features"`` (the encoder output). Tensors that need gradients carry them; targets that
        must not (momentum branches, stop-gradients) are computed without them.
-    3. ``loss(clean, masked)``: a scalar tensor; a mean over the batch.
-    4. ``on_encoder_step_end(encoder, step, total_steps)`` after each encoder optimiser step
-       (``step`` counts batches from 0): momentum updates go here.
+    3. ``loss(clean, masked)``: a scalar tensor; a mean over the batch. Objectives that mask both
+       views (``mask_both_views``) implement ``loss_both`` instead.
+    4. ``on_encoder_step_end(encoder, step, total_steps)`` after each encoder optimiser step, and
+       ``on_step_end(encoder, step, total_steps)`` after both players have stepped (``step``
+       counts batches from 0). Momentum updates go in ``on_step_end``, as in the reference,
+       so that the mask step sees the same targets as the encoder step.
 
     Parameters with ``requires_grad=True`` are trained by the encoder optimiser; momentum copies
     must set ``requires_grad=False``. The loss of one view pair must not depend on other pairs, so
@@ -31,6 +34,10 @@ class Objective(nn.Module):
     """
 
     projector: nn.Module
+
+    #: Whether both views are masked (each with masks predicted from itself) instead of only
+    #: ``views[1]``; then :meth:`loss_both` gives the loss of one slot.
+    mask_both_views: bool = False
 
     def build(self, encoder: nn.Module) -> None:
         """Create the heads for ``encoder`` (it has an integer ``num_features``)."""
@@ -44,14 +51,21 @@ class Objective(nn.Module):
         """Scalar loss between the clean view and the masked view."""
         raise NotImplementedError
 
+    def loss_both(self, clean: Sequence[ViewOutput], masked: Sequence[ViewOutput]) -> Tensor:
+        """Loss of one slot when both views are masked: ``clean`` and ``masked`` hold the outputs
+        of ``views[0]`` and ``views[1]``, unmasked and masked. Only used when ``mask_both_views``."""
+        raise NotImplementedError(f"{type(self).__name__} does not mask both views")
+
     def on_encoder_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
         """Hook after each encoder optimiser step; nothing by default."""
+
+    def on_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
+        """Hook after both players' steps of batch ``step``; nothing by default."""
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The head parameters the encoder optimiser updates (momentum copies excluded)."""
         return (p for p in self.parameters() if p.requires_grad)
 
-    @property
-    def is_built(self) -> bool:
-        """Whether :meth:`build` has created the heads."""
-        return hasattr(self, "projector")
+    def constant_lr_parameters(self) -> list[nn.Parameter]:
+        """Head parameters whose learning rate is held constant (not scheduled); none by default."""
+        return []

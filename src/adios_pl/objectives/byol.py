@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from lightly.models.modules.heads import ProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from adios_pl.objectives.base import Objective, ViewOutput
@@ -32,7 +32,9 @@ class BYOL(Objective):
 
     Loss for one (clean, masked) pair: ``byol(p(clean), z_bar(masked)) + byol(p(masked),
     z_bar(clean))``, the targets ``z_bar`` from the momentum branch without gradient. The momentum
-    tau follows a cosine from ``base_tau`` to ``final_tau`` over the training *batches*.
+    networks move after both players have stepped (as the reference's ``on_train_batch_end``),
+    with tau on a cosine from ``base_tau`` to ``final_tau`` over the training *batches*
+    (:func:`momentum_tau`).
 
     Args:
         proj_hidden_dim: Projector hidden width (4096).
@@ -86,16 +88,25 @@ class BYOL(Objective):
         """Symmetric BYOL loss of one view pair."""
         return byol_loss(clean["p"], masked["z_bar"]) + byol_loss(masked["p"], clean["z_bar"])
 
-    def on_encoder_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
-        """Move the momentum networks toward the online ones with tau of batch ``step``.
+    def on_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
+        """Move the momentum networks toward the online ones after batch ``step`` (both players).
 
-        Tau is a pure function of the batch index, so a resumed run continues it exactly.
+        As in the reference, the first batch makes no momentum update, and batch ``t`` uses the
+        tau computed after batch ``t - 1``. Tau is a pure function of the batch index, so a
+        resumed run continues it exactly.
         """
+        if step == 0:
+            return
         self.tau = momentum_tau(step, total_steps, self.base_tau, self.final_tau)
         update_momentum(encoder, self.momentum_encoder, m=self.tau)
         update_momentum(self.projector, self.momentum_projector, m=self.tau)
 
 
 def momentum_tau(step: int, total_steps: int, base_tau: float, final_tau: float) -> float:
-    """Cosine schedule of the momentum: ``base_tau`` at batch 0, ``final_tau`` at the last batch."""
-    return float(cosine_schedule(min(step, total_steps), max(total_steps, 1), base_tau, final_tau))
+    """The momentum used at batch ``step``: the reference's cosine evaluated at ``step - 1``.
+
+    ``final_tau - (final_tau - base_tau) * (cos(pi * k / total_steps) + 1) / 2`` with
+    ``k = step - 1`` (``base_tau`` at batches 0 and 1, approaching ``final_tau`` at the end).
+    """
+    k = min(max(step - 1, 0), total_steps)
+    return final_tau - (final_tau - base_tau) * (math.cos(math.pi * k / max(total_steps, 1)) + 1) / 2

@@ -1,9 +1,9 @@
-"""A plain, obviously-correct re-implementation of the reference ADIOS step.
+"""The reference ADIOS step's cost, for ``benchmarks/step_speed.py``.
 
 Written the way the reference code does it: the clean view is re-encoded for every mask, in both
 players; the mask generator runs once per player; the whole sum over masks is one loss and one
-backward. It is the slow version that tests compare :class:`adios_pl.ADIOSModule` against, and
-the baseline of ``benchmarks/step_speed.py``; it is not meant for training.
+backward. It reuses adios-pl's objectives, so it is a timing baseline only; the exactness oracle
+that shares no code with the library is ``tests/oracle.py``.
 """
 
 from __future__ import annotations
@@ -63,18 +63,11 @@ def reference_step(
     enc_opt.zero_grad()
     loss.backward()
     enc_opt.step()
-    if isinstance(getattr(objective, "tau", None), float):  # BYOL: EMA with the cosine tau
-        byol: Any = objective
-        tau = momentum_tau(step, total_steps, byol.base_tau, byol.final_tau)
-        pairs = [(encoder, byol.momentum_encoder), (byol.projector, byol.momentum_projector)]
-        with torch.no_grad():
-            for online, target in pairs:
-                for p, q in zip(online.parameters(), target.parameters()):
-                    q.copy_(tau * q + (1 - tau) * p)
     if probe_forward:
         with torch.no_grad():
             encoder(x1), encoder(x2)
     if mask_generator is None or mask_opt is None:
+        _momentum_update(encoder, objective, step, total_steps)
         return
 
     # Mask step: the mask generator runs again and ascends L_mask; every module gets gradients,
@@ -91,3 +84,17 @@ def reference_step(
     mask_opt.zero_grad()
     (-l_mask).backward()
     mask_opt.step()
+    _momentum_update(encoder, objective, step, total_steps)
+
+
+def _momentum_update(encoder: nn.Module, objective: Objective, step: int, total_steps: int) -> None:
+    """BYOL: the EMA after both players, as the reference's ``on_train_batch_end``."""
+    if isinstance(getattr(objective, "tau", None), float) and step > 0:  # BYOL: EMA with the cosine tau
+        byol: Any = objective
+        tau = momentum_tau(step, total_steps, byol.base_tau, byol.final_tau)
+        pairs = [(encoder, byol.momentum_encoder), (byol.projector, byol.momentum_projector)]
+        with torch.no_grad():
+            for online, target in pairs:
+                for p, q in zip(online.parameters(), target.parameters()):
+                    q.copy_(tau * q + (1 - tau) * p)
+
