@@ -143,5 +143,26 @@ def test_offline_evaluation_runs_and_probe_learns_separable_data() -> None:
     x = centres[y] + torch.randn(300, 8, generator=g)
     assert linear_probe(x[:200], y[:200], x[200:], y[200:], 3, epochs=10) > 0.95
     assert knn_accuracy(x[:200], y[:200], x[200:], y[200:], 3, k=20) > 0.95
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:], 3, epochs=10, optimizer="lars") > 0.95
     result = evaluate_encoder(small_model().encoder, shapes(), epochs=2)
     assert set(result) == {"linear_top1", "knn_top1"} and all(0 <= v <= 1 for v in result.values())
+
+
+def test_augmented_probe_trains_on_new_crops_every_epoch() -> None:
+    """The reference's protocol: the head sees a fresh augmentation of the training images every epoch."""
+    seen: list[torch.Tensor] = []
+    encoder = small_model().encoder
+    hook = encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    data = shapes(batch_size=64)  # 40 evaluation images, 64 labelled training images: one batch each
+    try:
+        result = evaluate_encoder(encoder, data, epochs=2, augment=True, optimizer="lars")
+    finally:
+        hook.remove()
+    assert 0 <= result["linear_top1"] <= 1
+    # eval split, bank (fixed features for kNN), 2 augmented epochs, eval split again for the probe
+    assert [len(x) for x in seen] == [40, 64, 64, 64, 40]
+    bank, epoch1, epoch2 = seen[1], seen[2], seen[3]
+    sums = [sorted(x.sum(dim=(1, 2, 3)).tolist()) for x in (bank, epoch1, epoch2)]
+    assert sums[0] != sums[1] and sums[1] != sums[2], "the probe's training images were not re-augmented"
+    with pytest.raises(ValueError, match="optimizer"):
+        evaluate_encoder(encoder, shapes(), epochs=1, optimizer="adam")

@@ -67,8 +67,8 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def run_both(
     method: str, mode: str = "all", dtype: torch.dtype = torch.float64, num_masks: int = 3,
     flags: tuple[bool, bool, bool] | None = None, entropy_weight: float = 0.3, seed: int = 0, perturb: float = 0.0,
-    epochs: int = EPOCHS,
-) -> dict[str, tuple[Tensor, Tensor]]:
+    epochs: int = EPOCHS, return_modules: bool = False,
+) -> Any:
     """Train with ADIOSModule and with the oracle from the same start; return each part's update.
 
     ``perturb`` multiplies every starting parameter of the oracle by ``1 + perturb * noise``
@@ -129,7 +129,7 @@ def run_both(
                                    _flat(oracle.momentum_encoder) - before["encoder"])
     if num_masks:
         out["mask"] = (_flat(model.mask_generator) - before["mask"], _flat(oracle.mask_generator) - before["mask"])
-    return out
+    return (model, oracle) if return_modules else out
 
 
 def _assert_equal(results: dict[str, tuple[Tensor, Tensor]], limit: float, what: str) -> None:
