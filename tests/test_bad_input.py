@@ -3,6 +3,7 @@ the argument. The case count is asserted and quoted in the README."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,8 +15,10 @@ from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.data import CIFAR10DataModule, CorruptImageError, ImageFiles, ImageFolderDataModule, ImageNet100DataModule, ShapesDataModule, STL10DataModule
 from adios_pl.masks import MaskGenerator, RandomMasks
-from adios_pl.objectives import BYOL, SimCLR
+from adios_pl.evaluation import linear_probe
+from adios_pl.objectives import BYOL, SimCLR, SimSiam
 from adios_pl.optim import LARS, build_optimizer
+from conftest import make_loader, quiet_trainer
 
 TINY = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, mask_width=8, num_masks=2)
 
@@ -62,6 +65,16 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
     ("encoder without num_features", lambda t: module(encoder=torch.nn.Flatten()), TypeError, "num_features"),
     ("vit with odd size", lambda t: module(encoder="vit_tiny", encoder_kwargs={}, image_size=18), ValueError, "patch size"),
     ("objective wrong type", lambda t: module(objective="byol"), TypeError, "objective"),
+    ("lr nan", lambda t: module(lr=float("nan")), ValueError, "lr must be a finite"),
+    ("mask_lr inf", lambda t: module(mask_lr=float("inf")), ValueError, "mask_lr must be a finite"),
+    ("warmup_epochs inf", lambda t: module(warmup_epochs=float("inf")), ValueError, "warmup_epochs"),
+    ("sparsity_weight nan", lambda t: module(sparsity_weight=float("nan")), ValueError, "sparsity_weight"),
+    ("min_lr_factor above one", lambda t: module(min_lr_factor=2.0), ValueError, "min_lr_factor"),
+    ("mask_patch_size zero", lambda t: module(mask_type="random_patch", mask_patch_size=0), ValueError, "mask_patch_size"),
+    ("schedule_interval unknown", lambda t: module(schedule_interval="batch"), ValueError, "schedule_interval"),
+    ("warmup_start_lr negative", lambda t: module(warmup_start_lr=-0.1), ValueError, "warmup_start_lr"),
+    ("SimSiam flags without both views", lambda t: (lambda: SimSiam(use_no_mask=True)), ValueError, "mask_both_views"),
+    ("RandomMasks patch fractional", lambda t: (lambda: RandomMasks(2, 32, patch_size=1.5)), ValueError, "patch_size"),
     # objectives, masks, optimisers
     ("SimCLR temperature zero", lambda t: (lambda: SimCLR(temperature=0.0)), ValueError, "temperature"),
     ("BYOL tau order", lambda t: (lambda: BYOL(base_tau=1.0, final_tau=0.9)), ValueError, "base_tau"),
@@ -72,7 +85,11 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
     # callbacks
     ("probe num_classes one", lambda t: (lambda: OnlineLinearProbe(num_classes=1)), ValueError, "num_classes"),
     ("probe num_classes string", lambda t: (lambda: OnlineLinearProbe(num_classes="10")), ValueError, "num_classes"),
-    ("kNN k zero", lambda t: (lambda: OnlineKNN(k=0)), ValueError, "k="),
+    ("kNN k zero", lambda t: (lambda: OnlineKNN(k=0)), ValueError, "k must"),
+    ("kNN k fractional", lambda t: (lambda: OnlineKNN(k=2.5)), ValueError, "k must"),
+    ("kNN max_bank_size zero", lambda t: (lambda: OnlineKNN(max_bank_size=0)), ValueError, "max_bank_size"),
+    ("kNN temperature nan", lambda t: (lambda: OnlineKNN(temperature=float("nan"))), ValueError, "temperature"),
+    ("visualizer num_images zero", lambda t: (lambda: MaskVisualizer(num_images=0)), ValueError, "num_images"),
     ("kNN temperature zero", lambda t: (lambda: OnlineKNN(temperature=0.0)), ValueError, "temperature"),
     ("every_n_epochs zero", lambda t: (lambda: MaskQuality(every_n_epochs=0)), ValueError, "every_n_epochs"),
     ("visualizer every_n_epochs", lambda t: (lambda: MaskVisualizer(every_n_epochs=-1)), ValueError, "every_n_epochs"),
@@ -82,6 +99,10 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
     ("num_workers negative", lambda t: (lambda: ShapesDataModule(num_workers=-1)), ValueError, "num_workers"),
     ("image_size too small", lambda t: (lambda: ShapesDataModule(image_size=4)), ValueError, "image_size"),
     ("min_scale zero", lambda t: (lambda: ShapesDataModule(min_scale=0.0)), ValueError, "min_scale"),
+    ("std zero", lambda t: (lambda: ShapesDataModule(std=(0.2, 0.0, 0.2))), ValueError, "std"),
+    ("mean of two channels", lambda t: (lambda: ShapesDataModule(mean=(0.5, 0.5))), ValueError, "3 each"),
+    ("jitter_prob above one", lambda t: (lambda: ShapesDataModule(jitter_prob=1.5)), ValueError, "jitter_prob"),
+    ("probe optimizer", lambda t: (lambda: linear_probe(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), 2, optimizer="adam")), ValueError, "optimizer"),
     ("val_fraction one", lambda t: (lambda: ImageFolderDataModule(str(t), val_fraction=1.0)), ValueError, "val_fraction"),
     ("Shapes size zero", lambda t: setup(lambda: ShapesDataModule(train_size=0)), ValueError, "size"),
     ("STL10 split", lambda t: (lambda: STL10DataModule(pretrain_split="unlabeled")), ValueError, "pretrain_split"),
@@ -118,6 +139,12 @@ def test_bad_batch(name: str, batch: Any, match: str) -> None:
         ADIOSModule(**TINY)._unpack(batch)
 
 
-def test_case_count() -> None:
-    # quoted in the README ("Bad input"): update both together
-    assert len(CASES) + len(BATCHES) == 58
+def test_simclr_with_one_image_per_batch_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 images"):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(ADIOSModule(**TINY), make_loader(n=4, batch_size=1, size=16))
+
+
+def test_readme_counts_the_cases() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = re.search(r"feeds (\d+) wrong values", readme)
+    assert quoted is not None and int(quoted.group(1)) == len(CASES) + len(BATCHES) + 1

@@ -61,7 +61,7 @@ class SaveRankState(pl.Callback):
         probe = next((c for c in trainer.callbacks if isinstance(c, OnlineLinearProbe)), None)
         state = {
             "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-            "probe": probe.head.weight.detach().cpu().clone() if probe else None,
+            "probe": probe.linear.weight.detach().cpu().clone() if probe else None,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
         torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
@@ -111,3 +111,23 @@ def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
     assert torch.allclose(rank0["probe"], one["probe"], atol=1e-5), "the probe trained on other data in DDP"
     assert rank0["metrics"]["val/knn_top1"] == pytest.approx(one["metrics"]["val/knn_top1"], abs=1e-6)
     assert rank0["metrics"]["val/linear_top1"] == pytest.approx(one["metrics"]["val/linear_top1"], abs=1e-6)
+
+
+def test_shipped_config_with_all_its_callbacks_on_two_processes(tmp_path: Path) -> None:
+    """A shipped config's callbacks at their defaults (probe, kNN, mask pictures, checkpoints) under
+    DDP on 2 CPU processes: no rank may wait in a collective the other never reaches."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        sys.executable, str(root / "tests" / "ddp_cli_stub.py"), "fit", "--config", str(root / "configs/cifar10/simclr_adios_resnet18.yaml"),
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn", "--trainer.precision=32-true",
+        "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
+        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+    ]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pictures = sorted(tmp_path.rglob("masks/*.png"))
+    assert len(pictures) == 2, f"expected one mask picture per validation, found {pictures}"
+    assert list(tmp_path.rglob("last.ckpt")), "ModelCheckpoint wrote no last.ckpt"

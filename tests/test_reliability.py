@@ -53,7 +53,7 @@ class RecordLR(pl.Callback):
 
 def _state(model: ADIOSModule, probe: OnlineLinearProbe) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state["probe"] = probe.head.weight.detach().clone()
+    state["probe"] = probe.linear.weight.detach().clone()
     return state
 
 

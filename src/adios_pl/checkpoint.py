@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from adios_pl.errors import ConfigurationError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -19,11 +23,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
-        """Save ``checkpoint`` to ``path`` atomically."""
+        """Save ``checkpoint`` to ``path`` atomically.
+
+        Temporary files that killed processes left beside ``path`` (``.NAME.tmpPID`` of a PID
+        that no longer runs) are removed first; a failed write (a full disk) names the path and
+        the free space instead of torch's ``inline_container`` message.
+        """
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(target)
         temporary = target.with_name(f".{target.name}.tmp{os.getpid()}")
         try:
             with open(temporary, "wb") as f:
@@ -31,10 +41,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, target)
+        except (OSError, RuntimeError) as error:
+            free = shutil.disk_usage(target.parent).free / 2**20
+            raise OSError(
+                f"could not write the checkpoint {target} ({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}); "
+                f"{free:.0f} MiB free on its disk. The previous checkpoint there is intact."
+            ) from error
         finally:
             if temporary.exists():
                 temporary.unlink()
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load with ``weights_only=True`` by default."""
-        return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        """Load with ``weights_only=True`` by default; an empty or truncated file is a clear error."""
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
+            size = Path(path).stat().st_size if Path(path).exists() else 0
+            raise ConfigurationError(
+                f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
+            ) from error
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Delete ``.NAME.tmpPID`` files beside ``target`` whose process is gone (killed mid-save)."""
+    prefix = f".{target.name}.tmp"
+    for leftover in target.parent.glob(prefix + "*"):
+        pid = leftover.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass

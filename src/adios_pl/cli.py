@@ -18,11 +18,24 @@ from jsonargparse import ActionConfigFile
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from adios_pl import __version__
+from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.data.base import SSLDataModule
+from adios_pl.errors import UserInputError
 from adios_pl.module import ADIOSModule
 
-#: Errors a user can cause (bad paths, bad values, wrong checkpoint); shown as one line.
+DESCRIPTION = (
+    "adios-pl: ADIOS (adversarial masking for self-supervised learning) on PyTorch Lightning. "
+    "Subcommands: fit, validate, predict (writes encoder features), and `adios-pl demo` "
+    "(a CPU demo on built-in data). Every argument of ADIOSModule, the objectives, the "
+    "DataModules, the callbacks and the Trainer is a flag or a YAML key; see configs/."
+)
+
+#: Errors a user can cause while the command line is parsed and the objects are built; one line.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MisconfigurationException, KeyError)
+#: Errors a user can cause that surface while running (bad data, wrong checkpoint); one line.
+#: Anything else raised while running is a bug and keeps its traceback.
+RUN_USER_ERRORS = (UserInputError, FileNotFoundError, NotADirectoryError, MisconfigurationException)
 
 
 def _known_keys(parser: Any) -> list[str]:
@@ -36,11 +49,52 @@ def _known_keys(parser: Any) -> list[str]:
     return keys
 
 
+def _init_parameters(class_path: str) -> list[str]:
+    """Constructor argument names of ``class_path`` and of its bases (for ``**kwargs``)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")]
+    return names
+
+
+def _class_path_cause(message: str) -> str:
+    """Turn jsonargparse's "Does not validate against any of the Union subtypes" into its cause."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    cause = re.search(r"Problem with given class_path '([^']+)':\s*\n((?:.*\n?)*)", message)
+    if not key or not cause:
+        return message
+    lines = []
+    for line in cause.group(2).splitlines():
+        if re.match(r"\s*- Expected a <class 'NoneType'>|\s*Given value", line):
+            break
+        lines.append(line.strip())
+    class_path, reason = cause.group(1), " ".join(x for x in lines if x)
+    text = f'Parser key "{key.group(1)}": {reason} ({class_path})'
+    wrong = re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", reason)
+    if wrong:
+        close = difflib.get_close_matches(next(g for g in wrong.groups() if g), _init_parameters(class_path), n=1, cutoff=0.6)
+        if close:
+            text += f" -- did you mean '{key.group(1)}.init_args.{close[0]}'?"
+    return text
+
+
 class SuggestingParser(LightningArgumentParser):
     """A parser whose "unknown option" errors suggest the closest known key."""
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> Any:
-        """Add "did you mean ..." to errors about unknown keys."""
+        """Add "did you mean ..." to errors about unknown keys; name the real cause of errors in a
+        class given by ``class_path`` instead of jsonargparse's "does not validate" summary."""
+        message = _class_path_cause(message)
         match = re.search(r"option '([^']+)'|unrecognized arguments: --(\S+)|Key '([^']+)' is not expected", message)
         if match:
             wrong = next(g for g in match.groups() if g)
@@ -57,9 +111,17 @@ class ADIOSCLI(LightningCLI):
     the data section.
     """
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``predict``: the module has no test step."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("test", None)
+        return commands
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Parsers that suggest the closest key for a misspelt one."""
+        """Parsers that suggest the closest key for a misspelt one and take no abbreviations."""
         kwargs.setdefault("dump_header", ["adios-pl"])
+        kwargs.setdefault("allow_abbrev", False)
         parser = SuggestingParser(**kwargs)
         parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format.")
         return parser
@@ -67,6 +129,27 @@ class ADIOSCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the image size of the data to the model."""
         parser.link_arguments("data.init_args.image_size", "model.image_size")
+
+    def _parse_ckpt_path(self) -> None:
+        """Do not apply a checkpoint's hyper-parameters over the user's configuration.
+
+        Lightning's CLI reads ``hyper_parameters`` from ``--ckpt_path`` and lets them override the
+        command line (and instantiates any ``class_path`` they name). Here the user's config wins;
+        :meth:`ADIOSModule.on_load_checkpoint` refuses a checkpoint of another architecture.
+        """
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run, marking exceptions as raised while running (see :func:`main`)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as error:
+            error.adios_while_running = True  # type: ignore[attr-defined]
+            raise
+
+    def before_predict(self) -> None:
+        """Write the features to disk unless a prediction writer is configured."""
+        if not any(isinstance(c, FeatureWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(FeatureWriter())
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ADIOSCLI:
@@ -80,7 +163,9 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ADIOSCLI:
         args=list(args) if args is not None else None,
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "adios-pl"},
+        parser_kwargs={"prog": "adios-pl", "description": DESCRIPTION},
+        # the two players' optimisers and schedules are ADIOSModule arguments (optimizer, lr, ...)
+        auto_configure_optimizers=False,
     )
 
 
@@ -92,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] in (["--version"], ["-V"]):
+            print(f"adios-pl {__version__}")
+            return 0
         if args[:1] == ["demo"]:
             from adios_pl.demo import run_demo_cli
 
@@ -99,11 +187,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_cli(argv)
         return 0
     except USER_ERRORS as error:
-        if os.environ.get("ADIOS_PL_DEBUG"):
+        running = getattr(error, "adios_while_running", False)
+        if os.environ.get("ADIOS_PL_DEBUG") or (running and not isinstance(error, RUN_USER_ERRORS)):
             raise
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"adios-pl: error: {message}", file=sys.stderr)
+        print(f"adios-pl: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of ``error`` in one line: for jsonargparse's "does not validate against any of the
+    Union subtypes", the errors of the subtypes instead (the real cause)."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        causes = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+        causes = [c for c in causes if not c.startswith("Expected a <class 'NoneType'>")]
+        if causes:
+            return "; ".join(causes)
+    return text.splitlines()[0]
 
 
 def console_main() -> None:

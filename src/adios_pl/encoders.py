@@ -157,9 +157,14 @@ def check_encoder(encoder: nn.Module, image_size: int) -> int:
     """
     num_features = getattr(encoder, "num_features", None)
     if not isinstance(num_features, int) or isinstance(num_features, bool) or num_features <= 0:
+        hint = ""
+        if isinstance(getattr(encoder, "fc", None), nn.Linear):
+            fc = getattr(encoder, "fc")
+            hint = (f"; for a torchvision ResNet set `encoder.fc = nn.Identity()` and "
+                    f"`encoder.num_features = {fc.in_features}` (or pass encoder='resnet18')")
         raise TypeError(
             "encoder must have a positive integer attribute `num_features` (the size of the "
-            f"features it returns); {type(encoder).__name__} has num_features={num_features!r}"
+            f"features it returns); {type(encoder).__name__} has num_features={num_features!r}{hint}"
         )
     parameter = next(encoder.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")

@@ -28,11 +28,14 @@ def export_encoder(checkpoint: str | Path, path: str | Path) -> Path:
 
     For a registered ResNet the keys are torchvision's without ``fc`` (the classifier is
     replaced by the features): ``model = torchvision.models.resnet18(); model.fc =
-    torch.nn.Identity()`` (plus the CIFAR stem for images of <= 64 px) then
+    torch.nn.Identity()``, for images of <= 64 px also ``model.conv1 = nn.Conv2d(3, 64, 3, 1, 1,
+    bias=False); model.maxpool = nn.Identity()`` (see ``examples/load_exported_encoder.py``), then
     ``model.load_state_dict(torch.load(path))``. For ``vit_tiny`` they load into
     ``timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=..., patch_size=...)``.
     """
     path = Path(path)
+    if path.exists() and path.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"path={str(path)!r} is the checkpoint itself; choose another file for the exported encoder")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(encoder_state_dict(checkpoint), path)
     return path

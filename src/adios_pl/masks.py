@@ -172,6 +172,8 @@ class RandomMasks(nn.Module):
         self.num_masks = num_masks
         self.image_size = image_size
         self.kind = kind
+        if patch_size is not None and (not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1):
+            raise ValueError(f"patch_size must be an integer >= 1 or None, got {patch_size!r}")
         self.patch_size = patch_size or max(1, image_size // 8)
         self.cells = -(-image_size // self.patch_size)
         self.generator: torch.Generator | None = None

@@ -42,8 +42,9 @@ def knn_predict(
     for start in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[start : start + chunk_size].float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = F.one_hot(bank_labels[idx], num_classes).float()
-        out.append((votes * (sim / temperature).exp().unsqueeze(-1)).sum(dim=1))
+        # scatter the k weighted votes: memory chunk x (k + classes), not chunk x k x classes
+        scores = q.new_zeros(q.shape[0], num_classes)
+        out.append(scores.scatter_add_(1, bank_labels[idx], (sim / temperature).exp()))
     return torch.cat(out) if out else queries.new_zeros(0, num_classes)
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Iterator, Literal, Sequence
 
@@ -19,6 +20,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync, is_distributed
 from adios_pl.encoders import check_encoder, create_encoder
+from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES, MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import OPTIMIZERS, build_optimizer, schedule_factor
@@ -134,6 +136,7 @@ class ADIOSModule(pl.LightningModule):
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
+            mask_patch_size=mask_patch_size,
         )
         ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -160,7 +163,7 @@ class ADIOSModule(pl.LightningModule):
         self.identity = {
             "objective": type(objective).__name__, "encoder": encoder_name, "num_masks": num_masks,
             "image_size": image_size, "mask_width": mask_width, "mask_norm": mask_norm,
-            "mask_blocks": mask_blocks, "mask_type": mask_type,
+            "mask_blocks": mask_blocks, "mask_type": mask_type, "optimizer": optimizer,
         }
 
         self.mask_generator: MaskGenerator | RandomMasks | None = None
@@ -193,6 +196,14 @@ class ADIOSModule(pl.LightningModule):
         features: Tensor = self.encoder(images)
         return features
 
+    def forward(self, images: Tensor) -> Tensor:
+        """``model(images)``: the encoder features, as :meth:`embed`."""
+        return self.embed(images)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Features of ``(images, targets, ...)`` batches: ``{"features", "targets"}`` (``trainer.predict``)."""
+        return self.validation_step(batch, batch_idx, dataloader_idx)
+
     def encoder_parameters(self) -> Iterator[nn.Parameter]:
         """What the encoder optimiser updates: the encoder and the objective's heads."""
         yield from self.encoder.parameters()
@@ -216,10 +227,15 @@ class ADIOSModule(pl.LightningModule):
         self.total_steps = max(int(estimated), 1) if math.isfinite(estimated) else 2**62
         per_epoch = trainer.num_training_batches
         if hp.warmup_epochs > 0 and not math.isfinite(per_epoch):
-            raise ValueError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
+            raise ConfigurationError("warmup_epochs > 0 needs a training dataloader with a length; set warmup_epochs=0")
         if hp.schedule_interval == "epoch" and not math.isfinite(per_epoch):
-            raise ValueError('schedule_interval="epoch" needs a training dataloader with a length; use "step"')
+            raise ConfigurationError('schedule_interval="epoch" needs a training dataloader with a length; use "step"')
         per_epoch = int(per_epoch) if math.isfinite(per_epoch) else 1
+        if hp.warmup_epochs > 0 and hp.warmup_epochs * per_epoch >= self.total_steps:
+            rank_zero_warn(
+                f"warmup_epochs={hp.warmup_epochs} ({round(hp.warmup_epochs * per_epoch)} batches) is as long as the "
+                f"whole run ({self.total_steps} batches): the learning rate never reaches lr. Lower warmup_epochs."
+            )
         constant = {id(p) for p in self.objective.constant_lr_parameters()}
         encoder_groups = [[p for p in self.encoder_parameters() if id(p) not in constant]]
         if constant:
@@ -274,6 +290,7 @@ class ADIOSModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the ADIOS-s slot sampler so a resumed run draws the same slots."""
         checkpoint["adios_identity"] = dict(self.identity)
+        checkpoint["adios_skipped_batches"] = self.skipped_batches
         if self._slot_generator is not None:
             checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
 
@@ -286,11 +303,35 @@ class ADIOSModule(pl.LightningModule):
             if key in saved and saved[key] != value
         ]
         if mismatches:
-            raise ValueError(
+            raise ConfigurationError(
                 "the checkpoint was trained with another configuration (" + "; ".join(mismatches)
                 + "); load it into a model built with the same settings"
             )
         self._slot_state = checkpoint.get("adios_slot_rng")
+        self.skipped_batches = int(checkpoint.get("adios_skipped_batches", 0))
+        self._apply_configured_rates(checkpoint)
+
+    def _apply_configured_rates(self, checkpoint: dict[str, Any]) -> None:
+        """Make the configured lr, mask_lr, weight decay and momentum win over the checkpoint's.
+
+        Each optimiser's rates are rescaled by ``configured / saved`` base rate, so an unchanged
+        configuration resumes exactly and a changed one continues the schedule at the new rate.
+        """
+        hp: Any = self.hparams
+        for index, (opt_state, sched_state) in enumerate(zip(checkpoint.get("optimizer_states", []), checkpoint.get("lr_schedulers", []))):
+            base = hp.lr if index == 0 else hp.mask_lr
+            saved = list(sched_state.get("base_lrs", []))
+            sched_state["base_lrs"] = [base] * len(saved)
+            for group, old in zip(opt_state.get("param_groups", []), saved):
+                ratio = base / old if old else 1.0
+                group["lr"] = group["lr"] * ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] = base
+                group["weight_decay"] = hp.weight_decay
+                if "momentum" in group and hp.optimizer != "adamw":
+                    group["momentum"] = hp.momentum
+            if "_last_lr" in sched_state:
+                sched_state["_last_lr"] = [g["lr"] for g in opt_state.get("param_groups", [])]
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
@@ -329,15 +370,18 @@ class ADIOSModule(pl.LightningModule):
         else:
             encoder_masks = None if masks is None else masks.detach()
 
+        snapshot = self._snapshot(optimizers)
         # Player 1: the encoder side minimises the SSL loss of the masked views.
         enc_opt = optimizers[0]
         encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
         logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
-        stepped = self._finite_or_skip(logs, step, optimizers)
+        all_reduce_gradients(self._params_of(enc_opt))
+        stepped = self._finite_or_skip(logs, step, optimizers, self._params_of(enc_opt))
         if stepped:
-            all_reduce_gradients(self._params_of(enc_opt))
             enc_opt.step()
             self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+        else:
+            self._skip_batch(snapshot, optimizers, encoder_stepped=False)
         enc_opt.zero_grad(set_to_none=True)
 
         if stepped and masks is not None and self.learned_masks:
@@ -351,22 +395,27 @@ class ADIOSModule(pl.LightningModule):
                     mask_logs = self._mask_step(x1, x2, masks, slots)
             logs.update(mask_logs)
             logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
-            if self._finite_or_skip(logs, step, optimizers):
-                all_reduce_gradients(self._params_of(mask_opt))
+            all_reduce_gradients(self._params_of(mask_opt))
+            if self._finite_or_skip(logs, step, optimizers, self._params_of(mask_opt)):
                 mask_opt.step()
+                self._track_collapse(mask_logs["train/mask_collapsed_fraction"])
+            else:  # undo the encoder's step too: a skipped batch leaves no trace
+                self._skip_batch(snapshot, optimizers, encoder_stepped=True)
+                stepped = False
             mask_opt.zero_grad(set_to_none=True)
-            self._track_collapse(mask_logs["train/mask_collapsed_fraction"])
         if stepped:  # after both players, as the reference's on_train_batch_end (BYOL's momentum)
             self.objective.on_step_end(self.encoder, step, self.total_steps)
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
 
-        self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
+        if stepped:
+            self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
         logs["train/skipped_batches"] = float(self.skipped_batches)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        return {"loss": encoder_loss, "features": features, "targets": targets}
+        # A skipped batch hands no features to the callbacks (the online probe must not train on them).
+        return {"loss": encoder_loss, "features": features, "targets": targets} if stepped else {"loss": encoder_loss, "skipped": True}
 
     def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:
         """The masked terms of one step: every slot (ADIOS) or the drawn slot per image (ADIOS-s)."""
@@ -468,31 +517,31 @@ class ADIOSModule(pl.LightningModule):
         ``batch`` is ``(images, targets)`` or ``(images, targets, segmentation)``.
         """
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
-            raise TypeError("a validation batch must be (images, targets) or (images, targets, segmentation)")
+            raise BatchFormatError("a validation batch must be (images, targets) or (images, targets, segmentation)")
         return {"features": self.embed(batch[0]), "targets": batch[1]}
 
     # ------------------------------------------------------------------------------ helpers
     def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise TypeError(
+            raise BatchFormatError(
                 "a training batch must be (views, targets): views a sequence of two tensors "
                 f"(B, 3, H, W) and targets a LongTensor (B,); got {type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
             )
         views, targets = batch
         if not isinstance(views, (list, tuple)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
-            raise TypeError("views must be a sequence of two tensors (B, 3, H, W)")
+            raise BatchFormatError("views must be a sequence of two tensors (B, 3, H, W)")
         x1, x2 = views
         if x1.shape != x2.shape:
-            raise ValueError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
+            raise BatchFormatError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
         expected = (3, self.image_size, self.image_size)
         if x1.dim() != 4 or tuple(x1.shape[1:]) != expected:
-            raise ValueError(
+            raise BatchFormatError(
                 f"views must be (B, 3, {self.image_size}, {self.image_size}) for image_size={self.image_size}; "
                 f"got {tuple(x1.shape)}"
             )
         if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
-            raise TypeError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
+            raise BatchFormatError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
         return x1, x2, targets
 
     def _count_batches_only(self, optimizers: list[Any]) -> None:
@@ -510,31 +559,59 @@ class ADIOSModule(pl.LightningModule):
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
         return [p for group in optimizer.param_groups for p in group["params"]]
 
-    def _finite_or_skip(self, logs: dict[str, Any], step: int, optimizers: list[Any]) -> bool:
-        """Whether the losses in ``logs`` are finite on every rank; else raise or skip.
+    def _finite_or_skip(self, logs: dict[str, Any], step: int, optimizers: list[Any], params: list[nn.Parameter]) -> bool:
+        """Whether the losses in ``logs`` and the gradients of ``params`` are finite on every rank.
 
-        With ``nonfinite="raise"`` (default) a NaN/Inf loss stops training with an error naming
-        the loss, the batch and the last finite values; with ``"skip"`` the player's update is
-        dropped and ``skipped_batches`` counts it (logged as ``train/skipped_batches``).
+        With ``nonfinite="raise"`` (default) a NaN/Inf stops training with an error naming the
+        loss (or the gradient), the batch and the last finite values; with ``"skip"`` the caller
+        restores the state from before the batch (:meth:`_skip_batch`).
         """
         losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
-        ok = torch.isfinite(torch.stack([v.float() for v in losses.values()])).all().float()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        checks = torch.stack([*(v.float() for v in losses.values()), grad_norm.float().to(next(iter(losses.values())).device)])
+        ok = torch.isfinite(checks).all().float()
         if is_distributed():  # every rank must take the same decision
             torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         if bool(ok):
             return True
-        bad = ", ".join(f"{k}={float(v)}" for k, v in losses.items() if not torch.isfinite(v))
         if self.hparams["nonfinite"] == "skip":
-            self.skipped_batches += 1
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
             return False
+        bad = ", ".join(f"{k}={float(v)}" for k, v in losses.items() if not torch.isfinite(v))
+        bad = bad or f"finite losses but a non-finite gradient (norm {float(grad_norm)})"
         last = ", ".join(f"{k}={v:.4g}" for k, v in self._last_finite.items()) or "none yet"
         raise FloatingPointError(
             f"non-finite loss at batch {step} (epoch {self.current_epoch}): {bad}; last finite values: {last}. "
             "Lower lr/mask_lr, raise sparsity_weight if masks saturate, use precision='32-true', "
             "or pass nonfinite='skip' to drop such batches."
         )
+
+    def _snapshot(self, optimizers: list[Any]) -> dict[str, Any] | None:
+        """With ``nonfinite="skip"``: a copy of everything a batch changes (parameters, buffers --
+        BatchNorm statistics, momentum networks --, optimiser states), to restore if it is skipped."""
+        if self.hparams["nonfinite"] != "skip":
+            return None
+        return {
+            "module": {k: v.detach().clone() for k, v in self.state_dict(keep_vars=False).items()},
+            "optimizers": [copy.deepcopy(opt.optimizer.state_dict() if hasattr(opt, "optimizer") else opt.state_dict()) for opt in optimizers],
+        }
+
+    def _skip_batch(self, snapshot: dict[str, Any] | None, optimizers: list[Any], encoder_stepped: bool) -> None:
+        """Drop the batch: restore the snapshot, clear gradients, count it, and still count the
+        batch in ``global_step`` (schedules, tau, ``max_steps`` and checkpoint intervals)."""
+        assert snapshot is not None
+        with torch.no_grad():
+            for k, v in self.state_dict(keep_vars=True).items():
+                v.copy_(snapshot["module"][k])
+        for opt, state in zip(optimizers, snapshot["optimizers"]):
+            target = opt.optimizer if hasattr(opt, "optimizer") else opt
+            target.load_state_dict(state)
+            opt.zero_grad(set_to_none=True)
+        self.skipped_batches += 1
+        if not encoder_stepped:  # global_step counts the encoder optimiser's steps (see _count_batches_only)
+            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+            progress.increment_ready()
+            progress.increment_completed()
 
     def _track_collapse(self, collapsed_fraction: Tensor) -> None:
         """Count steps where (nearly) every image has all but one mask empty."""
@@ -573,16 +650,24 @@ def _check_arguments(**kw: Any) -> None:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"optimizer={kw['optimizer']!r} is not supported; accepted: {list(OPTIMIZERS)}")
+    patch = kw.get("mask_patch_size")
+    if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
+        raise ValueError(f"mask_patch_size must be an integer >= 1 or None, got {patch!r}")
     size = kw["image_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {size!r}")
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
     for name in ("sparsity_weight", "entropy_weight", "weight_decay", "warmup_epochs", "min_lr_factor"):
-        if not isinstance(kw[name], (int, float)) or kw[name] < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {kw[name]!r}")
+        if not number(kw[name]) or kw[name] < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {kw[name]!r}")
+    if kw["min_lr_factor"] > 1:
+        raise ValueError(f"min_lr_factor must be in [0, 1] (the final rate as a fraction of lr), got {kw['min_lr_factor']!r}")
     for name in ("lr", "mask_lr"):
-        if not isinstance(kw[name], (int, float)) or kw[name] <= 0:
-            raise ValueError(f"{name} must be a number > 0, got {kw[name]!r}")
+        if not number(kw[name]) or kw[name] <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {kw[name]!r}")
     if kw["schedule_interval"] not in SCHEDULE_INTERVALS:
         raise ValueError(f"schedule_interval={kw['schedule_interval']!r} is not supported; accepted: 'step', 'epoch'")
-    if not isinstance(kw["warmup_start_lr"], (int, float)) or kw["warmup_start_lr"] < 0:
-        raise ValueError(f"warmup_start_lr must be a number >= 0, got {kw['warmup_start_lr']!r}")
+    if not number(kw["warmup_start_lr"]) or kw["warmup_start_lr"] < 0:
+        raise ValueError(f"warmup_start_lr must be a finite number >= 0, got {kw['warmup_start_lr']!r}")

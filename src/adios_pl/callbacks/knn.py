@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,8 +35,13 @@ class OnlineKNN(EvaluationCallback):
 
     def __init__(self, k: int = 200, temperature: float = 0.07, every_n_epochs: int = 1, max_bank_size: int | None = None, chunk_size: int = 1024) -> None:
         super().__init__(every_n_epochs)
-        if k < 1 or temperature <= 0 or chunk_size < 1:
-            raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got k={k}, temperature={temperature}, chunk_size={chunk_size}")
+        for name, value in (("k", k), ("chunk_size", chunk_size), ("max_bank_size", max_bank_size)):
+            if value is None and name == "max_bank_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.k, self.temperature, self.max_bank_size, self.chunk_size = k, temperature, max_bank_size, chunk_size
         self._features: dict[int, list[Tensor]] = {0: [], 1: []}
         self._targets: dict[int, list[Tensor]] = {0: [], 1: []}
@@ -71,6 +78,9 @@ class OnlineKNN(EvaluationCallback):
             return
         bank, bank_targets = bank[labelled], bank_targets[labelled]
         keep = query_targets >= 0
+        if not keep.any():
+            self._warn_once("query_labels", "OnlineKNN: the evaluation split has no labelled images - the kNN accuracy is skipped")
+            return
         queries, query_targets = queries[keep], query_targets[keep]
         num_classes = int(max(bank_targets.max(), query_targets.max())) + 1
         hits = knn_hits(queries, query_targets, bank, bank_targets, num_classes, self.k, self.temperature, self.chunk_size)

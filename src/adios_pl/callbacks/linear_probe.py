@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
+from adios_pl.errors import ConfigurationError
 from adios_pl.distributed import gather_in_order, is_distributed
 from adios_pl.evaluation import seeded_linear
 
@@ -24,23 +25,33 @@ class OnlineLinearProbe(EvaluationCallback):
     all ranks are gathered, so every rank takes the same step and the weights stay identical.
     Weights and optimiser state are saved in checkpoints and restored on resume.
 
+    With ``normalize`` (default) the features pass a ``BatchNorm1d`` without affine parameters
+    before the linear layer (as MAE's linear probe). Without it, SGD at lr 0.1 with momentum
+    diverges on a ResNet's features, whose squared norm is about 370 at initialisation (a small
+    CNN's: about 22): on Shapes the probe's loss went from 1.5 to 20 within three epochs, with
+    the normalisation it fell to 1.3.
+
     Args:
         num_classes: Number of classes of the labels.
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         every_n_epochs: Evaluate on these epochs only (training continues every step).
+        normalize: Standardise the features (running statistics) before the linear layer.
     """
 
-    def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, every_n_epochs: int = 1) -> None:
+    def __init__(self, num_classes: int, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0, every_n_epochs: int = 1,
+                 normalize: bool = True) -> None:
         super().__init__(every_n_epochs)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = num_classes
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.head: nn.Linear | None = None
+        self.normalize = normalize
+        self.head: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
+        self.trained_steps = 0
         self._logits: list[Tensor] = []
         self._targets: list[Tensor] = []
 
@@ -48,10 +59,20 @@ class OnlineLinearProbe(EvaluationCallback):
         """Create the head (same seed on every rank) and its optimiser."""
         if self.head is not None:
             return
-        self.head = seeded_linear(int(getattr(pl_module, "encoder").num_features), self.num_classes, seed=0).to(pl_module.device)
+        d = int(getattr(pl_module, "encoder").num_features)
+        linear = seeded_linear(d, self.num_classes, seed=0)
+        head = nn.Sequential(nn.BatchNorm1d(d, affine=False), linear) if self.normalize else linear
+        self.head = head.to(pl_module.device)
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         if self._pending_state is not None:
             self._restore(self._pending_state)
+
+    @property
+    def linear(self) -> nn.Linear | None:
+        """The linear layer of the head (after the normalisation, if any)."""
+        if self.head is None:
+            return None
+        return self.head[-1] if isinstance(self.head, nn.Sequential) else self.head  # type: ignore[return-value]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Move the head to the module's device (it is set up before the strategy moves the model)."""
@@ -64,6 +85,8 @@ class OnlineLinearProbe(EvaluationCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """One SGD step of the head on the step's detached clean-view features."""
+        if isinstance(outputs, dict) and outputs.get("skipped"):  # a batch dropped by nonfinite="skip"
+            return
         if not isinstance(outputs, dict) or "features" not in outputs:
             self._warn_once("outputs", "OnlineLinearProbe: training_step returned no 'features'; the probe is not trained")
             return
@@ -75,13 +98,15 @@ class OnlineLinearProbe(EvaluationCallback):
         if not labelled.any():
             return
         if int(targets.max()) >= self.num_classes:
-            raise ValueError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())}; set num_classes to the number of classes of the data")
+            raise ConfigurationError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())}; set num_classes to the number of classes of the data")
         assert self.head is not None and self.optimizer is not None
+        self.head.train()
         with torch.enable_grad():
             loss = F.cross_entropy(self.head(features[labelled].float()), targets[labelled])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        self.trained_steps += 1
         pl_module.log("train/linear_loss", loss.detach(), on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,6 +119,7 @@ class OnlineLinearProbe(EvaluationCallback):
             return
         assert self.head is not None
         _, targets, _ = batch_parts(batch)
+        self.head.eval()
         with torch.no_grad():
             self._logits.append(self.head(outputs["features"].float()))
         self._targets.append(targets)
@@ -105,9 +131,15 @@ class OnlineLinearProbe(EvaluationCallback):
         n = self._dataset_length(trainer, 0)
         logits = gather_in_order(torch.cat(self._logits), n)
         targets = gather_in_order(torch.cat(self._targets), n)
+        self._logits, self._targets = [], []
         keep = targets >= 0
+        if self.trained_steps == 0 or not keep.any():
+            # the same decision on every rank: trained_steps counts gathered batches, targets are gathered
+            what = "no labelled training batch yet" if self.trained_steps == 0 else "no labelled evaluation image"
+            self._warn_once(what, f"OnlineLinearProbe: {what}; val/linear_top1 is not logged")
+            return
         if int(targets.max()) >= self.num_classes:
-            raise ValueError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())} in the evaluation split")
+            raise ConfigurationError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())} in the evaluation split")
         for k in (1, 5):  # with fewer than 5 classes top-5 is trivially 1
             acc = multiclass_accuracy(logits[keep], targets[keep], num_classes=self.num_classes, top_k=min(k, self.num_classes), average="micro")
             pl_module.log(f"val/linear_top{k}", acc, add_dataloader_idx=False)
@@ -117,7 +149,7 @@ class OnlineLinearProbe(EvaluationCallback):
         """Head weights and optimiser state, saved in the checkpoint."""
         if self.head is None or self.optimizer is None:
             return {}
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "trained_steps": self.trained_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore on resume (deferred until the head exists)."""
@@ -132,4 +164,5 @@ class OnlineLinearProbe(EvaluationCallback):
         assert self.head is not None and self.optimizer is not None
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.trained_steps = int(state.get("trained_steps", 1))
         self._pending_state = None

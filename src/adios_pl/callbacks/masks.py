@@ -59,11 +59,15 @@ def mask_grid(images: Tensor, masks: Tensor, mean: Sequence[float] | None, std: 
 
 
 class MaskVisualizer(EvaluationCallback):
-    """Pictures of the masks of the first ``num_images`` evaluation images.
+    """Pictures of the masks of ``num_images`` evaluation images, spread evenly over the split.
 
     Each row: the image (denormalised), the N soft masks (white = hidden), the argmax
     segmentation in distinct colours, and the N masked images. Logged to TensorBoard
-    (``val/masks``) and written to ``<run dir>/masks/epoch_XXX.png``.
+    (``val/masks``) and written to ``<run dir>/masks/epoch_XXX_step_YYYYYYY.png`` by rank 0.
+
+    Under DDP nothing here is collective: the output folder is resolved on every rank in
+    ``setup`` (``trainer.log_dir`` broadcasts), and rank 0 reads its images straight from the
+    evaluation dataset, so the other ranks never wait for it.
 
     Args:
         every_n_epochs: Draw on these epochs.
@@ -75,28 +79,45 @@ class MaskVisualizer(EvaluationCallback):
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 8, mean: Sequence[float] | None = None, std: Sequence[float] | None = None, out_dir: str | None = None) -> None:
         super().__init__(every_n_epochs)
+        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
         self.num_images = num_images
         self.mean, self.std = mean, std
         self.out_dir = out_dir
         self.last_path: Path | None = None
-        self._images: Tensor | None = None
+        self._root: Path | None = None
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Keep the first evaluation images."""
-        if dataloader_idx == 0 and batch_idx == 0 and self._active(trainer):
-            self._images = batch_parts(batch)[0][: self.num_images].detach()
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the output folder on every rank (``trainer.log_dir`` is a collective call)."""
+        self._root = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "masks"
+
+    def _images(self, trainer: pl.Trainer) -> Tensor | None:
+        loaders = trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        dataset = getattr(loaders[0], "dataset", None) if loaders else None
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+        if n == 0:
+            return None
+        # evenly spaced over the split: a class-sorted folder shows every class
+        indices = torch.linspace(0, n - 1, min(self.num_images, n)).round().long().unique().tolist()
+        return torch.stack([batch_parts(dataset[i])[0] for i in indices])  # type: ignore[index]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Draw, log and save the picture (rank 0)."""
-        images, self._images = self._images, None
-        generator = _mask_generator(pl_module)
-        if images is None or not trainer.is_global_zero:
+        """Draw, log and save the picture (rank 0 only; no collective calls)."""
+        if not trainer.is_global_zero or not self._active(trainer):
             return
+        generator = _mask_generator(pl_module)
         if generator is None:
             self._warn_once("nomasks", "MaskVisualizer: the module has no mask generator (num_masks=0); no pictures")
             return
+        images = self._images(trainer)
+        if images is None:
+            return
         with torch.no_grad():
-            masks = generator(images)
+            masks = generator(images.to(pl_module.device))
         datamodule = getattr(trainer, "datamodule", None)
         mean = self.mean if self.mean is not None else getattr(datamodule, "mean", None)
         std = self.std if self.std is not None else getattr(datamodule, "std", None)
@@ -105,9 +126,9 @@ class MaskVisualizer(EvaluationCallback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/masks", grid, trainer.global_step)
-        root = Path(self.out_dir) if self.out_dir else Path(trainer.log_dir or trainer.default_root_dir) / "masks"
+        root = self._root if self._root is not None else Path(self.out_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.last_path = root / f"epoch_{trainer.current_epoch:03d}.png"
+        self.last_path = root / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
         save_image(grid, self.last_path)
 
 

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from adios_pl.errors import ConfigurationError
 from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform
 
 
@@ -51,7 +52,7 @@ class SSLDataModule(pl.LightningDataModule):
         image_size: Side of the square views.
         batch_size: Per device.
         num_workers: Loader worker processes per device.
-        pin_memory: Pin host memory (for GPU training).
+        pin_memory: Pin host memory; ``None`` (default) pins only when the trainer runs on a GPU.
         persistent_workers: Keep workers alive between epochs (when ``num_workers > 0``).
         mean: Normalisation mean (dataset default when ``None``).
         std: Normalisation std (dataset default when ``None``).
@@ -76,7 +77,7 @@ class SSLDataModule(pl.LightningDataModule):
         image_size: int = 32,
         batch_size: int = 256,
         num_workers: int = 4,
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         persistent_workers: bool = True,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -109,6 +110,10 @@ class SSLDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.mean = tuple(mean) if mean is not None else tuple(self.default_mean)
         self.std = tuple(std) if std is not None else tuple(self.default_std)
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need one value per RGB channel (3 each), got mean={self.mean!r}, std={self.std!r}")
+        if not all(isinstance(v, (int, float)) and 0 < v < float("inf") for v in self.std):
+            raise ValueError(f"std must be 3 finite numbers > 0, got {self.std!r}")
         self.jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
         self.min_scale = min_scale
         self.blur_prob = self.default_blur_prob if blur_prob is None else blur_prob
@@ -130,6 +135,13 @@ class SSLDataModule(pl.LightningDataModule):
         return eval_transform(self.image_size, self.mean, self.std)
 
     # loaders ---------------------------------------------------------------------------
+    def _pin(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        trainer = getattr(self, "trainer", None)
+        accelerator = type(getattr(trainer, "accelerator", None)).__name__
+        return accelerator == "CUDAAccelerator"
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -137,7 +149,7 @@ class SSLDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin(),
             persistent_workers=self.persistent_workers,
         )
 
@@ -149,11 +161,15 @@ class SSLDataModule(pl.LightningDataModule):
         n = len(self.pretrain_set)  # type: ignore[arg-type]
         world = self.trainer.world_size if self.trainer is not None else 1
         if n // world < self.batch_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"batch_size={self.batch_size} is larger than the {n // world} training images per device "
                 f"({n} images, {world} device(s)); with drop_last=True no step would run. Lower batch_size."
             )
         return self._loader(Transformed(self.pretrain_set, self.train_transform(), keep_extra=False), shuffle=True, drop_last=True)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The loaders of :meth:`val_dataloader`: features of both splits (``adios-pl predict``)."""
+        return self.val_dataloader()
 
     def val_dataloader(self) -> list[DataLoader]:
         """``[evaluation split, labelled training images (kNN bank)]`` under the evaluation transform."""

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
+from adios_pl.errors import UserInputError
 from adios_pl.data.base import SSLDataModule
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -20,7 +21,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 FOLDER_LAYOUT = "<dir>/<class>/<image>.jpg (class folders) or <dir>/<image>.jpg (unlabelled)"
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserInputError, RuntimeError):
     """An image file that PIL cannot decode."""
 
 

@@ -14,15 +14,38 @@ from adios_pl.data.transforms import (
 )
 
 
+#: The folder torchvision reads under ``data_dir``, and where the archive comes from.
+_FOLDERS = {
+    "CIFAR10": ("cifar-10-batches-py", "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
+    "CIFAR100": ("cifar-100-python", "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"),
+    "STL10": ("stl10_binary", "stl10_binary.tar.gz from https://cs.stanford.edu/~acoates/stl10/"),
+}
+
+
 def _open(factory: Any, data_dir: str, download: bool, what: str, **kwargs: Any) -> Dataset:
-    """``factory(root=data_dir, download=download, **kwargs)`` with a clear error when absent."""
+    """``factory(root=data_dir, download=download, **kwargs)`` with a one-line error when absent.
+
+    A download that fails (no network) names the dataset and how to place it by hand, and
+    removes the ``data_dir`` it created if that stayed empty.
+    """
+    root = Path(data_dir)
+    existed = root.exists()
+    folder, source = _FOLDERS.get(what, (what, "the dataset's archive"))
     try:
         dataset: Dataset = factory(root=data_dir, download=download, **kwargs)
         return dataset
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         raise FileNotFoundError(
-            f"{what} was not found under data_dir={data_dir!r} ({error}); pass download=True to fetch it "
-            "or point data_dir at the folder holding it"
+            f"{what} was not found under data_dir={data_dir!r} (expected {root / folder}); pass download=True "
+            "to fetch it or point data_dir at the folder holding it"
+        ) from error
+    except OSError as error:  # URLError, connection and DNS failures while downloading
+        if not existed and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        reason = str(getattr(error, "reason", error)).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"could not download {what} ({reason}); place it by hand: unpack {source} so that "
+            f"{root / folder} exists, then run with download=False"
         ) from error
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import ProjectionHead
+import torch
 from torch import Tensor, nn
+
+from adios_pl.errors import ConfigurationError
 
 from adios_pl.objectives.base import Objective, ViewOutput
 
@@ -58,5 +61,11 @@ class SimCLR(Objective):
 
     def loss(self, clean: ViewOutput, masked: ViewOutput) -> Tensor:
         """NT-Xent between ``clean["z"]`` and ``masked["z"]``, both ``(B, out)``."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        if clean["z"].shape[0] * world < 2:
+            raise ConfigurationError(
+                "SimCLR needs at least 2 images per batch: its negatives are the other images, so with one "
+                "the loss is 0 and nothing trains; raise batch_size"
+            )
         loss: Tensor = self.criterion(clean["z"], masked["z"])
         return loss

@@ -1,0 +1,137 @@
+"""A user's first hour with the command line: what it refuses, what it explains, what it writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from adios_pl import ADIOSModule
+from adios_pl.callbacks import MaskVisualizer
+from adios_pl.cli import main
+from adios_pl.data import ShapesDataModule
+from conftest import make_loader, quiet_trainer
+from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
+
+CONFIG = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
+
+
+def _exit_code(args: list[str]) -> int:
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+
+
+@pytest.mark.parametrize("flag", [["--optimizer", "torch.optim.AdamW"], ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR"]])
+def test_generic_optimizer_flags_are_not_offered(flag: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert _exit_code(["fit", "--config", CONFIG, *flag]) != 0
+    assert "--optimizer" not in capsys.readouterr().out
+
+
+def test_test_subcommand_is_gone_and_help_names_the_subcommands(capsys: pytest.CaptureFixture) -> None:
+    assert _exit_code(["test", "--config", CONFIG]) != 0
+    capsys.readouterr()
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "predict" in out and "Lightning Trainer command line tool" not in out
+    assert main(["--version"]) == 0 and "adios-pl 0." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--trainer.max_step=3", "--model.num_mask=2"])
+def test_abbreviated_flags_are_refused(flag: str, capsys: pytest.CaptureFixture) -> None:
+    assert _exit_code(["fit", "--config", CONFIG, flag]) != 0
+    assert "did you mean" in capsys.readouterr().err
+
+
+def test_misspelt_or_bad_data_key_names_the_cause(capsys: pytest.CaptureFixture) -> None:
+    assert _exit_code(["fit", "--config", CONFIG, "--data.init_args.batch_sise=3"]) != 0
+    assert "did you mean 'data.init_args.batch_size'" in capsys.readouterr().err
+    assert _exit_code(["fit", "--config", CONFIG, "--data.init_args.min_scale=2", *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["adios-pl: error: min_scale must be in (0, 1], got 2.0"], err
+
+
+def test_predict_writes_features(stubbed_data: None, tmp_path: Path) -> None:
+    assert main(["predict", "--config", CONFIG, *CPU, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    files = sorted((tmp_path / "features").glob("features_*_rank0.pt"))
+    assert [f.name for f in files] == ["features_0_rank0.pt", "features_1_rank0.pt"]
+    data = torch.load(files[0], weights_only=True)
+    assert data["features"].shape == (4, 512) and data["targets"].shape == (4,) and data["indices"].tolist() == [0, 1, 2, 3]
+    model = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, num_masks=2, mask_width=8)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    assert torch.equal(model(x), model.embed(x))
+
+
+def test_failed_download_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", CONFIG, *CPU, "--data.init_args.data_dir=data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not download CIFAR10" in err[0] and "cifar-10-batches-py" in err[0], err
+    assert not (tmp_path / "data").exists(), "the failed download left an empty data folder"
+
+
+def test_a_bug_while_training_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, stubbed_data: None) -> None:
+    def broken(self: ADIOSModule, batch: object, batch_idx: int) -> None:
+        raise KeyError("a programming error")
+
+    monkeypatch.setattr(ADIOSModule, "training_step", broken)
+    with pytest.raises(KeyError, match="a programming error"):
+        main(["fit", "--config", CONFIG, *CPU, "--trainer.fast_dev_run=1"])
+
+
+def test_warmup_longer_than_the_run_warns() -> None:
+    model = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, num_masks=2, mask_width=8, warmup_epochs=10)
+    with pytest.warns(UserWarning, match="warmup_epochs=10"):
+        quiet_trainer(max_steps=2).fit(model, make_loader(n=16, size=16))
+
+
+def test_pin_memory_follows_the_accelerator() -> None:
+    data = ShapesDataModule(train_size=32, val_size=8, batch_size=8, num_workers=0)
+    quiet_trainer(max_steps=1, limit_val_batches=0).fit(
+        ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=32, num_masks=2, mask_width=8, warmup_epochs=0), data)
+    assert data.train_dataloader().pin_memory is False
+    assert ShapesDataModule(pin_memory=True)._pin() is True
+
+
+def test_mask_pictures_are_named_by_step_and_spread_over_the_split(tmp_path: Path) -> None:
+    data = ShapesDataModule(train_size=64, val_size=40, batch_size=16, num_workers=0)
+    viz = MaskVisualizer(num_images=4, out_dir=str(tmp_path))
+    model = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=32, num_masks=2, mask_width=8, warmup_epochs=0)
+    quiet_trainer(max_epochs=1, val_check_interval=2, callbacks=[viz], num_sanity_val_steps=0).fit(model, data)
+    pictures = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pictures) == 2 and pictures[0] != pictures[1], pictures  # two validations in one epoch
+    loaders = data.val_dataloader()
+    chosen = viz._images(type("T", (), {"val_dataloaders": loaders})())  # type: ignore[arg-type]
+    dataset = loaders[0].dataset
+    expected = torch.stack([dataset[i][0] for i in (0, 13, 26, 39)])
+    assert chosen is not None and torch.equal(chosen, expected)
+
+
+def test_plain_torchvision_resnet_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"fc = nn.Identity\(\)`.*num_features = 512"):
+        ADIOSModule(encoder=torchvision.models.resnet18(), image_size=32, num_masks=2)
+
+
+def test_example_loads_an_exported_resnet(tmp_path: Path) -> None:
+    model = ADIOSModule(encoder="resnet18", image_size=32, num_masks=2, mask_width=8)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "resnet.ckpt")
+    small = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=32, num_masks=2, mask_width=8)
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "small.ckpt")
+    script = str(ROOT / "examples" / "load_exported_encoder.py")
+    ok = subprocess.run([sys.executable, script, str(tmp_path / "resnet.ckpt"), "--out", str(tmp_path / "enc.pt")],
+                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert ok.returncode == 0 and "(2, 10)" in ok.stdout, ok.stderr
+    refused = subprocess.run([sys.executable, script, str(tmp_path / "small.ckpt")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert refused.returncode != 0 and "does not hold a ResNet encoder" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.pt", "resnet.ckpt", "small.ckpt"]

@@ -1,0 +1,117 @@
+"""nonfinite="skip": a dropped batch leaves every piece of state as it was and still counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from adios_pl import ADIOSModule
+from adios_pl.callbacks import OnlineLinearProbe
+from adios_pl.objectives import BYOL
+from conftest import TwoViewTensors, quiet_trainer
+
+
+def _model(**kw: Any) -> ADIOSModule:
+    torch.manual_seed(0)
+    args: dict[str, Any] = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, num_masks=3, image_size=16, mask_width=8,
+                                objective=BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32), lr=0.05,
+                                mask_lr=0.05, warmup_epochs=0, nonfinite="skip")
+    args.update(kw)
+    return ADIOSModule(**args)
+
+
+def _loader(nan_batch: int | None = None, batches: int = 3) -> DataLoader:
+    data = TwoViewTensors(8 * batches, size=16)
+    if nan_batch is not None:
+        data.x1[8 * nan_batch, 0, 3, 3] = float("nan")  # one pixel
+    return DataLoader(data, batch_size=8, shuffle=False)
+
+
+class Snapshots(pl.Callback):
+    """Everything a batch can change, before and after each batch."""
+
+    def __init__(self) -> None:
+        self.before: list[dict[str, Any]] = []
+        self.after: list[dict[str, Any]] = []
+
+    @staticmethod
+    def _take(trainer: pl.Trainer, module: ADIOSModule) -> dict[str, Any]:
+        probe = next((c for c in trainer.callbacks if isinstance(c, OnlineLinearProbe)), None)
+        return {
+            "module": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "optimizers": [{k: v["momentum_buffer"].clone() for k, v in opt.state_dict()["state"].items()} for opt in trainer.optimizers],
+            "probe": {k: v.clone() for k, v in probe.head.state_dict().items()} if probe and probe.head is not None else {},
+            "global_step": trainer.global_step,
+        }
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self.before.append(self._take(trainer, module))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+        self.after.append(self._take(trainer, module))
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    diffs = [k for k in a["module"] if not torch.equal(a["module"][k], b["module"][k])]
+    diffs += [f"optimizer {i}" for i, (x, y) in enumerate(zip(a["optimizers"], b["optimizers"])) if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x)]
+    diffs += [f"probe {k}" for k in a["probe"] if not torch.equal(a["probe"][k], b["probe"][k])]
+    return diffs
+
+
+def test_one_nan_pixel_leaves_every_state_untouched_and_counts_the_batch() -> None:
+    snaps = Snapshots()
+    model = _model()
+    trainer = quiet_trainer(max_steps=3, callbacks=[OnlineLinearProbe(num_classes=4), snaps], limit_val_batches=0)
+    trainer.fit(model, _loader(nan_batch=1))
+    assert trainer.global_step == 3 and model.skipped_batches == 1
+    assert float(trainer.callback_metrics["train/skipped_batches"]) == 1
+    assert _same(snaps.before[1], snaps.after[1]) == [], "the skipped batch changed state"
+    assert snaps.after[1]["global_step"] == snaps.before[1]["global_step"] + 1, "the skipped batch was not counted"
+    assert _same(snaps.before[2], snaps.after[2]), "the batch after it did not train"
+    running = [v for k, v in model.state_dict().items() if "running" in k]
+    assert running and all(torch.isfinite(v).all() for v in running), "BatchNorm statistics took the NaN"
+
+
+def test_nonfinite_gradient_with_finite_loss_is_caught() -> None:
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("nan"))
+
+    model = _model(nonfinite="raise")
+    model.encoder.parameters().__next__().register_hook(poison)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        quiet_trainer(max_steps=1, limit_val_batches=0).fit(model, _loader())
+    model = _model()
+    next(model.mask_generator.parameters()).register_hook(poison)  # only the mask player's gradient
+    snaps = Snapshots()
+    trainer = quiet_trainer(max_steps=2, callbacks=[snaps], limit_val_batches=0)
+    trainer.fit(model, _loader())
+    assert model.skipped_batches == 2 and trainer.global_step == 2
+    assert _same(snaps.before[0], snaps.after[-1]) == [], "a failed mask step left the encoder's update in place"
+
+
+def test_a_run_that_skips_every_batch_still_ends_at_max_steps() -> None:
+    class Poison(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            with torch.no_grad():
+                next(module.objective.projector.parameters()).fill_(float("nan"))
+
+    model = _model()
+    trainer = quiet_trainer(max_steps=3, callbacks=[Poison()], limit_val_batches=0)
+    trainer.fit(model, _loader(batches=10))
+    assert trainer.global_step == 3 and model.skipped_batches == 3
+
+
+def test_skipped_batches_survive_a_resume(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    model = _model()
+    quiet_trainer(max_steps=3, callbacks=[ckpt], enable_checkpointing=True, limit_val_batches=0).fit(model, _loader(nan_batch=1))
+    assert model.skipped_batches == 1
+    resumed = _model()
+    quiet_trainer(max_steps=6, limit_val_batches=0).fit(resumed, _loader(batches=6), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.skipped_batches == 1
