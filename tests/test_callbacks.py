@@ -190,3 +190,24 @@ def test_augmented_probe_trains_on_new_crops_every_epoch() -> None:
     assert sums[0] != sums[1] and sums[1] != sums[2], "the probe's training images were not re-augmented"
     with pytest.raises(ValueError, match="optimizer"):
         evaluate_encoder(encoder, shapes(), epochs=1, optimizer="adam")
+
+
+def test_unlabelled_evaluation_split_and_untrained_probe_log_nothing() -> None:
+    """Targets all -1 in the evaluation split (kNN, probe) or in training (probe): no crash, no figure."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import make_loader
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(12, 3, 32, 32, generator=g)
+    unlabelled = DataLoader(TensorDataset(images, torch.full((12,), -1)), batch_size=6)
+    bank = DataLoader(TensorDataset(images, torch.arange(12) % 3), batch_size=6)
+    trainer = quiet_trainer(max_steps=2, callbacks=[OnlineKNN(k=3), OnlineLinearProbe(num_classes=4)])
+    trainer.fit(small_model(), make_loader(n=16, batch_size=8), val_dataloaders=[unlabelled, bank])
+    assert "val/knn_top1" not in trainer.callback_metrics and "val/linear_top1" not in trainer.callback_metrics
+    unlabelled_train = make_loader(n=16, batch_size=8)
+    unlabelled_train.dataset.y[:] = -1
+    probe = OnlineLinearProbe(num_classes=4)
+    trainer = quiet_trainer(max_steps=2, callbacks=[probe])
+    trainer.fit(small_model(), unlabelled_train, val_dataloaders=[bank, bank])
+    assert probe.trained_steps == 0 and "val/linear_top1" not in trainer.callback_metrics

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.cloud_io import get_filesystem
 
 from adios_pl.errors import ConfigurationError
 
@@ -53,8 +54,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Load with ``weights_only=True`` by default; an empty or truncated file is a clear error."""
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
         try:
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+            with fs.open(path, "rb") as f:  # not super(): its weights_only argument is new in Lightning 2.6
+                checkpoint: dict[str, Any] = torch.load(f, map_location=map_location, weights_only=True if weights_only is None else weights_only)
+                return checkpoint
         except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
             size = Path(path).stat().st_size if Path(path).exists() else 0
             raise ConfigurationError(

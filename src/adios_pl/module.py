@@ -95,8 +95,13 @@ class ADIOSModule(pl.LightningModule):
         channels_last: Run the encoder and views in channels-last memory format (faster
             convolutions on recent GPUs).
         compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
-        nonfinite: ``"raise"`` (stop on a NaN/Inf loss, naming it) or ``"skip"`` (drop that
-            player's update for the batch and count it in ``train/skipped_batches``).
+        nonfinite: ``"raise"`` (stop on a NaN/Inf loss or gradient, naming it) or ``"skip"``
+            (drop the whole batch, restoring every state, and count it in ``train/skipped_batches``).
+        mask_generator: Any module mapping ``(B, 3, H, W)`` to ``(B, N, H, W)`` masks that sum to 1
+            over N, with an integer ``num_masks`` (equal to ``num_masks``); trained by the mask
+            optimiser if and only if it has trainable parameters. ``None`` builds the default from
+            ``num_masks``, ``mask_type``, ``mask_width``, ``mask_norm``, ``mask_blocks``,
+            ``mask_patch_size``.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class ADIOSModule(pl.LightningModule):
         channels_last: bool = False,
         compile_encoder: bool = False,
         nonfinite: str = "raise",
+        mask_generator: nn.Module | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(
@@ -138,7 +144,7 @@ class ADIOSModule(pl.LightningModule):
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
             mask_patch_size=mask_patch_size,
         )
-        ignore = ["objective"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
+        ignore = ["objective", "mask_generator"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         self.automatic_optimization = False
 
@@ -166,14 +172,16 @@ class ADIOSModule(pl.LightningModule):
             "mask_blocks": mask_blocks, "mask_type": mask_type, "optimizer": optimizer,
         }
 
-        self.mask_generator: MaskGenerator | RandomMasks | None = None
-        if num_masks > 0 and mask_type == "learned":
-            self.mask_generator = MaskGenerator(
-                num_masks, image_size, width=mask_width, norm=mask_norm, num_blocks=mask_blocks
-            )
+        if mask_generator is not None:
+            check_mask_generator(mask_generator, num_masks, image_size)
+            self.identity.update(mask_type=type(mask_generator).__name__, mask_width=None, mask_norm=None, mask_blocks=None)
+        elif num_masks > 0 and mask_type == "learned":
+            mask_generator = MaskGenerator(num_masks, image_size, width=mask_width, norm=mask_norm, num_blocks=mask_blocks)
         elif num_masks > 0:
-            self.mask_generator = RandomMasks(num_masks, image_size, kind=mask_type, patch_size=mask_patch_size)
-        self.learned_masks = isinstance(self.mask_generator, MaskGenerator)
+            mask_generator = RandomMasks(num_masks, image_size, kind=mask_type, patch_size=mask_patch_size)
+        self.mask_generator: nn.Module | None = mask_generator
+        # trained by the mask optimiser if and only if it has trainable parameters
+        self.learned_masks = mask_generator is not None and any(p.requires_grad for p in mask_generator.parameters())
         self.num_masks = num_masks
         self.mask_mode = mask_mode
         self.sparsity_weight = sparsity_weight
@@ -270,8 +278,8 @@ class ADIOSModule(pl.LightningModule):
             self._slot_state = None
         else:
             self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
-        if isinstance(self.mask_generator, RandomMasks):  # random baselines draw from it too
-            self.mask_generator.generator = self._slot_generator
+        if hasattr(self.mask_generator, "generator"):  # random baselines draw from it too
+            self.mask_generator.generator = self._slot_generator  # type: ignore[union-attr]
 
     def setup(self, stage: str) -> None:
         """Install atomic, weights-only checkpoint I/O in place of Lightning's default."""
@@ -391,8 +399,11 @@ class ADIOSModule(pl.LightningModule):
                 assert leaf is not None
                 mask_logs = self._mask_penalties_and_backward(masks, leaf, encoder_loss)
             else:
-                with self.toggled_optimizer(mask_opt):
+                self.toggle_optimizer(mask_opt)  # the encoder side is frozen during the mask step
+                try:
                     mask_logs = self._mask_step(x1, x2, masks, slots)
+                finally:
+                    self.untoggle_optimizer(mask_opt)
             logs.update(mask_logs)
             logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
             all_reduce_gradients(self._params_of(mask_opt))
@@ -629,6 +640,34 @@ class ADIOSModule(pl.LightningModule):
                 f"images and the other {self.num_masks - 1} were empty. Raise sparsity_weight "
                 f"(now {self.sparsity_weight}; try {max(2 * self.sparsity_weight, 0.5):g}) or lower mask_lr."
             )
+
+
+def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
+    """Check a mask generator passed in: it says its ``num_masks`` (equal to ``num_masks``) and maps
+    ``(B, 3, S, S)`` to ``(B, N, S, S)`` masks that sum to 1 over N."""
+    if not isinstance(mask_generator, nn.Module):
+        raise TypeError(f"mask_generator must be an nn.Module, got {type(mask_generator).__name__}")
+    slots = getattr(mask_generator, "num_masks", None)
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 2:
+        raise TypeError(f"mask_generator must have an integer attribute num_masks >= 2; {type(mask_generator).__name__} has {slots!r}")
+    if slots != num_masks:
+        raise ValueError(
+            f"num_masks={num_masks} but mask_generator has num_masks={slots}; pass num_masks={slots} "
+            "(num_masks and the other mask_* arguments only build the default mask generator)"
+        )
+    parameter = next(mask_generator.parameters(), None)
+    images = torch.zeros(2, 3, image_size, image_size, device=parameter.device if parameter is not None else "cpu",
+                         dtype=parameter.dtype if parameter is not None else torch.float32)
+    was_training = mask_generator.training
+    mask_generator.eval()
+    with torch.no_grad():
+        masks = mask_generator(images)
+    mask_generator.train(was_training)
+    if not isinstance(masks, Tensor) or tuple(masks.shape) != (2, slots, image_size, image_size):
+        shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+        raise ValueError(f"mask_generator must map (B, 3, {image_size}, {image_size}) to (B, {slots}, {image_size}, {image_size}); got {shape}")
+    if not torch.allclose(masks.sum(dim=1), torch.ones_like(masks[:, 0]), atol=1e-3):
+        raise ValueError("mask_generator's masks must sum to 1 over the slots at every pixel (e.g. a softmax over dim 1)")
 
 
 def _check_arguments(**kw: Any) -> None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
-from adios_pl.errors import UserInputError
+from adios_pl.errors import ConfigurationError, UserInputError
 from adios_pl.data.base import SSLDataModule
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -38,9 +38,12 @@ def load_rgb(path: str) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             image: Image.Image = opened
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+            if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+                if image.mode == "F":  # float images: [0, 1] as is, otherwise scaled by their maximum
+                    top = 1.0 if array.max() <= 1.0 else float(array.max())
+                else:
+                    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
                 image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
@@ -49,21 +52,73 @@ def load_rgb(path: str) -> Image.Image:
         raise CorruptImageError(f"cannot read image file {path}: {error}") from error
 
 
+#: Folders that are never classes: hidden ones and those archivers and tools leave behind.
+SYSTEM_FOLDERS = ("__MACOSX", "__pycache__", "@eaDir", "$RECYCLE.BIN", "System Volume Information")
+
+
+def _is_system(name: str) -> bool:
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
+def _images_in(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+
+
 def scan_folder(root: Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Image files under ``root``: ``([(path, target)], class_names)``.
 
     Class folders give targets in sorted (or the given ``classes``) order; images directly in
-    ``root`` with no class folders give targets -1.
+    ``root`` with no class folders give targets -1. Defined behaviour for untidy trees:
+
+    - hidden and system folders (``.*``, ``__MACOSX``, ...) are never classes nor scanned;
+    - symbolic links are followed, but every real folder is read once, and a link into another
+      class folder (or back into its own, a loop) is not followed, so no image is counted twice
+      or under another class;
+    - a class folder without images is left out, with a warning naming it;
+    - images directly in ``root`` *and* class folders beside them is refused (which are the
+      labels?), naming both counts.
     """
+    root = Path(root)
+    given = classes is not None
+    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not _is_system(e.name))
+    loose = _images_in(str(root))
     if classes is None:
-        classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        classes = found
+        if classes and loose:
+            raise ConfigurationError(
+                f"{root} holds {len(loose)} images directly and {len(classes)} sub-folders ({', '.join(classes[:5])}"
+                f"{', ...' if len(classes) > 5 else ''}): either every image goes in a class folder (labelled data) "
+                "or none does (unlabelled data); move the loose images or the folders"
+            )
+    class_roots = {os.path.realpath(root / name) for name in classes}
     samples: list[tuple[str, int]] = []
-    for target, name in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
-            samples += [(os.path.join(dirpath, f), target) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    kept: list[str] = []
+    empty: list[str] = []
+    for index, name in enumerate(classes):
+        target = index if given else len(kept)  # given classes keep their numbering
+        start = os.path.realpath(root / name)
+        visited = {start}
+        files: list[tuple[str, int]] = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            allowed = []
+            for d in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, d))
+                if _is_system(d) or real in visited or real in class_roots or any(real.startswith(c + os.sep) for c in class_roots - {start}):
+                    continue
+                visited.add(real)
+                allowed.append(d)
+            dirnames[:] = allowed
+            files += [(os.path.join(dirpath, f), target) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if files:
+            samples += files
+            kept.append(name)
+        else:
+            empty.append(name)
+    if empty and not given:
+        warnings.warn(f"{root}: {len(empty)} class folder(s) without images left out: {', '.join(empty[:10])}")
     if not classes:
-        samples = [(str(root / f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return samples, list(classes)
+        samples = [(str(root / f), -1) for f in loose]
+    return samples, list(classes) if given else kept
 
 
 class ImageFiles(Dataset):
@@ -156,6 +211,19 @@ class ImageFolderDataModule(SSLDataModule):
         if self.val_dir is None:
             return train, None
         _require_folder(self.val_dir, "val_dir")
+        val_classes = sorted(e.name for e in os.scandir(self.val_dir) if e.is_dir() and not _is_system(e.name))
+        if val_classes and not self.classes:
+            raise ConfigurationError(
+                f"val_dir={str(self.val_dir)!r} has class folders but train_dir={str(self.train_dir)!r} has none: the "
+                "evaluation needs labelled training images (kNN bank, linear probe); sort train_dir into the same "
+                "class folders, or leave val_dir out"
+            )
+        unknown = sorted(set(val_classes) - set(self.classes))
+        if unknown:
+            raise ConfigurationError(
+                f"val_dir={str(self.val_dir)!r} has {len(unknown)} class folder(s) that train_dir lacks "
+                f"({', '.join(unknown[:5])}); the classes must match"
+            )
         val, _ = scan_folder(self.val_dir, self.classes or None)
         if not val:
             raise FileNotFoundError(f"val_dir={str(self.val_dir)!r} holds no image files for the classes of train_dir; expected {FOLDER_LAYOUT}")

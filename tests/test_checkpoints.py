@@ -1,0 +1,121 @@
+"""Checkpoints: the user's configuration wins, nothing in a checkpoint names code, files fail clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adios_pl import ADIOSModule
+from adios_pl.checkpoint import AtomicCheckpointIO
+from adios_pl.cli import main
+from adios_pl.objectives import SimCLR
+from conftest import make_loader, quiet_trainer
+from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
+
+CONFIG = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
+
+
+def _checkpoint(tmp_path: Path, **kw: Any) -> Path:
+    args: dict[str, Any] = dict(encoder="resnet18", objective=SimCLR(temperature=0.2), num_masks=4, mask_width=32, image_size=32,
+                                optimizer="lars", lr=0.3, mask_lr=0.02, sparsity_weight=0.5, warmup_epochs=0)
+    args.update(kw)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(ADIOSModule(**args), make_loader(n=4, batch_size=4, size=32))
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_command_line_settings_win_over_the_checkpoint(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = _checkpoint(tmp_path, num_masks=2)
+    code = main(["fit", "--config", CONFIG, *CPU, "--model.num_masks=4", "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_masks: checkpoint 2, this model 4" in err, err
+
+
+def test_a_changed_lr_takes_effect_on_resume(stubbed_data: None, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["lr_schedulers"][0]["base_lrs"] == [0.3]
+    seen: dict[str, float] = {}
+
+    class Record(__import__("pytorch_lightning").Callback):
+        def on_train_batch_start(self, trainer: Any, module: Any, *args: Any) -> None:
+            seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            seen["base"] = trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
+
+    module = ADIOSModule(encoder="resnet18", objective=SimCLR(temperature=0.2), num_masks=4, mask_width=32, image_size=32,
+                         optimizer="lars", lr=0.003, mask_lr=0.02, sparsity_weight=0.5, warmup_epochs=0)
+    quiet_trainer(max_steps=2, callbacks=[Record()]).fit(module, make_loader(n=8, batch_size=4, size=32), ckpt_path=str(ckpt))
+    assert seen["base"] == 0.003 and seen["lr"] == pytest.approx(0.003 * saved["optimizer_states"][0]["param_groups"][0]["lr"] / 0.3)
+
+
+def test_a_class_path_in_checkpoint_hyper_parameters_is_never_imported(stubbed_data: None, tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nclass Evil:\n    pass\n")
+    state["hyper_parameters"]["objective"] = {"class_path": "evil_module.Evil"}
+    state["hyper_parameters"]["lr"] = 99.0
+    torch.save(state, ckpt)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not marker.exists(), "a class named in the checkpoint was imported"
+
+
+def test_another_optimizer_is_a_clear_error(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = _checkpoint(tmp_path, optimizer="adamw")
+    assert main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"]) == 2
+    assert "optimizer: checkpoint 'adamw', this model 'lars'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"])
+def test_empty_or_truncated_checkpoint_is_one_line(content: bytes, stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    assert main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=1", f"--ckpt_path={bad}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a readable checkpoint" in err[0] and f"{len(content)} bytes" in err[0], err
+
+
+def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".last.ckpt.tmp{dead}"
+    stale.write_bytes(b"x" * 1000)
+    alive = tmp_path / f".last.ckpt.tmp{os.getppid()}"  # a running process: maybe saving right now
+    alive.write_bytes(b"y")
+    AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(2)}, tmp_path / "last.ckpt")
+    assert not stale.exists() and alive.exists()
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["a"], torch.zeros(2))
+
+
+def test_a_failed_write_names_the_path_and_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"a": torch.ones(1)}, tmp_path / "last.ckpt")
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*last\.ckpt .*MiB free"):
+        io.save_checkpoint({"a": torch.zeros(1)}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["a"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_export_refuses_to_overwrite_the_checkpoint(tmp_path: Path) -> None:
+    from adios_pl.export import export_encoder
+
+    ckpt = _checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="is the checkpoint itself"):
+        export_encoder(ckpt, ckpt)
