@@ -154,8 +154,19 @@ def test_non_finite_loss_stops_with_a_named_error() -> None:
 @pytest.mark.parametrize("norm", ["gn", "in", "none"])
 def test_optimizers_and_norms_train(optimizer: str, norm: str) -> None:
     model = tiny(optimizer=optimizer, mask_norm=norm)
-    quiet_trainer(max_steps=2).fit(model, make_loader(n=16, size=16))
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = {name: [p.detach().clone() for p in part.parameters()] for name, part in (("encoder", model.encoder), ("masks", model.mask_generator))}
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, make_loader(n=16, size=16))
+    assert [type(o).__name__ for o in trainer.optimizers] == [{"sgd": "SGD", "lars": "LARS", "adamw": "AdamW"}[optimizer]] * 2
+    norm_layers = {"gn": torch.nn.GroupNorm, "in": torch.nn.InstanceNorm2d}
+    if norm in norm_layers:
+        assert any(isinstance(m, norm_layers[norm]) for m in model.mask_generator.modules())
+    else:
+        assert not any(isinstance(m, (torch.nn.GroupNorm, torch.nn.InstanceNorm2d)) for m in model.mask_generator.modules())
+    for name, part in (("encoder", model.encoder), ("masks", model.mask_generator)):
+        after = list(part.parameters())
+        assert all(torch.isfinite(p).all() for p in after)
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], after)), f"{optimizer}: the {name} player did not move"
 
 
 @pytest.mark.parametrize(("encoder", "size", "features"), [("resnet18", 32, 512), ("vit_tiny", 32, 192), ("resnet18", 96, 512), ("resnet50", 64, 2048)])

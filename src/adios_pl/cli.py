@@ -148,8 +148,9 @@ class ADIOSCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """Write the features to disk unless a prediction writer is configured."""
-        if not any(isinstance(c, FeatureWriter) for c in self.trainer.callbacks):
-            self.trainer.callbacks.append(FeatureWriter())
+        callbacks: list[Any] = getattr(self.trainer, "callbacks")
+        if not any(isinstance(c, FeatureWriter) for c in callbacks):
+            callbacks.append(FeatureWriter())
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ADIOSCLI:

@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.data import SSLDataModule, ShapesDataModule
-from adios_pl.evaluation import extract_features, knn_accuracy, linear_probe
+from adios_pl.evaluation import evaluate_encoder
 from adios_pl.metrics import foreground_ari, random_patch_segmentation
 from adios_pl.module import ADIOSModule
 from adios_pl.objectives import SimCLR
@@ -82,9 +82,7 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
     was_training = model.training
     model.eval()
     device = model.device
-    val, bank = data.val_dataloader()
-    test_x, test_y = extract_features(model.encoder, val, device)
-    train_x, train_y = extract_features(model.encoder, bank, device)
+    val, _ = data.val_dataloader()
     result: dict[str, float] = {}
     if len(val.dataset[0]) > 2 and model.mask_generator is not None:  # data with segmentations
         segmentations = torch.cat([b[2] for b in val])
@@ -93,11 +91,9 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
         random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
         result["mask_fg_ari"] = float(foreground_ari(predicted, segmentations).nanmean())
         result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
-    model.train(was_training)
-    num_classes = int(data.num_classes or 0)
     with torch.enable_grad():
-        result["linear_top1"] = linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=probe_epochs)
-    result["knn_top1"] = knn_accuracy(train_x, train_y, test_x, test_y, num_classes)
+        result.update(evaluate_encoder(model.encoder, data, device, epochs=probe_epochs))
+    model.train(was_training)
     return result
 
 

@@ -19,15 +19,14 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync, is_distributed
+from adios_pl.checks import check_arguments, check_mask_generator
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
-from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES, MaskGenerator, RandomMasks
+from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
-from adios_pl.optim import OPTIMIZERS, build_optimizer, schedule_factor
+from adios_pl.optim import build_optimizer, schedule_factor
 from adios_pl.penalties import entropy_term, mask_areas, masked_view, reverse_gradient, sample_slots, sparsity_penalty
 
-MASK_MODES = ("all", "one")
-SCHEDULE_INTERVALS = ("step", "epoch")
 
 
 def _no_op() -> None:
@@ -109,13 +108,13 @@ class ADIOSModule(pl.LightningModule):
         encoder: str | nn.Module = "resnet18",
         objective: Objective | None = None,
         num_masks: int = 6,
-        mask_mode: str = "all",
+        mask_mode: Literal["all", "one"] = "all",
         sparsity_weight: float = 1.0,
         entropy_weight: float = 0.0,
         image_size: int = 32,
         mask_width: int = 32,
-        mask_norm: str = "gn",
-        optimizer: str = "sgd",
+        mask_norm: Literal["gn", "in", "none"] = "gn",
+        optimizer: Literal["sgd", "lars", "adamw"] = "sgd",
         lr: float = 0.3,
         mask_lr: float = 0.1,
         weight_decay: float = 1e-5,
@@ -127,16 +126,16 @@ class ADIOSModule(pl.LightningModule):
         lars_eta: float = 0.02,
         encoder_kwargs: dict[str, Any] | None = None,
         mask_blocks: int | None = None,
-        mask_type: str = "learned",
+        mask_type: Literal["learned", "random_patch", "random_block"] = "learned",
         mask_patch_size: int | None = None,
-        update: str = "alternating",
+        update: Literal["alternating", "simultaneous"] = "alternating",
         channels_last: bool = False,
         compile_encoder: bool = False,
-        nonfinite: str = "raise",
+        nonfinite: Literal["raise", "skip"] = "raise",
         mask_generator: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        _check_arguments(
+        check_arguments(
             num_masks=num_masks, mask_mode=mask_mode, sparsity_weight=sparsity_weight,
             entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
@@ -342,91 +341,96 @@ class ADIOSModule(pl.LightningModule):
                 sched_state["_last_lr"] = [g["lr"] for g in opt_state.get("param_groups", [])]
 
     # ------------------------------------------------------------------------------ training
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """One round of the game on ``batch = (views, targets)``; returns the clean-view features.
 
         The returned ``features`` (detached encoder output of ``views[0]``) and ``targets`` reach
         callbacks through ``on_train_batch_end``, so online evaluation needs no extra forward.
         """
         x1, x2, targets = self._unpack(batch)
-        # DDP's reducer expects one backward reaching every parameter; each player's gradients
-        # are averaged below instead. Lightning re-enables the reducer after every step.
-        disable_ddp_grad_sync(self.trainer.strategy.model)
-        step = self.global_step  # counts batches here: see _count_batches_only
+        disable_ddp_grad_sync(self.trainer.strategy.model)  # each player's gradients are averaged in _step_player
+        step = self.global_step  # counts batches: see _count_batches_only
+        optimizers, schedulers = self._players()
+        snapshot = self._snapshot(optimizers)  # nonfinite="skip" only
+        masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
+        # Simultaneous rule: the masks' gradient comes with the encoder's backward, reversed.
+        leaf = masks.detach().requires_grad_() if masks is not None and self._simultaneous() else None
+        encoder_masks = reverse_gradient(leaf) if leaf is not None else None if masks is None else masks.detach()
+
+        # Player 1: the encoder side minimises the SSL loss of the masked views.
+        encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
+        logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
+        stepped = self._step_player(optimizers, 0, logs, step, snapshot)
+        if stepped:
+            self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+
+        # Player 2: the mask generator ascends the SSL loss minus its penalties.
+        if stepped and self.learned_masks:
+            assert masks is not None
+            if leaf is not None:
+                logs.update(self._mask_penalties_and_backward(masks, leaf, encoder_loss))
+            else:
+                logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))
+            logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
+            stepped = self._step_player(optimizers, 1, logs, step, snapshot)
+            if stepped:
+                self._track_collapse(logs["train/mask_collapsed_fraction"])
+        return self._end_batch(step, stepped, schedulers, logs, features, targets)
+
+    def _players(self) -> tuple[list[Any], list[Any]]:
+        """The optimisers and schedulers: the encoder side's, then the mask generator's if learned."""
         opts: Any = self.optimizers()
         optimizers: list[Any] = opts if isinstance(opts, list) else [opts]
         scheds: Any = self.lr_schedulers()
         schedulers: list[Any] = scheds if isinstance(scheds, list) else [scheds]
         self._count_batches_only(optimizers)
+        return optimizers, schedulers
 
-        if self.hparams["channels_last"]:
-            x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
-        both = self.mask_generator is not None and self.objective.mask_both_views
-        masks = slots = leaf = None
-        if self.mask_generator is not None:
-            # One forward serves both players; masks of both views in one batch when both are masked.
-            masks = self.mask_generator(torch.cat([x1, x2]) if both else x2)
-            if self.mask_mode == "one":
-                slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device)
-        simultaneous = self.update_rule == "simultaneous" and masks is not None and self.learned_masks
-        if simultaneous:
-            # One backward for both players: the masks' gradient is reversed on its way to the
-            # mask generator, which so ascends the same SSL loss the encoder descends.
-            assert masks is not None
-            leaf = masks.detach().requires_grad_()
-            encoder_masks: Tensor | None = reverse_gradient(leaf)
-        else:
-            encoder_masks = None if masks is None else masks.detach()
+    def _simultaneous(self) -> bool:
+        return self.update_rule == "simultaneous" and self.learned_masks
 
-        snapshot = self._snapshot(optimizers)
-        # Player 1: the encoder side minimises the SSL loss of the masked views.
-        enc_opt = optimizers[0]
-        encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
-        logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
-        all_reduce_gradients(self._params_of(enc_opt))
-        stepped = self._finite_or_skip(logs, step, optimizers, self._params_of(enc_opt))
+    def _predict_masks(self, x1: Tensor, x2: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Masks of ``views[1]`` (of both views, stacked, when the objective masks both) and, for
+        ADIOS-s, the slot drawn for each image."""
+        if self.mask_generator is None:
+            return None, None
+        both = self.objective.mask_both_views
+        masks: Tensor = self.mask_generator(torch.cat([x1, x2]) if both else x2)
+        slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device) if self.mask_mode == "one" else None
+        return masks, slots
+
+    def _step_player(self, optimizers: list[Any], index: int, logs: dict[str, Any], step: int, snapshot: dict[str, Any] | None) -> bool:
+        """Average player ``index``'s gradients over ranks, check them and the losses, and step.
+
+        Returns whether it stepped; a non-finite value raises or (``nonfinite="skip"``) drops the
+        whole batch -- also the encoder's step already taken when the mask player fails.
+        """
+        optimizer = optimizers[index]
+        params = self._params_of(optimizer)
+        all_reduce_gradients(params)
+        stepped = self._finite_or_skip(logs, step, optimizers, params)
         if stepped:
-            enc_opt.step()
-            self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+            optimizer.step()
         else:
-            self._skip_batch(snapshot, optimizers, encoder_stepped=False)
-        enc_opt.zero_grad(set_to_none=True)
+            self._skip_batch(snapshot, optimizers, encoder_stepped=index > 0)
+        optimizer.zero_grad(set_to_none=True)
+        return stepped
 
-        if stepped and masks is not None and self.learned_masks:
-            # Player 2: the mask generator ascends the SSL loss minus its penalties.
-            mask_opt = optimizers[1]
-            if simultaneous:
-                assert leaf is not None
-                mask_logs = self._mask_penalties_and_backward(masks, leaf, encoder_loss)
-            else:
-                self.toggle_optimizer(mask_opt)  # the encoder side is frozen during the mask step
-                try:
-                    mask_logs = self._mask_step(x1, x2, masks, slots)
-                finally:
-                    self.untoggle_optimizer(mask_opt)
-            logs.update(mask_logs)
-            logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
-            all_reduce_gradients(self._params_of(mask_opt))
-            if self._finite_or_skip(logs, step, optimizers, self._params_of(mask_opt)):
-                mask_opt.step()
-                self._track_collapse(mask_logs["train/mask_collapsed_fraction"])
-            else:  # undo the encoder's step too: a skipped batch leaves no trace
-                self._skip_batch(snapshot, optimizers, encoder_stepped=True)
-                stepped = False
-            mask_opt.zero_grad(set_to_none=True)
-        if stepped:  # after both players, as the reference's on_train_batch_end (BYOL's momentum)
+    def _end_batch(self, step: int, stepped: bool, schedulers: list[Any], logs: dict[str, Any], features: Tensor, targets: Tensor) -> dict[str, Any]:
+        """After both players: momentum update, schedules, buffers, logs, and the callbacks' outputs."""
+        if stepped:  # as the reference's on_train_batch_end (BYOL's momentum networks)
             self.objective.on_step_end(self.encoder, step, self.total_steps)
+            self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
-
-        if stepped:
-            self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
         logs["train/skipped_batches"] = float(self.skipped_batches)
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
+        encoder_loss = logs["train/encoder_loss"]
         self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        # A skipped batch hands no features to the callbacks (the online probe must not train on them).
-        return {"loss": encoder_loss, "features": features, "targets": targets} if stepped else {"loss": encoder_loss, "skipped": True}
+        if not stepped:  # a skipped batch hands no features to the callbacks (the probe must not train on them)
+            return {"loss": encoder_loss, "skipped": True}
+        return {"loss": encoder_loss, "features": features, "targets": targets}
 
     def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:
         """The masked terms of one step: every slot (ADIOS) or the drawn slot per image (ADIOS-s)."""
@@ -478,20 +482,24 @@ class ADIOSModule(pl.LightningModule):
             torch.autograd.backward(tensors, grads)
         return total, clean[0]["features"].detach()
 
-    def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None) -> dict[str, Tensor]:
-        """Back-propagate the mask loss into the mask generator (encoder side frozen by the caller).
+    def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None, mask_opt: Any) -> dict[str, Tensor]:
+        """Back-propagate the mask loss into the mask generator, the encoder side frozen.
 
         The gradients of the N terms are collected on a detached copy of the masks, then go
         through the mask generator in one backward.
         """
-        with torch.no_grad():  # the clean views do not depend on the masks
-            clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
-        leaf = masks.detach().requires_grad_()
-        ssl = x1.new_zeros(())
-        for loss in self._term_losses(x1, x2, leaf, slots, clean):
-            self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
-            ssl += loss.detach()
-        return self._mask_penalties_and_backward(masks, leaf, ssl)
+        self.toggle_optimizer(mask_opt)  # freezes every parameter the mask optimiser does not own
+        try:
+            with torch.no_grad():  # the clean views do not depend on the masks
+                clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
+            leaf = masks.detach().requires_grad_()
+            ssl = x1.new_zeros(())
+            for loss in self._term_losses(x1, x2, leaf, slots, clean):
+                self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
+                ssl += loss.detach()
+            return self._mask_penalties_and_backward(masks, leaf, ssl)
+        finally:
+            self.untoggle_optimizer(mask_opt)
 
     def _mask_penalties_and_backward(self, masks: Tensor, leaf: Tensor, ssl: Tensor) -> dict[str, Tensor]:
         """Add the penalties' gradients on ``leaf`` and back-propagate all into the mask generator.
@@ -553,6 +561,8 @@ class ADIOSModule(pl.LightningModule):
             )
         if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
             raise BatchFormatError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
+        if self.hparams["channels_last"]:
+            x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         return x1, x2, targets
 
     def _count_batches_only(self, optimizers: list[Any]) -> None:
@@ -640,73 +650,3 @@ class ADIOSModule(pl.LightningModule):
                 f"images and the other {self.num_masks - 1} were empty. Raise sparsity_weight "
                 f"(now {self.sparsity_weight}; try {max(2 * self.sparsity_weight, 0.5):g}) or lower mask_lr."
             )
-
-
-def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
-    """Check a mask generator passed in: it says its ``num_masks`` (equal to ``num_masks``) and maps
-    ``(B, 3, S, S)`` to ``(B, N, S, S)`` masks that sum to 1 over N."""
-    if not isinstance(mask_generator, nn.Module):
-        raise TypeError(f"mask_generator must be an nn.Module, got {type(mask_generator).__name__}")
-    slots = getattr(mask_generator, "num_masks", None)
-    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 2:
-        raise TypeError(f"mask_generator must have an integer attribute num_masks >= 2; {type(mask_generator).__name__} has {slots!r}")
-    if slots != num_masks:
-        raise ValueError(
-            f"num_masks={num_masks} but mask_generator has num_masks={slots}; pass num_masks={slots} "
-            "(num_masks and the other mask_* arguments only build the default mask generator)"
-        )
-    parameter = next(mask_generator.parameters(), None)
-    images = torch.zeros(2, 3, image_size, image_size, device=parameter.device if parameter is not None else "cpu",
-                         dtype=parameter.dtype if parameter is not None else torch.float32)
-    was_training = mask_generator.training
-    mask_generator.eval()
-    with torch.no_grad():
-        masks = mask_generator(images)
-    mask_generator.train(was_training)
-    if not isinstance(masks, Tensor) or tuple(masks.shape) != (2, slots, image_size, image_size):
-        shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
-        raise ValueError(f"mask_generator must map (B, 3, {image_size}, {image_size}) to (B, {slots}, {image_size}, {image_size}); got {shape}")
-    if not torch.allclose(masks.sum(dim=1), torch.ones_like(masks[:, 0]), atol=1e-3):
-        raise ValueError("mask_generator's masks must sum to 1 over the slots at every pixel (e.g. a softmax over dim 1)")
-
-
-def _check_arguments(**kw: Any) -> None:
-    """Clear errors for arguments a user can get wrong, at construction time."""
-    num_masks = kw["num_masks"]
-    if not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 0:
-        raise ValueError(f"num_masks must be an integer >= 0 (0 = no masks, the baseline), got {num_masks!r}")
-    if num_masks == 1:
-        raise ValueError("num_masks=1 is not allowed: a single slot always covers the whole image; use 0 or >= 2")
-    if kw["mask_mode"] not in MASK_MODES:
-        raise ValueError(f"mask_mode={kw['mask_mode']!r} is not supported; accepted: 'all' (ADIOS), 'one' (ADIOS-s)")
-    if kw["mask_type"] not in ("learned", *RANDOM_MASK_TYPES):
-        raise ValueError(f"mask_type={kw['mask_type']!r} is not supported; accepted: 'learned', {', '.join(map(repr, RANDOM_MASK_TYPES))}")
-    if kw["nonfinite"] not in ("raise", "skip"):
-        raise ValueError(f"nonfinite={kw['nonfinite']!r} is not supported; accepted: 'raise', 'skip'")
-    if kw["update"] not in ("alternating", "simultaneous"):
-        raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
-    if kw["mask_norm"] not in MASK_NORMS:
-        raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
-    if kw["optimizer"] not in OPTIMIZERS:
-        raise ValueError(f"optimizer={kw['optimizer']!r} is not supported; accepted: {list(OPTIMIZERS)}")
-    patch = kw.get("mask_patch_size")
-    if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
-        raise ValueError(f"mask_patch_size must be an integer >= 1 or None, got {patch!r}")
-    size = kw["image_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"image_size must be an integer >= 8, got {size!r}")
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    for name in ("sparsity_weight", "entropy_weight", "weight_decay", "warmup_epochs", "min_lr_factor"):
-        if not number(kw[name]) or kw[name] < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {kw[name]!r}")
-    if kw["min_lr_factor"] > 1:
-        raise ValueError(f"min_lr_factor must be in [0, 1] (the final rate as a fraction of lr), got {kw['min_lr_factor']!r}")
-    for name in ("lr", "mask_lr"):
-        if not number(kw[name]) or kw[name] <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {kw[name]!r}")
-    if kw["schedule_interval"] not in SCHEDULE_INTERVALS:
-        raise ValueError(f"schedule_interval={kw['schedule_interval']!r} is not supported; accepted: 'step', 'epoch'")
-    if not number(kw["warmup_start_lr"]) or kw["warmup_start_lr"] < 0:
-        raise ValueError(f"warmup_start_lr must be a finite number >= 0, got {kw['warmup_start_lr']!r}")

@@ -99,9 +99,9 @@ class SSLDataModule(pl.LightningDataModule):
         if not 0 < min_scale <= 1:
             raise ValueError(f"min_scale must be in (0, 1], got {min_scale}")
         probs = dict(jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, solarization_prob=solarization_prob, flip_prob=flip_prob)
-        for name, value in probs.items():
-            if not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+        for name, prob in probs.items():
+            if not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {prob!r}")
         self.probabilities = probs
         self.image_size = image_size
         self.batch_size = batch_size

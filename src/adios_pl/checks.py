@@ -1,0 +1,85 @@
+"""Construction-time checks of ADIOSModule's arguments and of a mask generator passed in."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES
+from adios_pl.optim import OPTIMIZERS
+
+MASK_MODES = ("all", "one")
+SCHEDULE_INTERVALS = ("step", "epoch")
+
+
+def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
+    """Check a mask generator passed in: it says its ``num_masks`` (equal to ``num_masks``) and maps
+    ``(B, 3, S, S)`` to ``(B, N, S, S)`` masks that sum to 1 over N."""
+    if not isinstance(mask_generator, nn.Module):
+        raise TypeError(f"mask_generator must be an nn.Module, got {type(mask_generator).__name__}")
+    slots = getattr(mask_generator, "num_masks", None)
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 2:
+        raise TypeError(f"mask_generator must have an integer attribute num_masks >= 2; {type(mask_generator).__name__} has {slots!r}")
+    if slots != num_masks:
+        raise ValueError(
+            f"num_masks={num_masks} but mask_generator has num_masks={slots}; pass num_masks={slots} "
+            "(num_masks and the other mask_* arguments only build the default mask generator)"
+        )
+    parameter = next(mask_generator.parameters(), None)
+    images = torch.zeros(2, 3, image_size, image_size, device=parameter.device if parameter is not None else "cpu",
+                         dtype=parameter.dtype if parameter is not None else torch.float32)
+    was_training = mask_generator.training
+    mask_generator.eval()
+    with torch.no_grad():
+        masks = mask_generator(images)
+    mask_generator.train(was_training)
+    if not isinstance(masks, Tensor) or tuple(masks.shape) != (2, slots, image_size, image_size):
+        shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+        raise ValueError(f"mask_generator must map (B, 3, {image_size}, {image_size}) to (B, {slots}, {image_size}, {image_size}); got {shape}")
+    if not torch.allclose(masks.sum(dim=1), torch.ones_like(masks[:, 0]), atol=1e-3):
+        raise ValueError("mask_generator's masks must sum to 1 over the slots at every pixel (e.g. a softmax over dim 1)")
+
+
+def check_arguments(**kw: Any) -> None:
+    """Clear errors for arguments a user can get wrong, at construction time."""
+    num_masks = kw["num_masks"]
+    if not isinstance(num_masks, int) or isinstance(num_masks, bool) or num_masks < 0:
+        raise ValueError(f"num_masks must be an integer >= 0 (0 = no masks, the baseline), got {num_masks!r}")
+    if num_masks == 1:
+        raise ValueError("num_masks=1 is not allowed: a single slot always covers the whole image; use 0 or >= 2")
+    if kw["mask_mode"] not in MASK_MODES:
+        raise ValueError(f"mask_mode={kw['mask_mode']!r} is not supported; accepted: 'all' (ADIOS), 'one' (ADIOS-s)")
+    if kw["mask_type"] not in ("learned", *RANDOM_MASK_TYPES):
+        raise ValueError(f"mask_type={kw['mask_type']!r} is not supported; accepted: 'learned', {', '.join(map(repr, RANDOM_MASK_TYPES))}")
+    if kw["nonfinite"] not in ("raise", "skip"):
+        raise ValueError(f"nonfinite={kw['nonfinite']!r} is not supported; accepted: 'raise', 'skip'")
+    if kw["update"] not in ("alternating", "simultaneous"):
+        raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
+    if kw["mask_norm"] not in MASK_NORMS:
+        raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
+    if kw["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kw['optimizer']!r} is not supported; accepted: {list(OPTIMIZERS)}")
+    patch = kw.get("mask_patch_size")
+    if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
+        raise ValueError(f"mask_patch_size must be an integer >= 1 or None, got {patch!r}")
+    size = kw["image_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+        raise ValueError(f"image_size must be an integer >= 8, got {size!r}")
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name in ("sparsity_weight", "entropy_weight", "weight_decay", "warmup_epochs", "min_lr_factor"):
+        if not number(kw[name]) or kw[name] < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {kw[name]!r}")
+    if kw["min_lr_factor"] > 1:
+        raise ValueError(f"min_lr_factor must be in [0, 1] (the final rate as a fraction of lr), got {kw['min_lr_factor']!r}")
+    for name in ("lr", "mask_lr"):
+        if not number(kw[name]) or kw[name] <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {kw[name]!r}")
+    if kw["schedule_interval"] not in SCHEDULE_INTERVALS:
+        raise ValueError(f"schedule_interval={kw['schedule_interval']!r} is not supported; accepted: 'step', 'epoch'")
+    if not number(kw["warmup_start_lr"]) or kw["warmup_start_lr"] < 0:
+        raise ValueError(f"warmup_start_lr must be a finite number >= 0, got {kw['warmup_start_lr']!r}")
