@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from adios_pl.masks import MaskGenerator, default_num_blocks
-from adios_pl.penalties import entropy_term, mask_areas, masked_view, sample_slots, sparsity_penalty
+from adios_pl.masking import masked_view, sample_slots
+from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 
 
 def reference_penalty(areas: torch.Tensor) -> torch.Tensor:

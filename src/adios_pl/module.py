@@ -25,12 +25,10 @@ from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import build_optimizer, schedule_factor
-from adios_pl.penalties import entropy_term, mask_areas, masked_view, reverse_gradient, sample_slots, sparsity_penalty
+from adios_pl.step_counting import count_batches_only, count_skipped_batch
+from adios_pl.masking import masked_view, reverse_gradient, sample_slots
+from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 
-
-
-def _no_op() -> None:
-    return None
 
 
 def _leaf_copies(outputs: ViewOutput) -> ViewOutput:
@@ -229,7 +227,7 @@ class ADIOSModule(pl.LightningModule):
         trainer = self.trainer
         if trainer.train_dataloader is None:  # with max_steps alone Lightning has not loaded it yet
             trainer.fit_loop.setup_data()
-        estimated = trainer.estimated_stepping_batches  # batches: see _count_batches_only
+        estimated = trainer.estimated_stepping_batches  # batches: see adios_pl.step_counting
         # Endless training (no max_epochs, no max_steps): warm-up, then a constant rate.
         self.total_steps = max(int(estimated), 1) if math.isfinite(estimated) else 2**62
         per_epoch = trainer.num_training_batches
@@ -349,7 +347,7 @@ class ADIOSModule(pl.LightningModule):
         """
         x1, x2, targets = self._unpack(batch)
         disable_ddp_grad_sync(self.trainer.strategy.model)  # each player's gradients are averaged in _step_player
-        step = self.global_step  # counts batches: see _count_batches_only
+        step = self.global_step  # counts batches: see adios_pl.step_counting
         optimizers, schedulers = self._players()
         snapshot = self._snapshot(optimizers)  # nonfinite="skip" only
         masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
@@ -383,7 +381,7 @@ class ADIOSModule(pl.LightningModule):
         optimizers: list[Any] = opts if isinstance(opts, list) else [opts]
         scheds: Any = self.lr_schedulers()
         schedulers: list[Any] = scheds if isinstance(scheds, list) else [scheds]
-        self._count_batches_only(optimizers)
+        count_batches_only(optimizers)
         return optimizers, schedulers
 
     def _simultaneous(self) -> bool:
@@ -565,17 +563,6 @@ class ADIOSModule(pl.LightningModule):
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         return x1, x2, targets
 
-    def _count_batches_only(self, optimizers: list[Any]) -> None:
-        """Make ``global_step`` count batches: only the encoder optimiser's step advances it.
-
-        Lightning counts every ``optimizer.step()``, so two optimisers per batch would double it
-        (Lightning issue 17958) and ``max_steps``, schedules and checkpoint intervals would mean
-        half as many batches.
-        """
-        for opt in optimizers[1:]:
-            opt._on_before_step = _no_op
-            opt._on_after_step = _no_op
-
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
         return [p for group in optimizer.param_groups for p in group["params"]]
@@ -629,10 +616,8 @@ class ADIOSModule(pl.LightningModule):
             target.load_state_dict(state)
             opt.zero_grad(set_to_none=True)
         self.skipped_batches += 1
-        if not encoder_stepped:  # global_step counts the encoder optimiser's steps (see _count_batches_only)
-            progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-            progress.increment_ready()
-            progress.increment_completed()
+        if not encoder_stepped:  # global_step counts the encoder optimiser's steps
+            count_skipped_batch(self.trainer)
 
     def _track_collapse(self, collapsed_fraction: Tensor) -> None:
         """Count steps where (nearly) every image has all but one mask empty."""

@@ -1,4 +1,4 @@
-"""The mask penalties of ADIOS and the helpers that apply masks; small pure functions.
+"""The mask penalties of ADIOS: small pure functions.
 
 - [0] ADIOS, 2022, https://arxiv.org/abs/2201.13100 (Eq. 4 and Appendix)
 """
@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,37 +43,7 @@ def entropy_term(areas: Tensor) -> Tensor:
     return (log_p.exp() * log_p).sum()
 
 
-def sample_slots(batch_size: int, num_masks: int, generator: torch.Generator | None = None) -> Tensor:
-    """ADIOS-s: one slot per image, drawn uniformly; ``(B,)`` long on the CPU."""
-    return torch.randint(num_masks, (batch_size,), generator=generator)
+# Kept importable from here for code written against earlier versions.
+from adios_pl.masking import masked_view, reverse_gradient, sample_slots  # noqa: E402,F401
 
-
-def masked_view(images: Tensor, masks: Tensor, slot: int | Tensor) -> Tensor:
-    """Hide the pixels of one mask: ``images * (1 - m)``.
-
-    Args:
-        images: Normalised views ``(B, 3, H, W)``; a hidden pixel becomes 0, the data mean.
-        masks: Soft masks ``(B, N, H, W)``.
-        slot: One slot for the whole batch (int), or one per image (``(B,)`` long, ADIOS-s).
-    """
-    if isinstance(slot, int):
-        mask = masks[:, slot : slot + 1]
-    else:
-        mask = masks[torch.arange(masks.shape[0], device=masks.device), slot.to(masks.device)].unsqueeze(1)
-    return images * (1.0 - mask)
-
-
-class _ReverseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return -grad
-
-
-def reverse_gradient(x: Tensor) -> Tensor:
-    """Identity forward, negated gradient backward (for the simultaneous two-player update)."""
-    out: Tensor = _ReverseGradient.apply(x)
-    return out
+__all__ = ["SPARSITY_EPS", "entropy_term", "mask_areas", "masked_view", "reverse_gradient", "sample_slots", "sparsity_penalty"]
