@@ -12,6 +12,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskVisualizer, OnlineKNN, OnlineLinearProbe
+from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data import STL10DataModule
 from adios_pl.objectives import BYOL
 
@@ -38,6 +39,7 @@ def main() -> None:
             OnlineLinearProbe(num_classes=10), OnlineKNN(k=200, temperature=0.07),
             MaskVisualizer(every_n_epochs=10), ModelCheckpoint(save_last=True, every_n_train_steps=1000),
         ],
+        plugins=[AtomicCheckpointIO()],  # a kill while saving keeps the previous checkpoint
     )
     trainer.fit(model, datamodule=data)
 

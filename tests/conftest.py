@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from adios_pl.checkpoint import AtomicCheckpointIO
+
 os.environ.setdefault("PL_DISABLE_FORK", "1")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
@@ -39,10 +41,11 @@ def make_loader(n: int = 16, batch_size: int = 8, size: int = 32, seed: int = 0,
 
 
 def quiet_trainer(**kw: Any) -> pl.Trainer:
-    """A CPU trainer without logger, checkpoints, progress bar or summary (overridable)."""
+    """A CPU trainer without logger, checkpoints, progress bar or summary, with adios-pl's atomic
+    checkpoint I/O as the command line sets it (all overridable)."""
     args: dict[str, Any] = dict(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
     args.update(kw)
     return pl.Trainer(**args)

@@ -119,3 +119,14 @@ def test_export_refuses_to_overwrite_the_checkpoint(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path)
     with pytest.raises(ValueError, match="is the checkpoint itself"):
         export_encoder(ckpt, ckpt)
+
+
+def test_the_command_line_installs_atomic_checkpoint_io(stubbed_data: None) -> None:
+    from adios_pl.cli import build_cli
+
+    cli = build_cli(["--config", CONFIG, *CPU], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    import pytorch_lightning as pl
+
+    plain = pl.Trainer(accelerator="cpu", logger=False)
+    assert not isinstance(plain.strategy.checkpoint_io, AtomicCheckpointIO), "a plain Trainer is left as Lightning makes it"

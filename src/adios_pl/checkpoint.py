@@ -20,7 +20,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A process killed while saving leaves the previous checkpoint (e.g. ``last.ckpt``) intact.
     Loading uses ``torch.load(weights_only=True)`` unless told otherwise: a checkpoint is data,
-    not code. :class:`~adios_pl.ADIOSModule` installs this in place of Lightning's default.
+    not code. A Trainer plugin: ``adios-pl`` and the demo install it; in a script pass
+    ``pl.Trainer(plugins=[AtomicCheckpointIO()])``.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from adios_pl import __version__
 from adios_pl.callbacks.features import FeatureWriter
+from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data.base import SSLDataModule
 from adios_pl.errors import UserInputError
 from adios_pl.module import ADIOSModule
@@ -129,6 +130,13 @@ class ADIOSCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the image size of the data to the model."""
         parser.link_arguments("data.init_args.image_size", "model.image_size")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with atomic, weights-only checkpoint I/O unless the config names plugins."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if not trainer_config.get("plugins") and "plugins" not in kwargs:
+            kwargs["plugins"] = [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Do not apply a checkpoint's hyper-parameters over the user's configuration.

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
+from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data import SSLDataModule, ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder
 from adios_pl.metrics import foreground_ari, random_patch_segmentation
@@ -113,7 +114,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, 
         accelerator="cpu", devices=1, max_epochs=1000 if max_steps < 0 else -1, max_steps=max_steps,
         max_time={"seconds": int(minutes * 60)}, logger=TensorBoardLogger(str(out_dir), name="tensorboard"),
         callbacks=[OnlineLinearProbe(num_classes=4), OnlineKNN(k=200, temperature=0.07), MaskQuality(), visualizer, checkpoint, speed],
-        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False,
+        log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(model, data)
     trainer.validate(model, data, verbose=False)

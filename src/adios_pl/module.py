@@ -15,9 +15,7 @@ from torch import Tensor, nn
 
 from pytorch_lightning.utilities import rank_zero_warn
 
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync, is_distributed
 from adios_pl.checks import check_arguments, check_mask_generator
 from adios_pl.encoders import check_encoder, create_encoder
@@ -277,12 +275,6 @@ class ADIOSModule(pl.LightningModule):
             self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
         if hasattr(self.mask_generator, "generator"):  # random baselines draw from it too
             self.mask_generator.generator = self._slot_generator  # type: ignore[union-attr]
-
-    def setup(self, stage: str) -> None:
-        """Install atomic, weights-only checkpoint I/O in place of Lightning's default."""
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
 
     def configure_model(self) -> None:
         """Apply the channels-last and compile options once the model is on its device."""
