@@ -170,11 +170,3 @@ def schedule_factor(
 def _from_start(step: int, base: Callable[[int], float], warmup: int, start_factor: float) -> float:
     factor = base(step)
     return start_factor + (1.0 - start_factor) * factor if step < warmup else factor
-
-
-def warmup_cosine_scheduler(
-    optimizer: Optimizer, warmup_steps: int, total_steps: int, min_factor: float = 0.0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per batch with :func:`warmup_cosine`."""
-    fn = functools.partial(warmup_cosine, warmup_steps=warmup_steps, total_steps=total_steps, min_factor=min_factor)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
