@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from adios_pl.errors import ConfigurationError
-from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform
+from adios_pl.data.device_augment import DeviceAugmentation
+from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform, uint8_transform
+
+#: Largest decoded training set (bytes, per process) that ``cache_images=None`` keeps in memory.
+AUTO_CACHE_BYTES = 4 * 2**30
 
 
 class Transformed(Dataset):
@@ -31,6 +36,34 @@ class Transformed(Dataset):
         if not self.keep_extra:
             return self.transform(image), target
         return (self.transform(image), target, *extra)
+
+
+class CachedImages(Dataset):
+    """Decoded images held in memory: ``(images[i], targets[i])``, uint8 ``(3, S, S)`` each."""
+
+    def __init__(self, images: Tensor, targets: Tensor) -> None:
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.targets[index]
+
+    @classmethod
+    def decode(cls, dataset: Dataset, size: int, num_workers: int = 0) -> "CachedImages":
+        """Decode every ``(uint8 image, target)`` of ``dataset`` once, with ``num_workers`` processes."""
+        n = len(dataset)  # type: ignore[arg-type]
+        images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+        targets = torch.empty(n, dtype=torch.long)
+        loader = DataLoader(dataset, batch_size=256, num_workers=num_workers, shuffle=False)
+        start = 0
+        for batch_images, batch_targets in loader:
+            images[start:start + len(batch_images)] = batch_images
+            targets[start:start + len(batch_images)] = batch_targets
+            start += len(batch_images)
+        return cls(images, targets)
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -66,6 +99,20 @@ class SSLDataModule(pl.LightningDataModule):
         grayscale_prob: Probability of grayscale.
         solarization_prob: Probability of solarisation.
         flip_prob: Probability of a horizontal flip.
+        augment_on: ``"host"`` (default): the loader workers augment each image (torchvision
+            v2) and ship float views. ``"device"``: the loader ships uint8 images of
+            ``stored_size`` and the two-view augmentation runs batched on the training device
+            (:class:`~adios_pl.data.device_augment.DeviceAugmentation`, in
+            ``on_after_batch_transfer``), so a GPU is not held back by the CPU. Training batches
+            are ``((view_1, view_2), targets)`` either way; evaluation loaders are unchanged.
+            Subclass pipelines that override :meth:`train_transform` (Shapes' colour shuffle)
+            are replaced by the standard one on the device.
+        cache_images: With ``augment_on="device"``: decode the training images once into memory
+            (uint8). ``None`` (default) caches when they take at most 4 GiB per process (CIFAR,
+            STL10, Shapes, ImageNet100-S at 96 px); otherwise workers decode every epoch.
+        stored_size: With ``augment_on="device"``: side of the stored images (short side resized,
+            centre-cropped); ``None`` means ``image_size``. Crops of larger stored images keep
+            more detail, at the cost of memory.
     """
 
     default_mean: Sequence[float] = (0.5, 0.5, 0.5)
@@ -91,8 +138,22 @@ class SSLDataModule(pl.LightningDataModule):
         grayscale_prob: float = 0.2,
         solarization_prob: float = 0.0,
         flip_prob: float = 0.5,
+        augment_on: Literal["host", "device"] = "host",
+        cache_images: bool | None = None,
+        stored_size: int | None = None,
     ) -> None:
         super().__init__()
+        if augment_on not in ("host", "device"):
+            raise ValueError(f'augment_on must be "host" or "device", got {augment_on!r}')
+        if stored_size is not None and (not isinstance(stored_size, int) or isinstance(stored_size, bool) or stored_size < 8):
+            raise ValueError(f"stored_size must be None or an integer >= 8, got {stored_size!r}")
+        if cache_images is not None and not isinstance(cache_images, bool):
+            raise ValueError(f"cache_images must be True, False or None, got {cache_images!r}")
+        self.augment_on = augment_on
+        self.cache_images = cache_images
+        self.stored_size = stored_size
+        self._device_augmentation: DeviceAugmentation | None = None
+        self._cached: CachedImages | None = None
         for name, value, low in (("image_size", image_size, 8), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -130,6 +191,36 @@ class SSLDataModule(pl.LightningDataModule):
             **self.jitter, **self.probabilities,
         ))
 
+    def device_augmentation(self) -> DeviceAugmentation:
+        """The two-view pretraining augmentation as a batched module (``augment_on="device"``)."""
+        return DeviceAugmentation(
+            self.image_size, self.mean, self.std, min_scale=self.min_scale, blur_prob=self.blur_prob,
+            **self.jitter, **self.probabilities,
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment_on="device"``: turn a training batch of uint8 images into two views."""
+        trainer = getattr(self, "trainer", None)
+        if self.augment_on != "device" or trainer is None or not trainer.training:
+            return batch
+        images, targets = batch
+        if self._device_augmentation is None:
+            self._device_augmentation = self.device_augmentation()
+        return self._device_augmentation(images), targets
+
+    def _stored_pretrain_set(self) -> Dataset:
+        """Training images as uint8 ``(3, S, S)`` tensors, decoded once into memory when they fit."""
+        assert self.pretrain_set is not None
+        size = self.stored_size or self.image_size
+        decoded = Transformed(self.pretrain_set, uint8_transform(size), keep_extra=False)
+        n = len(self.pretrain_set)  # type: ignore[arg-type]
+        cache = n * 3 * size * size <= AUTO_CACHE_BYTES if self.cache_images is None else self.cache_images
+        if not cache:
+            return decoded
+        if self._cached is None or len(self._cached) != n:
+            self._cached = CachedImages.decode(decoded, size, self.num_workers)
+        return self._cached
+
     def val_transform(self) -> Callable[[Any], Tensor]:
         """The deterministic evaluation transform."""
         return eval_transform(self.image_size, self.mean, self.std)
@@ -154,7 +245,11 @@ class SSLDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled two-view batches ``((view_1, view_2), targets)``, last partial batch dropped."""
+        """Shuffled two-view batches ``((view_1, view_2), targets)``, last partial batch dropped.
+
+        With ``augment_on="device"`` the loader yields ``(uint8 images, targets)`` and the views
+        are made on the device (:meth:`on_after_batch_transfer`).
+        """
         if self.pretrain_set is None:
             self.setup("fit")
         assert self.pretrain_set is not None
@@ -165,6 +260,8 @@ class SSLDataModule(pl.LightningDataModule):
                 f"batch_size={self.batch_size} is larger than the {n // world} training images per device "
                 f"({n} images, {world} device(s)); with drop_last=True no step would run. Lower batch_size."
             )
+        if self.augment_on == "device":
+            return self._loader(self._stored_pretrain_set(), shuffle=True, drop_last=True)
         return self._loader(Transformed(self.pretrain_set, self.train_transform(), keep_extra=False), shuffle=True, drop_last=True)
 
     def predict_dataloader(self) -> list[DataLoader]:

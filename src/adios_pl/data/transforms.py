@@ -79,6 +79,15 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
 
 
+def uint8_transform(size: int) -> Callable[[Any], Tensor]:
+    """Decode to a uint8 tensor ``(3, size, size)``: short side resized to ``size``, centre crop
+    (the stored images of ``augment_on="device"``; a no-op on images of that size already)."""
+    return T.Compose([
+        T.ToImage(), T.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(size),
+        T.ToDtype(torch.uint8, scale=True), T.ToPureTensor(),
+    ])
+
+
 class TwoViews:
     """Apply one random ``transform`` twice: ``image -> (view_1, view_2)``."""
 

@@ -1,0 +1,249 @@
+"""The two-view pretraining augmentation, batched, on whatever device the images are on.
+
+:class:`DeviceAugmentation` takes a batch of uint8 images ``(B, 3, H, W)`` (on the GPU, after
+the loader shipped them) and returns two augmented float views, each image and view with its
+own random parameters, drawn on the device: nothing is read back to the host, so a training
+step on the GPU never waits for the CPU. It follows the CPU pipeline of
+:func:`adios_pl.data.transforms.pretrain_transform` op for op (RandomResizedCrop with the same
+parameter sampling, colour jitter in a random order per image, grayscale, Gaussian blur,
+solarisation, flip, normalisation); ``tests/test_device_augment.py`` compares the two
+pipelines' statistics and each colour op with torchvision's. Differences, all small:
+
+- the crop is resized bicubically from the whole image (taps past the crop edge read the real
+  neighbouring pixels, not a repeated edge), and crops larger than the output are averaged
+  over their area (``roi_align``) instead of torchvision's antialiased bicubic;
+- the colour ops work in float, without torchvision's rounding to uint8 after each op.
+
+Why not kornia: its augmentations decide per op on the host whether any image of the batch
+is transformed (``bool(to_apply.any())`` in kornia 0.9's ``augmentation/_2d/base.py``), which
+is the host synchronisation this path exists to avoid, and its ``ColorJitter`` draws one
+order of the four ops per batch, not per image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _uniform(n: int, low: float, high: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(n, device=device, generator=generator) * (high - low) + low
+
+
+def sample_crops(
+    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+    device: torch.device, generator: torch.Generator | None = None, attempts: int = 10,
+) -> Tensor:
+    """``(n, 4)`` crop boxes ``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop.
+
+    Per image: up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform
+    aspect ratio in ``ratio``; the first that fits is kept, else the centre crop with the
+    ratio clamped. Vectorised: all attempts are drawn at once and the first fit is selected.
+    """
+    area = height * width
+    target = area * (torch.rand(n, attempts, device=device, generator=generator) * (scale[1] - scale[0]) + scale[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(torch.rand(n, attempts, device=device, generator=generator) * (log_hi - log_lo) + log_lo)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first attempt that fits
+    found = fits.any(dim=1)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    in_ratio = width / height  # the fallback: a centre crop with the ratio clamped into range
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, float(fw))
+    h = torch.where(found, h, float(fh))
+    top = torch.floor(torch.rand(n, device=device, generator=generator) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device, generator=generator) * (width - w + 1))
+    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Crop ``boxes`` ``(top, left, h, w)`` out of float ``images`` ``(B, C, H, W)`` and resize each
+    to ``size x size``: bicubic where the crop is enlarged, an area average where it shrinks."""
+    b = images.shape[0]
+    top, left, h, w = boxes.unbind(1)
+    k = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size  # output pixel centres
+    # sample points in pixel-index coordinates, then in grid_sample's [-1, 1] (align_corners=False)
+    xs = left[:, None] + k[None] * w[:, None] - 0.5
+    ys = top[:, None] + k[None] * h[:, None] - 0.5
+    gx = (2 * xs + 1) / images.shape[-1] - 1
+    gy = (2 * ys + 1) / images.shape[-2] - 1
+    grid = torch.stack([gx[:, None, :].expand(b, size, size), gy[:, :, None].expand(b, size, size)], dim=-1)
+    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    if images.shape[-1] > size or images.shape[-2] > size:  # some crops may shrink: average over their area
+        rois = torch.stack([torch.arange(b, device=images.device, dtype=images.dtype), left, top, left + w, top + h], dim=1)
+        averaged = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        shrinks = ((w > size) | (h > size))[:, None, None, None]
+        out = torch.where(shrinks, averaged, out)
+    return out
+
+
+def grayscale(images: Tensor) -> Tensor:
+    """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights."""
+    r, g, b = images.unbind(1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    return (factor * a + (1 - factor) * b).clamp(0, 1)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    """Scale intensities by ``factor`` ``(B, 1, 1, 1)``."""
+    return (images * factor).clamp(0, 1)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
+    """Blend each image with its mean luma."""
+    return _blend(images, grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    """Blend each image with its grayscale version."""
+    return _blend(images, grayscale(images), factor)
+
+
+def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue by ``shift`` (fractions of a turn, ``(B, 1, 1, 1)``) through HSV."""
+    r, g, b = images.unbind(1)
+    maxc, _ = images.max(dim=1)
+    minc, _ = images.min(dim=1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
+    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = (hue + shift[:, 0]) % 1.0
+    # HSV -> RGB: each channel from the distance of its sector to the hue
+    n = torch.tensor([5.0, 3.0, 1.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = (n + hue.unsqueeze(1) * 6.0) % 6.0
+    value = maxc.unsqueeze(1)
+    return value - value * sat.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0, 1)
+
+
+def gaussian_blur(images: Tensor, kernel_size: int, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur, one ``sigma`` per image, reflect padding (torchvision's kernel)."""
+    b, c, height, width = images.shape
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (x[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, k)
+    pad = kernel_size // 2
+    flat = images.reshape(1, b * c, height, width)
+    flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel[:, None, :, None], groups=b * c)
+    return flat.reshape(b, c, height, width)
+
+
+class DeviceAugmentation(nn.Module):
+    """Two views of a uint8 batch ``(B, 3, H, W)`` under the published pretraining augmentation.
+
+    The arguments are those of :func:`~adios_pl.data.transforms.pretrain_transform` (same
+    meaning, same defaults); ``generator`` (a ``torch.Generator`` on the images' device)
+    makes the draws reproducible apart from the global seed.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        min_scale: float = 0.08,
+        brightness: float = 0.8,
+        contrast: float = 0.8,
+        saturation: float = 0.8,
+        hue: float = 0.2,
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        blur_prob: float = 0.5,
+        flip_prob: float = 0.5,
+        solarization_prob: float = 0.0,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.scale = (min_scale, 1.0)
+        self.ratio = ratio
+        self.jitter = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}
+        self.jitter_prob, self.grayscale_prob, self.blur_prob = jitter_prob, grayscale_prob, blur_prob
+        self.flip_prob, self.solarization_prob = flip_prob, solarization_prob
+        self.blur_kernel = max(3, (image_size // 10) | 1)  # as the CPU pipeline
+        self.generator = generator
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(view_1, view_2)``, float ``(B, 3, image_size, image_size)``, normalised."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"DeviceAugmentation takes uint8 images (B, 3, H, W), got shape {tuple(images.shape)}")
+        views = self.augment(torch.cat([images, images]))
+        return views[: images.shape[0]], views[images.shape[0]:]
+
+    def augment(self, images: Tensor) -> Tensor:
+        """One independent draw of the augmentation for every image of ``images``."""
+        n, device, gen = images.shape[0], images.device, self.generator
+        if self.mean.device != device:
+            self.to(device)
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        boxes = sample_crops(n, x.shape[-2], x.shape[-1], self.scale, self.ratio, device, gen)
+        x = resized_crops(x, boxes, self.image_size).clamp(0, 1)
+        if self.jitter_prob > 0:
+            x = torch.where(self._chance(n, self.jitter_prob), self._color_jitter(x), x)
+        if self.grayscale_prob > 0:
+            x = torch.where(self._chance(n, self.grayscale_prob), grayscale(x).expand_as(x), x)
+        if self.blur_prob > 0:
+            sigma = _uniform(n, 0.1, 2.0, device, gen)
+            x = torch.where(self._chance(n, self.blur_prob), gaussian_blur(x, self.blur_kernel, sigma), x)
+        if self.solarization_prob > 0:  # the CPU pipeline's threshold 128 of 255
+            x = torch.where(self._chance(n, self.solarization_prob) & (x >= 128 / 255), 1 - x, x)
+        if self.flip_prob > 0:
+            x = torch.where(self._chance(n, self.flip_prob), x.flip(-1), x)
+        return (x - self.mean) / self.std
+
+    def _chance(self, n: int, p: float) -> Tensor:
+        return (torch.rand(n, device=self.mean.device, generator=self.generator) < p).view(n, 1, 1, 1)
+
+    def _color_jitter(self, x: Tensor) -> Tensor:
+        """torchvision's ColorJitter: factors drawn per image, the four ops in a random order per image."""
+        n, device, gen = x.shape[0], x.device, self.generator
+        ops = []
+        for name, fn in (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation)):
+            s = self.jitter[name]
+            ops.append((fn, _uniform(n, max(0.0, 1 - s), 1 + s, device, gen).view(n, 1, 1, 1)) if s > 0 else None)
+        h = self.jitter["hue"]
+        ops.append((adjust_hue, _uniform(n, -h, h, device, gen).view(n, 1, 1, 1)) if h > 0 else None)
+        order = torch.rand(n, 4, device=device, generator=gen).argsort(dim=1)  # a uniform permutation per image
+        for position in range(4):
+            chosen = order[:, position].view(n, 1, 1, 1)
+            out = x
+            for index, op in enumerate(ops):
+                if op is not None:
+                    fn, factor = op
+                    out = torch.where(chosen == index, fn(x, factor), out)
+            x = out
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            f"image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, jitter={self.jitter}, "
+            f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, blur_prob={self.blur_prob}, "
+            f"solarization_prob={self.solarization_prob}, flip_prob={self.flip_prob}"
+        )

@@ -1,0 +1,208 @@
+"""The device augmentation against the CPU pipeline: each colour op against torchvision's, and
+the statistics of the random draws (crop areas and ratios, flip rate, jitter, grayscale, blur,
+solarisation) of both pipelines on the same images, compared with two-sample KS tests."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from adios_pl.data import ShapesDataModule
+from adios_pl.data.base import CachedImages
+from adios_pl.data.device_augment import (
+    DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
+)
+from adios_pl.data.transforms import pretrain_transform
+
+N = 2000  # draws per pipeline
+# KS critical value at alpha = 0.001 for two samples of N
+KS_LIMIT = 1.949 * math.sqrt(2 / N)
+NO_COLOUR = dict(jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, flip_prob=0.0, solarization_prob=0.0)
+PLAIN = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def ks(a: torch.Tensor, b: torch.Tensor, shift: float = 0.0) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic, up to a shift: the largest amount by which one
+    empirical CDF exceeds the other's moved by ``shift`` (0: the plain KS statistic).
+
+    The CPU pipeline rounds to uint8 after every colour op (truncating), the device one does
+    not; statistics that an op hardly moves (the mean luma under a contrast change) then differ
+    by a quantisation offset that a plain KS test, blind to scale, would flag. ``shift`` allows
+    that offset and nothing more.
+    """
+    grid = torch.cat([a, b]).sort().values
+    a, b = a.sort().values, b.sort().values
+    cdf = lambda x, at: torch.searchsorted(x, at, right=True) / len(x)  # noqa: E731
+    return float(torch.maximum(cdf(a, grid) - cdf(b, grid + shift), cdf(b, grid) - cdf(a, grid + shift)).max())
+
+
+# One uint8 step. Measured on the colour statistics below with the right parameters: KS 0.21
+# with no shift (the rounding offset alone), 0.021 with this one.
+QUANTISATION = 1 / 255
+
+
+def both_pipelines(image: torch.Tensor, size: int, **kw: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``N`` views of uint8 ``image`` from the CPU pipeline and ``N`` from the device one, in [0, 1]."""
+    torch.manual_seed(0)
+    cpu_view = pretrain_transform(size, **PLAIN, **kw)  # type: ignore[arg-type]
+    cpu = torch.stack([cpu_view(image) for _ in range(N)])
+    device = DeviceAugmentation(size, **PLAIN, **kw, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    return cpu, device.augment(image.expand(N, -1, -1, -1))
+
+
+@pytest.mark.parametrize("name,ours,theirs", [
+    ("brightness", adjust_brightness, TF.adjust_brightness),
+    ("contrast", adjust_contrast, TF.adjust_contrast),
+    ("saturation", adjust_saturation, TF.adjust_saturation),
+])
+def test_jitter_ops_match_torchvision(name: str, ours, theirs) -> None:  # type: ignore[no-untyped-def]
+    x = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    factors = torch.tensor([0.0, 0.2, 0.9, 1.0, 1.5, 1.8]).view(6, 1, 1, 1)
+    expected = torch.stack([theirs(x[i], float(factors[i])) for i in range(6)])
+    # float32 ops of a few roundings each: observed <= 1.2e-7
+    torch.testing.assert_close(ours(x, factors), expected, atol=1e-6, rtol=0)
+
+
+def test_hue_and_blur_match_torchvision() -> None:
+    x = torch.rand(5, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    shifts = torch.tensor([-0.2, -0.05, 0.0, 0.1, 0.2])
+    expected = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(5)])
+    # HSV round trip in float32: observed 1e-6
+    torch.testing.assert_close(adjust_hue(x, shifts.view(5, 1, 1, 1)), expected, atol=1e-5, rtol=0)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [5, 5], [float(s)] * 2) for i, s in enumerate(sigmas)])
+    torch.testing.assert_close(gaussian_blur(x, 5, sigmas), expected, atol=1e-6, rtol=0)
+
+
+def test_crop_sampling_follows_torchvision_rules() -> None:
+    boxes = sample_crops(5000, 48, 64, (0.08, 1.0), (3 / 4, 4 / 3), torch.device("cpu"), torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.unbind(1)
+    assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= 48).all() and (left + w <= 64).all(), "a crop leaves the image"
+    assert (boxes == boxes.round()).all(), "crop boxes must be whole pixels"
+    # an impossible scale range falls back to the centre crop with the ratio clamped (64/48 > 4/3? no: equal)
+    fallback = sample_crops(10, 10, 40, (2.0, 3.0), (3 / 4, 4 / 3), torch.device("cpu"))
+    assert fallback[:, 2].eq(10).all() and fallback[:, 3].eq(13).all() and fallback[:, 1].eq(13).all()
+
+
+def test_crop_area_ratio_and_flip_statistics_match_the_cpu_pipeline() -> None:
+    # R encodes x and G encodes y, so a view's ramps tell its crop's width, height and flip
+    height, width, size = 48, 64, 32
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([(xs + 0.5) / width, (ys + 0.5) / height, torch.full_like(xs, 0.5, dtype=torch.float)])
+    image = (image * 255).round().to(torch.uint8)
+    cpu, dev = both_pipelines(image, size, min_scale=0.08, **{**NO_COLOUR, "flip_prob": 0.5})
+
+    def geometry(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # slopes between pixels 2 and size-3, away from the edges the two resamplers treat differently
+        dx = (views[:, 0, :, size - 3] - views[:, 0, :, 2]).mean(1) / (size - 5) * size * width
+        dy = (views[:, 1, size - 3, :] - views[:, 1, 2, :]).mean(1) / (size - 5) * size * height
+        return dx.abs() * dy.abs() / (height * width), torch.log(dx.abs() / dy.abs()), (dx < 0).float()
+
+    (area_c, ratio_c, flip_c), (area_d, ratio_d, flip_d) = geometry(cpu), geometry(dev)
+    assert ks(area_c, area_d) < KS_LIMIT, f"crop areas differ: KS {ks(area_c, area_d):.3f}"
+    assert ks(ratio_c, ratio_d) < KS_LIMIT, f"crop aspect ratios differ: KS {ks(ratio_c, ratio_d):.3f}"
+    assert 0.07 < float(area_d.min()) and float(area_d.max()) < 1.02
+    assert abs(float(flip_d.mean()) - 0.5) < 4 * math.sqrt(0.25 / N) and abs(float(flip_c.mean()) - 0.5) < 4 * math.sqrt(0.25 / N)
+
+
+def _colourful(size: int) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = torch.stack([0.5 + 0.4 * torch.sin(6 * xs), 0.5 + 0.4 * torch.cos(5 * ys), 0.3 + 0.5 * xs * ys])
+    return (image * 255).round().to(torch.uint8)
+
+
+def _colour_statistics(views: torch.Tensor) -> dict[str, torch.Tensor]:
+    luma = 0.2989 * views[:, 0] + 0.587 * views[:, 1] + 0.114 * views[:, 2]
+    return {
+        "brightness": luma.mean((1, 2)),
+        "contrast": luma.std((1, 2)),
+        "saturation": (views.amax(1) - views.amin(1)).mean((1, 2)),
+        "red-green": (views[:, 0] - views[:, 1]).mean((1, 2)),
+        "green-blue": (views[:, 1] - views[:, 2]).mean((1, 2)),
+    }
+
+
+def _jitter_gaps(**device_kw: float) -> dict[str, float]:
+    """KS statistics between the CPU pipeline's jittered views and the device one's (with
+    ``device_kw`` overriding the device pipeline's settings)."""
+    kw = {**NO_COLOUR, "jitter_prob": 0.8}
+    device = DeviceAugmentation(24, **PLAIN, min_scale=1.0, **{**kw, **device_kw}, generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    ours = _colour_statistics(device.augment(_colourful(24).expand(N, -1, -1, -1)))
+    return {name: ks(c, ours[name], QUANTISATION) for name, c in _cpu_jitter_statistics().items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_jitter_statistics() -> dict[str, torch.Tensor]:
+    cpu, _ = both_pipelines(_colourful(24), 24, min_scale=1.0, **{**NO_COLOUR, "jitter_prob": 0.8})
+    return _colour_statistics(cpu)
+
+
+def test_colour_jitter_statistics_match_the_cpu_pipeline() -> None:
+    gaps = _jitter_gaps()
+    assert max(gaps.values()) < KS_LIMIT, f"colour jitter statistics differ: {gaps}"
+
+
+@pytest.mark.parametrize("wrong", [{"hue": 0.1}, {"contrast": 0.4}, {"brightness": 0.4}, {"jitter_prob": 0.6}])
+def test_the_colour_check_detects_a_wrong_setting(wrong: dict[str, float]) -> None:
+    gaps = _jitter_gaps(**wrong)
+    assert max(gaps.values()) > KS_LIMIT, f"{wrong} went unnoticed: {gaps}"
+
+
+def test_grayscale_solarisation_and_blur_rates_match_the_cpu_pipeline() -> None:
+    image = _colourful(24)
+    image[:, ::2, ::2] = 255  # fine detail the blur removes
+    kw = {**NO_COLOUR, "grayscale_prob": 0.2, "solarization_prob": 0.3, "blur_prob": 0.5}
+    cpu, dev = both_pipelines(image, 24, min_scale=1.0, **kw)
+    for views in (cpu, dev):
+        gray = (views[:, 0] - views[:, 1]).abs().amax((1, 2)) < 1e-3
+        assert abs(float(gray.float().mean()) - 0.2) < 4 * math.sqrt(0.16 / N)
+    detail = [(v[:, :, 1:] - v[:, :, :-1]).abs().mean((1, 2, 3)) for v in (cpu, dev)]
+    assert ks(*detail, QUANTISATION) < KS_LIMIT, f"blur strength differs: KS {ks(*detail, QUANTISATION):.3f}"
+    bright = [v.amax((1, 2, 3)) for v in (cpu, dev)]  # solarised views lose the white dots
+    assert ks(*bright, QUANTISATION) < KS_LIMIT, f"solarisation differs: KS {ks(*bright, QUANTISATION):.3f}"
+
+
+def test_the_statistics_test_detects_a_wrong_scale_range() -> None:
+    """The KS check has teeth: a device pipeline with min_scale 0.2 instead of 0.08 fails it."""
+    height, width = 48, 64
+    boxes_right = sample_crops(N, height, width, (0.08, 1.0), (3 / 4, 4 / 3), torch.device("cpu"), torch.Generator().manual_seed(0))
+    boxes_wrong = sample_crops(N, height, width, (0.2, 1.0), (3 / 4, 4 / 3), torch.device("cpu"), torch.Generator().manual_seed(0))
+    area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
+    assert ks(area(boxes_right), area(boxes_wrong)) > KS_LIMIT
+
+
+def test_device_mode_datamodule_ships_uint8_and_makes_two_normalised_views() -> None:
+    dm = ShapesDataModule(train_size=64, val_size=16, batch_size=16, num_workers=0, augment_on="device")
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.dataset, CachedImages), "Shapes fits in memory: it is decoded once"
+    images, targets = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32) and targets.shape == (16,)
+    cached = loader.dataset.images
+    assert torch.equal(cached[3], dm.pretrain_set[3][0]), "the cache holds the images unchanged"  # type: ignore[index]
+
+    class Training:  # what on_after_batch_transfer reads of the trainer
+        training = True
+
+    dm.trainer = Training()  # type: ignore[assignment]
+    (v1, v2), same_targets = dm.on_after_batch_transfer((images, targets), 0)
+    assert v1.shape == v2.shape == (16, 3, 32, 32) and v1.dtype == torch.float32 and same_targets is targets
+    assert not torch.allclose(v1, v2), "the two views must be independent draws"
+    assert abs(float(torch.cat([v1, v2]).mean())) < 1.5, "the views are normalised"
+    Training.training = False
+    assert dm.on_after_batch_transfer((images, targets), 0)[0] is images, "evaluation batches pass unchanged"
+
+
+def test_cache_follows_the_setting() -> None:
+    dm = ShapesDataModule(train_size=32, val_size=16, batch_size=8, num_workers=0, augment_on="device", cache_images=False)
+    dm.setup("fit")
+    assert not isinstance(dm.train_dataloader().dataset, CachedImages)
+    with pytest.raises(ValueError, match="augment_on"):
+        ShapesDataModule(augment_on="gpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stored_size"):
+        ShapesDataModule(augment_on="device", stored_size=4)
