@@ -193,9 +193,12 @@ class SSLDataModule(pl.LightningDataModule):
 
     def device_augmentation(self) -> DeviceAugmentation:
         """The two-view pretraining augmentation as a batched module (``augment_on="device"``)."""
+        j, p = self.jitter, self.probabilities
         return DeviceAugmentation(
-            self.image_size, self.mean, self.std, min_scale=self.min_scale, blur_prob=self.blur_prob,
-            **self.jitter, **self.probabilities,
+            self.image_size, self.mean, self.std, min_scale=self.min_scale, brightness=j["brightness"],
+            contrast=j["contrast"], saturation=j["saturation"], hue=j["hue"], jitter_prob=p["jitter_prob"],
+            grayscale_prob=p["grayscale_prob"], blur_prob=self.blur_prob, flip_prob=p["flip_prob"],
+            solarization_prob=p["solarization_prob"],
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -23,7 +23,7 @@ order of the four ops per batch, not per image.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +187,8 @@ class DeviceAugmentation(nn.Module):
         self.flip_prob, self.solarization_prob = flip_prob, solarization_prob
         self.blur_kernel = max(3, (image_size // 10) | 1)  # as the CPU pipeline
         self.generator = generator
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
@@ -224,7 +226,7 @@ class DeviceAugmentation(nn.Module):
     def _color_jitter(self, x: Tensor) -> Tensor:
         """torchvision's ColorJitter: factors drawn per image, the four ops in a random order per image."""
         n, device, gen = x.shape[0], x.device, self.generator
-        ops = []
+        ops: list[tuple[Callable[[Tensor, Tensor], Tensor], Tensor] | None] = []
         for name, fn in (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation)):
             s = self.jitter[name]
             ops.append((fn, _uniform(n, max(0.0, 1 - s), 1 + s, device, gen).view(n, 1, 1, 1)) if s > 0 else None)
@@ -236,8 +238,7 @@ class DeviceAugmentation(nn.Module):
             out = x
             for index, op in enumerate(ops):
                 if op is not None:
-                    fn, factor = op
-                    out = torch.where(chosen == index, fn(x, factor), out)
+                    out = torch.where(chosen == index, op[0](x, op[1]), out)
             x = out
         return x
 
