@@ -210,4 +210,4 @@ def test_unlabelled_evaluation_split_and_untrained_probe_log_nothing() -> None:
     probe = OnlineLinearProbe(num_classes=4)
     trainer = quiet_trainer(max_steps=2, callbacks=[probe])
     trainer.fit(small_model(), unlabelled_train, val_dataloaders=[bank, bank])
-    assert probe.trained_steps == 0 and "val/linear_top1" not in trainer.callback_metrics
+    assert int(probe.labelled_images) == 0 and "val/linear_top1" not in trainer.callback_metrics

@@ -203,6 +203,35 @@ def test_nonfinite_loss_raises_with_context_or_is_skipped() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class ReadBackCounter(ADIOSModule):
+    """Reads the non-finite record back every 50 batches, as on a GPU."""
+
+    def _readback_interval(self) -> int:
+        return 50
+
+
+def test_on_an_accelerator_the_nonfinite_check_is_read_back_late_but_names_the_first_bad_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No read-back per batch: the error comes at the epoch's end (or before a checkpoint) and
+    still names batch 1 and its values, although later batches were non-finite too."""
+    from adios_pl import nonfinite
+
+    reads = []
+    original = nonfinite.FirstFailure.raise_if_any
+    monkeypatch.setattr(nonfinite.FirstFailure, "raise_if_any", lambda self: (reads.append(1), original(self))[1])
+    torch.manual_seed(0)
+    model = ReadBackCounter(
+        encoder="small_cnn", encoder_kwargs={"width": 8}, objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16),
+        num_masks=3, image_size=16, mask_width=8, lr=0.05, mask_lr=0.05, warmup_epochs=0.5,
+    )
+    batches = []
+    probe = pl.Callback()
+    probe.on_train_batch_end = lambda trainer, *a: batches.append(trainer.global_step)  # type: ignore[method-assign]
+    with pytest.raises(FloatingPointError, match=r"batch 1 \(epoch 0\): train/encoder_loss=nan"):
+        quiet_trainer(max_epochs=1, callbacks=[PoisonOnce(), probe], limit_val_batches=0).fit(model, make_loader(n=24, size=16))
+    assert len(batches) == 3, "training went on to the end of the epoch before reading back"
+    assert len(reads) == 1, f"{len(reads)} read-backs for one epoch of 3 batches"
+
+
 def test_mask_collapse_is_warned_once() -> None:
     model = _model(sparsity_weight=0.0, mask_lr=1e-9)
     with torch.no_grad():

@@ -57,9 +57,19 @@ class Snapshots(pl.Callback):
         self.after.append(self._take(trainer, module))
 
 
+def _same_buffers(x: dict[int, torch.Tensor], y: dict[int, torch.Tensor]) -> bool:
+    """Equal momentum buffers, an absent one counting as zeros: a skipped first batch leaves a
+    zero buffer, with which SGD's next step (``0 * m + g``) is exactly a fresh buffer's (``g``)."""
+    for k in x.keys() | y.keys():
+        like = x[k] if k in x else y[k]
+        if not torch.equal(x.get(k, torch.zeros_like(like)), y.get(k, torch.zeros_like(like))):
+            return False
+    return True
+
+
 def _same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     diffs = [k for k in a["module"] if not torch.equal(a["module"][k], b["module"][k])]
-    diffs += [f"optimizer {i}" for i, (x, y) in enumerate(zip(a["optimizers"], b["optimizers"])) if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x)]
+    diffs += [f"optimizer {i}" for i, (x, y) in enumerate(zip(a["optimizers"], b["optimizers"])) if not _same_buffers(x, y)]
     diffs += [f"probe {k}" for k in a["probe"] if not torch.equal(a["probe"][k], b["probe"][k])]
     return diffs
 

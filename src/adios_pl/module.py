@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Iterator, Literal, Sequence
 
@@ -23,7 +22,8 @@ from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import build_optimizer, schedule_factor
-from adios_pl.step_counting import count_batches_only, count_skipped_batch
+from adios_pl.nonfinite import FirstFailure, StateSnapshot, all_finite, gradient_norm
+from adios_pl.step_counting import count_batches_only
 from adios_pl.masking import masked_view, reverse_gradient, sample_slots
 from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 
@@ -184,8 +184,8 @@ class ADIOSModule(pl.LightningModule):
         self.image_size = image_size
         self.update_rule = update  # not hparams.update: that name is the dict's method
         self.total_steps = 1
-        self.skipped_batches = 0
-        self._last_finite: dict[str, float] = {}
+        self._skipped = torch.zeros((), dtype=torch.long)  # on the device: read back only when asked
+        self._failure = FirstFailure()  # nonfinite="raise": the first non-finite batch, on the device
         self._collapse_steps = torch.zeros(())
         self._epoch_steps = 0
         self._collapse_warned = False
@@ -285,7 +285,9 @@ class ADIOSModule(pl.LightningModule):
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the ADIOS-s slot sampler so a resumed run draws the same slots."""
+        """Save the ADIOS-s slot sampler so a resumed run draws the same slots; never save the
+        weights of a non-finite batch not yet read back."""
+        self._failure.raise_if_any()
         checkpoint["adios_identity"] = dict(self.identity)
         checkpoint["adios_skipped_batches"] = self.skipped_batches
         if self._slot_generator is not None:
@@ -336,12 +338,13 @@ class ADIOSModule(pl.LightningModule):
 
         The returned ``features`` (detached encoder output of ``views[0]``) and ``targets`` reach
         callbacks through ``on_train_batch_end``, so online evaluation needs no extra forward.
+        Nothing in the step reads a value back to the host (see :mod:`adios_pl.nonfinite`).
         """
         x1, x2, targets = self._unpack(batch)
         disable_ddp_grad_sync(self.trainer.strategy.model)  # each player's gradients are averaged in _step_player
         step = self.global_step  # counts batches: see adios_pl.step_counting
         optimizers, schedulers = self._players()
-        snapshot = self._snapshot(optimizers)  # nonfinite="skip" only
+        snapshot = StateSnapshot(self, optimizers) if self.hparams["nonfinite"] == "skip" else None
         masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
         # Simultaneous rule: the masks' gradient comes with the encoder's backward, reversed.
         leaf = masks.detach().requires_grad_() if masks is not None and self._simultaneous() else None
@@ -350,22 +353,19 @@ class ADIOSModule(pl.LightningModule):
         # Player 1: the encoder side minimises the SSL loss of the masked views.
         encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
         logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
-        stepped = self._step_player(optimizers, 0, logs, step, snapshot)
-        if stepped:
-            self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+        grad_norms = {"encoder gradient norm": self._step_player(optimizers[0])}
+        self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
 
         # Player 2: the mask generator ascends the SSL loss minus its penalties.
-        if stepped and self.learned_masks:
+        if self.learned_masks:
             assert masks is not None
             if leaf is not None:
                 logs.update(self._mask_penalties_and_backward(masks, leaf, encoder_loss))
             else:
                 logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))
             logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
-            stepped = self._step_player(optimizers, 1, logs, step, snapshot)
-            if stepped:
-                self._track_collapse(logs["train/mask_collapsed_fraction"])
-        return self._end_batch(step, stepped, schedulers, logs, features, targets)
+            grad_norms["mask gradient norm"] = self._step_player(optimizers[1])
+        return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
 
     def _players(self) -> tuple[list[Any], list[Any]]:
         """The optimisers and schedulers: the encoder side's, then the mask generator's if learned."""
@@ -389,38 +389,67 @@ class ADIOSModule(pl.LightningModule):
         slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device) if self.mask_mode == "one" else None
         return masks, slots
 
-    def _step_player(self, optimizers: list[Any], index: int, logs: dict[str, Any], step: int, snapshot: dict[str, Any] | None) -> bool:
-        """Average player ``index``'s gradients over ranks, check them and the losses, and step.
-
-        Returns whether it stepped; a non-finite value raises or (``nonfinite="skip"``) drops the
-        whole batch -- also the encoder's step already taken when the mask player fails.
-        """
-        optimizer = optimizers[index]
+    def _step_player(self, optimizer: Any) -> Tensor | None:
+        """Average one player's gradients over ranks and step; returns their norm (for the
+        finiteness check at the end of the batch)."""
         params = self._params_of(optimizer)
         all_reduce_gradients(params)
-        stepped = self._finite_or_skip(logs, step, optimizers, params)
-        if stepped:
-            optimizer.step()
-        else:
-            self._skip_batch(snapshot, optimizers, encoder_stepped=index > 0)
+        norm = gradient_norm(params)
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return stepped
+        return norm
 
-    def _end_batch(self, step: int, stepped: bool, schedulers: list[Any], logs: dict[str, Any], features: Tensor, targets: Tensor) -> dict[str, Any]:
-        """After both players: momentum update, schedules, buffers, logs, and the callbacks' outputs."""
-        if stepped:  # as the reference's on_train_batch_end (BYOL's momentum networks)
-            self.objective.on_step_end(self.encoder, step, self.total_steps)
-            self._last_finite = {k: float(v) for k, v in logs.items() if k.endswith("_loss")}
+    def _end_batch(
+        self, step: int, snapshot: StateSnapshot | None, schedulers: list[Any], logs: dict[str, Any],
+        grad_norms: dict[str, Tensor | None], features: Tensor, targets: Tensor,
+    ) -> dict[str, Any]:
+        """After both players: momentum update, the finiteness decision, schedules, buffers, logs,
+        and the callbacks' outputs."""
+        self.objective.on_step_end(self.encoder, step, self.total_steps)  # the reference's on_train_batch_end
+        # in the order of the step: the encoder's loss and gradient, then the mask player's
+        losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
+        checked = {"train/encoder_loss": losses.pop("train/encoder_loss")}
+        checked["encoder gradient norm"] = grad_norms["encoder gradient norm"]
+        checked.update(losses)
+        checked["mask gradient norm"] = grad_norms.get("mask gradient norm")
+        checked = {k: v for k, v in checked.items() if v is not None}
+        ok = all_finite(list(checked.values()))
+        if snapshot is not None:  # nonfinite="skip": a non-finite batch leaves no trace but the count
+            snapshot.restore_unless(ok)
+            self._skipped = self._skipped.to(ok.device) + (~ok).long()
+        else:
+            self._failure.record(ok, step, self.current_epoch, list(checked), list(checked.values()))
+            if (step + 1) % self._readback_interval() == 0:
+                self._failure.raise_if_any()
+        if "train/mask_collapsed_fraction" in logs:
+            self._track_collapse(logs["train/mask_collapsed_fraction"], ok)
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
-        logs["train/skipped_batches"] = float(self.skipped_batches)
+        logs["train/skipped_batches"] = self._skipped.float()
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         encoder_loss = logs["train/encoder_loss"]
         self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        if not stepped:  # a skipped batch hands no features to the callbacks (the probe must not train on them)
-            return {"loss": encoder_loss, "skipped": True}
-        return {"loss": encoder_loss, "features": features, "targets": targets}
+        outputs = {"loss": encoder_loss, "features": features, "targets": targets}
+        if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
+            outputs["finite"] = ok
+        return outputs
+
+    def _readback_interval(self) -> int:
+        """Batches between read-backs of the non-finite record: every batch on the CPU (free),
+        Lightning's ``log_every_n_steps`` on an accelerator."""
+        if self.device.type == "cpu":
+            return 1
+        return max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
+
+    @property
+    def skipped_batches(self) -> int:
+        """Batches dropped by ``nonfinite="skip"`` (reads the device counter back)."""
+        return int(self._skipped)
+
+    @skipped_batches.setter
+    def skipped_batches(self, value: int) -> None:
+        self._skipped = torch.full((), int(value), dtype=torch.long, device=self._skipped.device)
 
     def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:
         """The masked terms of one step: every slot (ADIOS) or the drawn slot per image (ADIOS-s)."""
@@ -559,65 +588,24 @@ class ADIOSModule(pl.LightningModule):
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
         return [p for group in optimizer.param_groups for p in group["params"]]
 
-    def _finite_or_skip(self, logs: dict[str, Any], step: int, optimizers: list[Any], params: list[nn.Parameter]) -> bool:
-        """Whether the losses in ``logs`` and the gradients of ``params`` are finite on every rank.
-
-        With ``nonfinite="raise"`` (default) a NaN/Inf stops training with an error naming the
-        loss (or the gradient), the batch and the last finite values; with ``"skip"`` the caller
-        restores the state from before the batch (:meth:`_skip_batch`).
-        """
-        losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        checks = torch.stack([*(v.float() for v in losses.values()), grad_norm.float().to(next(iter(losses.values())).device)])
-        ok = torch.isfinite(checks).all().float()
-        if is_distributed():  # every rank must take the same decision
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        if bool(ok):
-            return True
-        if self.hparams["nonfinite"] == "skip":
-            return False
-        bad = ", ".join(f"{k}={float(v)}" for k, v in losses.items() if not torch.isfinite(v))
-        bad = bad or f"finite losses but a non-finite gradient (norm {float(grad_norm)})"
-        last = ", ".join(f"{k}={v:.4g}" for k, v in self._last_finite.items()) or "none yet"
-        raise FloatingPointError(
-            f"non-finite loss at batch {step} (epoch {self.current_epoch}): {bad}; last finite values: {last}. "
-            "Lower lr/mask_lr, raise sparsity_weight if masks saturate, use precision='32-true', "
-            "or pass nonfinite='skip' to drop such batches."
-        )
-
-    def _snapshot(self, optimizers: list[Any]) -> dict[str, Any] | None:
-        """With ``nonfinite="skip"``: a copy of everything a batch changes (parameters, buffers --
-        BatchNorm statistics, momentum networks --, optimiser states), to restore if it is skipped."""
-        if self.hparams["nonfinite"] != "skip":
-            return None
-        return {
-            "module": {k: v.detach().clone() for k, v in self.state_dict(keep_vars=False).items()},
-            "optimizers": [copy.deepcopy(opt.optimizer.state_dict() if hasattr(opt, "optimizer") else opt.state_dict()) for opt in optimizers],
-        }
-
-    def _skip_batch(self, snapshot: dict[str, Any] | None, optimizers: list[Any], encoder_stepped: bool) -> None:
-        """Drop the batch: restore the snapshot, clear gradients, count it, and still count the
-        batch in ``global_step`` (schedules, tau, ``max_steps`` and checkpoint intervals)."""
-        assert snapshot is not None
-        with torch.no_grad():
-            for k, v in self.state_dict(keep_vars=True).items():
-                v.copy_(snapshot["module"][k])
-        for opt, state in zip(optimizers, snapshot["optimizers"]):
-            target = opt.optimizer if hasattr(opt, "optimizer") else opt
-            target.load_state_dict(state)
-            opt.zero_grad(set_to_none=True)
-        self.skipped_batches += 1
-        if not encoder_stepped:  # global_step counts the encoder optimiser's steps
-            count_skipped_batch(self.trainer)
-
-    def _track_collapse(self, collapsed_fraction: Tensor) -> None:
-        """Count steps where (nearly) every image has all but one mask empty."""
-        self._collapse_steps = self._collapse_steps.to(collapsed_fraction.device) + (collapsed_fraction >= 0.9).float()
+    def _track_collapse(self, collapsed_fraction: Tensor, finite: Tensor) -> None:
+        """Count (finite) steps where (nearly) every image has all but one mask empty."""
+        collapsed = (collapsed_fraction >= 0.9) & finite
+        self._collapse_steps = self._collapse_steps.to(collapsed_fraction.device) + collapsed.float()
         self._epoch_steps += 1
 
+    def on_validation_epoch_start(self) -> None:
+        """Raise on a non-finite batch not yet read back, before evaluating its weights."""
+        self._failure.raise_if_any()
+
+    def on_train_end(self) -> None:
+        """Raise on a non-finite batch not yet read back."""
+        self._failure.raise_if_any()
+
     def on_train_epoch_end(self) -> None:
-        """Warn once if the masks collapsed to a single slot for a whole epoch."""
+        """Raise on a non-finite batch not yet read back; warn once if the masks collapsed to a
+        single slot for a whole epoch."""
+        self._failure.raise_if_any()
         steps, collapsed = self._epoch_steps, float(self._collapse_steps)
         self._epoch_steps, self._collapse_steps = 0, torch.zeros(())
         if steps and collapsed >= steps and not self._collapse_warned:

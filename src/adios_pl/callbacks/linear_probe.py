@@ -14,6 +14,7 @@ from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.errors import ConfigurationError
 from adios_pl.distributed import gather_in_order, is_distributed
 from adios_pl.evaluation import seeded_linear
+from adios_pl.nonfinite import StateSnapshot
 
 
 class OnlineLinearProbe(EvaluationCallback):
@@ -52,6 +53,8 @@ class OnlineLinearProbe(EvaluationCallback):
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
         self.trained_steps = 0
+        self.labelled_images = torch.zeros((), dtype=torch.long)  # trained on, counted on the device
+        self._labels_checked = False
         self._logits: list[Tensor] = []
         self._targets: list[Tensor] = []
 
@@ -84,9 +87,12 @@ class OnlineLinearProbe(EvaluationCallback):
                     state[k] = v.to(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """One SGD step of the head on the step's detached clean-view features."""
-        if isinstance(outputs, dict) and outputs.get("skipped"):  # a batch dropped by nonfinite="skip"
-            return
+        """One SGD step of the head on the step's detached clean-view features.
+
+        No host synchronisation: unlabelled images (target -1) weigh zero in the loss, and a
+        batch that ``nonfinite="skip"`` dropped (``outputs["finite"]`` false) is undone with
+        ``torch.where``. The labels are checked against ``num_classes`` on the first batch only.
+        """
         if not isinstance(outputs, dict) or "features" not in outputs:
             self._warn_once("outputs", "OnlineLinearProbe: training_step returned no 'features'; the probe is not trained")
             return
@@ -94,18 +100,26 @@ class OnlineLinearProbe(EvaluationCallback):
         if is_distributed():
             features = cast(Tensor, pl_module.all_gather(features)).flatten(0, 1)
             targets = cast(Tensor, pl_module.all_gather(targets)).flatten(0, 1)
-        labelled = targets >= 0
-        if not labelled.any():
-            return
-        if int(targets.max()) >= self.num_classes:
-            raise ConfigurationError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())}; set num_classes to the number of classes of the data")
+        if not self._labels_checked:  # once: a read-back
+            self._labels_checked = True
+            if int(targets.max()) >= self.num_classes:
+                raise ConfigurationError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())}; set num_classes to the number of classes of the data")
         assert self.head is not None and self.optimizer is not None
+        finite = outputs.get("finite")
+        snapshot = StateSnapshot(self.head, [self.optimizer]) if isinstance(finite, Tensor) else None
+        labelled = targets >= 0
         self.head.train()
         with torch.enable_grad():
-            loss = F.cross_entropy(self.head(features[labelled].float()), targets[labelled])
+            per_image = F.cross_entropy(self.head(features.float()), targets.clamp(min=0), reduction="none")
+            loss = (per_image * labelled).sum() / labelled.sum().clamp(min=1)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        labelled_images = labelled.sum()
+        if snapshot is not None:
+            snapshot.restore_unless(finite)  # type: ignore[arg-type]
+            labelled_images = torch.where(finite, labelled_images, 0)  # type: ignore[arg-type]
+        self.labelled_images = self.labelled_images.to(labelled_images.device) + labelled_images
         self.trained_steps += 1
         pl_module.log("train/linear_loss", loss.detach(), on_step=True, on_epoch=False)
 
@@ -133,9 +147,10 @@ class OnlineLinearProbe(EvaluationCallback):
         targets = gather_in_order(torch.cat(self._targets), n)
         self._logits, self._targets = [], []
         keep = targets >= 0
-        if self.trained_steps == 0 or not keep.any():
-            # the same decision on every rank: trained_steps counts gathered batches, targets are gathered
-            what = "no labelled training batch yet" if self.trained_steps == 0 else "no labelled evaluation image"
+        untrained = self.trained_steps == 0 or int(self.labelled_images) == 0
+        if untrained or not keep.any():
+            # the same decision on every rank: the counts are of gathered batches, targets are gathered
+            what = "no labelled training batch yet" if untrained else "no labelled evaluation image"
             self._warn_once(what, f"OnlineLinearProbe: {what}; val/linear_top1 is not logged")
             return
         if int(targets.max()) >= self.num_classes:
@@ -149,7 +164,10 @@ class OnlineLinearProbe(EvaluationCallback):
         """Head weights and optimiser state, saved in the checkpoint."""
         if self.head is None or self.optimizer is None:
             return {}
-        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "trained_steps": self.trained_steps}
+        return {
+            "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(), "trained_steps": self.trained_steps,
+            "labelled_images": int(self.labelled_images),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore on resume (deferred until the head exists)."""
@@ -165,4 +183,5 @@ class OnlineLinearProbe(EvaluationCallback):
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.trained_steps = int(state.get("trained_steps", 1))
+        self.labelled_images = torch.tensor(int(state.get("labelled_images", self.trained_steps)), dtype=torch.long)
         self._pending_state = None

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import ProjectionHead
+from lightly.utils import dist
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adios_pl.errors import ConfigurationError
@@ -15,11 +16,33 @@ from adios_pl.errors import ConfigurationError
 from adios_pl.objectives.base import Objective, ViewOutput
 
 
+def nt_xent(z0: Tensor, z1: Tensor, temperature: float, gather_distributed: bool = True) -> Tensor:
+    """NT-Xent (SimCLR's loss) of the pairs ``(z0[i], z1[i])`` against the other 2B - 2 samples.
+
+    With ``gather_distributed`` under DDP the negatives come from every rank (gradients flow
+    back through lightly's ``gather``). The same loss as lightly's ``NTXentLoss``, but the
+    self-similarities are masked with ``-inf`` rather than cut out by boolean indexing, which
+    would read a count back from the GPU at every call.
+    """
+    z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
+    batch = z0.shape[0]
+    if gather_distributed and dist.world_size() > 1:
+        all0, all1, offset = torch.cat(dist.gather(z0)), torch.cat(dist.gather(z1)), dist.rank() * batch
+    else:
+        all0, all1, offset = z0, z1, 0
+    index = torch.arange(batch, device=z0.device) + offset
+    itself = F.one_hot(index, all0.shape[0]).bool()  # each sample against itself in the same view
+    sim_00 = (z0 @ all0.T / temperature).masked_fill(itself, float("-inf"))
+    sim_11 = (z1 @ all1.T / temperature).masked_fill(itself, float("-inf"))
+    logits = torch.cat([torch.cat([z0 @ all1.T / temperature, sim_00], 1), torch.cat([z1 @ all0.T / temperature, sim_11], 1)])
+    return F.cross_entropy(logits, index.repeat(2))
+
+
 class SimCLR(Objective):
     """SimCLR with the reference's projector ``Linear(d, hidden) -> ReLU -> Linear(hidden, out)``.
 
     The loss is NT-Xent over the 2B samples of (clean, masked). Under DDP the negatives are
-    gathered from all ranks with gradients flowing back (lightly's ``gather_distributed``).
+    gathered from all ranks with gradients flowing back (:func:`nt_xent`).
 
     Args:
         temperature: Softmax temperature tau.
@@ -41,11 +64,7 @@ class SimCLR(Objective):
         self.temperature = temperature
         self.proj_hidden_dim = proj_hidden_dim
         self.proj_output_dim = proj_output_dim
-        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
-        # Without a memory bank lightly keeps an empty buffer; it never reads it, and an empty
-        # storage cannot be shared with spawned processes (ddp_spawn), so drop it.
-        if getattr(self.criterion.memory_bank, "bank", None) is not None and self.criterion.memory_bank.bank.numel() == 0:
-            del self.criterion.memory_bank.bank
+        self.gather_distributed = gather_distributed
 
     def build(self, encoder: nn.Module) -> None:
         """Create the projector for ``encoder.num_features`` inputs."""
@@ -67,5 +86,4 @@ class SimCLR(Objective):
                 "SimCLR needs at least 2 images per batch: its negatives are the other images, so with one "
                 "the loss is 0 and nothing trains; raise batch_size"
             )
-        loss: Tensor = self.criterion(clean["z"], masked["z"])
-        return loss
+        return nt_xent(clean["z"], masked["z"], self.temperature, self.gather_distributed)
