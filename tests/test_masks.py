@@ -128,3 +128,34 @@ def test_saturated_masks_give_finite_gradients() -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in gen.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["random_patch", "random_block"])
+def test_random_masks_partition_with_balanced_slots_and_a_reproducible_generator(kind: str) -> None:
+    from adios_pl.masks import RandomMasks
+
+    masks = RandomMasks(6, 32, kind=kind, patch_size=4)
+    masks.generator = torch.Generator().manual_seed(0)
+    first = masks(torch.zeros(64, 3, 32, 32))
+    assert first.shape == (64, 6, 32, 32) and torch.equal(first.sum(1), torch.ones(64, 32, 32))
+    cells = first[:, :, ::4, ::4].sum((2, 3))  # cells per slot and image, of 64
+    if kind == "random_patch":  # cells dealt evenly: 64 // 6 or one more
+        assert cells.min() >= 10 and cells.max() <= 11
+    else:  # blocks: slots 1..N-1 exactly 64 // 6 cells, the last the rest
+        assert (cells[:, :5] == 10).all() and (cells[:, 5] == 14).all()
+    masks.generator = torch.Generator().manual_seed(0)
+    assert torch.equal(masks(torch.zeros(64, 3, 32, 32)), first), "the module's generator does not drive the draws"
+    assert not torch.equal(masks(torch.zeros(64, 3, 32, 32)), first)
+
+
+def test_random_blocks_are_compact() -> None:
+    """Blocks grow from rectangles: a slot's cells touch each other far more than dealt cells do."""
+    from adios_pl.masks import RandomMasks
+
+    def touching(kind: str) -> float:
+        m = RandomMasks(4, 64, kind=kind, patch_size=4)
+        m.generator = torch.Generator().manual_seed(1)
+        slots = m(torch.zeros(128, 3, 64, 64))[:, :, ::4, ::4].argmax(1)  # (B, 16, 16) slot per cell
+        return float((slots[:, :, 1:] == slots[:, :, :-1]).float().mean())
+
+    assert touching("random_block") > 0.6 > 0.4 > touching("random_patch")

@@ -192,6 +192,7 @@ class ADIOSModule(pl.LightningModule):
         # Created in on_train_start: a torch.Generator cannot be sent to spawned processes.
         self._slot_generator: torch.Generator | None = None
         self._slot_state: Tensor | None = None
+        self._mask_rng_state: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- API
     def embed(self, images: Tensor) -> Tensor:
@@ -273,8 +274,14 @@ class ADIOSModule(pl.LightningModule):
             self._slot_state = None
         else:
             self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
-        if hasattr(self.mask_generator, "generator"):  # random baselines draw from it too
-            self.mask_generator.generator = self._slot_generator  # type: ignore[union-attr]
+        if hasattr(self.mask_generator, "generator"):  # random baselines: a generator on the masks' device
+            generator = torch.Generator(device=self.device)
+            if self._mask_rng_state is not None:
+                generator.set_state(self._mask_rng_state)
+                self._mask_rng_state = None
+            else:
+                generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank + 7) % 2**63)
+            self.mask_generator.generator = generator  # type: ignore[union-attr]
 
     def configure_model(self) -> None:
         """Apply the channels-last and compile options once the model is on its device."""
@@ -292,6 +299,9 @@ class ADIOSModule(pl.LightningModule):
         checkpoint["adios_skipped_batches"] = self.skipped_batches
         if self._slot_generator is not None:
             checkpoint["adios_slot_rng"] = self._slot_generator.get_state()
+        mask_rng = getattr(self.mask_generator, "generator", None)
+        if isinstance(mask_rng, torch.Generator):
+            checkpoint["adios_mask_rng"] = mask_rng.get_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another configuration; restore the ADIOS-s slot sampler."""
@@ -307,6 +317,7 @@ class ADIOSModule(pl.LightningModule):
                 + "); load it into a model built with the same settings"
             )
         self._slot_state = checkpoint.get("adios_slot_rng")
+        self._mask_rng_state = checkpoint.get("adios_mask_rng")
         self.skipped_batches = int(checkpoint.get("adios_skipped_batches", 0))
         self._apply_configured_rates(checkpoint)
 
@@ -408,11 +419,11 @@ class ADIOSModule(pl.LightningModule):
         self.objective.on_step_end(self.encoder, step, self.total_steps)  # the reference's on_train_batch_end
         # in the order of the step: the encoder's loss and gradient, then the mask player's
         losses = {k: v for k, v in logs.items() if k.endswith("_loss") and isinstance(v, Tensor)}
-        checked = {"train/encoder_loss": losses.pop("train/encoder_loss")}
-        checked["encoder gradient norm"] = grad_norms["encoder gradient norm"]
-        checked.update(losses)
-        checked["mask gradient norm"] = grad_norms.get("mask gradient norm")
-        checked = {k: v for k, v in checked.items() if v is not None}
+        ordered: dict[str, Tensor | None] = {"train/encoder_loss": losses.pop("train/encoder_loss")}
+        ordered["encoder gradient norm"] = grad_norms["encoder gradient norm"]
+        ordered.update(losses)
+        ordered["mask gradient norm"] = grad_norms.get("mask gradient norm")
+        checked = {k: v for k, v in ordered.items() if v is not None}
         ok = all_finite(list(checked.values()))
         if snapshot is not None:  # nonfinite="skip": a non-finite batch leaves no trace but the count
             snapshot.restore_unless(ok)
