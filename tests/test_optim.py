@@ -55,3 +55,33 @@ def test_warmup_cosine() -> None:
     assert math.isclose(warmup_cosine(7, 4, 10), 0.5)
     assert warmup_cosine(10, 4, 10) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(10, 4, 10, min_factor=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("dtype,clip_lr", [(torch.float64, True), (torch.float32, True), (torch.float64, False)])
+def test_foreach_lars_equals_the_weight_by_weight_update(dtype: torch.dtype, clip_lr: bool) -> None:
+    """The multi-tensor update (default on CUDA) against the loop, over steps that include a
+    zero weight (no scaling, no decay), zero gradients and the first momentum step."""
+
+    def params() -> list[torch.nn.Parameter]:
+        g = torch.Generator().manual_seed(0)
+        shapes = [(8, 4), (4,), (3, 3), (2, 3, 3, 3)]
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+        with torch.no_grad():
+            ps[2].zero_()
+        return ps
+
+    loop, multi = params(), params()
+    opts = [LARS(ps, lr=0.3, weight_decay=1e-4, clip_lr=clip_lr, foreach=f) for ps, f in ((loop, False), (multi, True))]
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=g, dtype=dtype) for p in loop]
+        if step % 2 == 0:
+            grads[3] = torch.zeros_like(grads[3])
+        for ps in (loop, multi):
+            for p, grad in zip(ps, grads):
+                p.grad = grad.clone()
+        for opt in opts:
+            opt.step()
+    for a, b in zip(loop, multi):
+        # same operations in the same order: bit for bit
+        assert torch.equal(a, b)

@@ -87,8 +87,8 @@ class ADIOSModule(pl.LightningModule):
             players' gradients from one forward/backward, the mask generator's through a
             gradient reversal. An approximation (the mask generator sees the encoder before its
             update, not after) that saves the mask step's N+1 encoder passes.
-        channels_last: Run the encoder and views in channels-last memory format (faster
-            convolutions on recent GPUs).
+        channels_last: Run the encoder, the mask generator and the views in channels-last memory
+            format (faster convolutions on recent GPUs); ``None`` (default): on a CUDA device only.
         compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
         nonfinite: ``"raise"`` (stop on a NaN/Inf loss or gradient, naming it) or ``"skip"``
             (drop the whole batch, restoring every state, and count it in ``train/skipped_batches``).
@@ -125,7 +125,7 @@ class ADIOSModule(pl.LightningModule):
         mask_type: Literal["learned", "random_patch", "random_block"] = "learned",
         mask_patch_size: int | None = None,
         update: Literal["alternating", "simultaneous"] = "alternating",
-        channels_last: bool = False,
+        channels_last: bool | None = None,
         compile_encoder: bool = False,
         nonfinite: Literal["raise", "skip"] = "raise",
         mask_generator: nn.Module | None = None,
@@ -285,8 +285,10 @@ class ADIOSModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Apply the channels-last and compile options once the model is on its device."""
-        if self.hparams["channels_last"]:
+        if self._channels_last():
             self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            if self.mask_generator is not None:
+                self.mask_generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.hparams["compile_encoder"] and not getattr(self, "_compiled", False):
             self.encoder.compile()
             self._compiled = True
@@ -591,9 +593,17 @@ class ADIOSModule(pl.LightningModule):
             )
         if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
             raise BatchFormatError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
-        if self.hparams["channels_last"]:
+        if self._channels_last():
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         return x1, x2, targets
+
+    def _channels_last(self) -> bool:
+        setting = self.hparams["channels_last"]
+        if setting is not None:
+            return bool(setting)
+        trainer = getattr(self, "_trainer", None)  # in configure_model the module is not on its device yet
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        return device.type == "cuda"
 
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:

@@ -39,6 +39,7 @@ class LARS(Optimizer):
         clip_lr: bool = True,
         exclude_bias_n_norm: bool = True,
         eps: float = 1e-8,
+        foreach: bool | None = None,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eta <= 0:
             raise ValueError(f"LARS needs lr >= 0, momentum >= 0, weight_decay >= 0, eta > 0; got {lr}, {momentum}, {weight_decay}, {eta}")
@@ -47,6 +48,9 @@ class LARS(Optimizer):
             exclude_bias_n_norm=exclude_bias_n_norm, eps=eps,
         )
         super().__init__(params, defaults)
+        #: Multi-tensor (``torch._foreach_*``) update: a few kernels per step instead of a few per
+        #: weight. ``None``: on when every parameter is on a CUDA device.
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -56,28 +60,77 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eta, eps = group["lr"], group["weight_decay"], group["eta"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p: Tensor = p.grad
-                if p.ndim != 1 or not group["exclude_bias_n_norm"]:
-                    p_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(d_p)
-                    scale = eta * p_norm / (g_norm + p_norm * wd + eps)
-                    if group["clip_lr"]:
-                        scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
-                    # As the reference: neither scaling nor weight decay where either norm is zero.
-                    d_p = torch.where((p_norm > 0) & (g_norm > 0), d_p.add(p, alpha=wd) * scale, d_p)
-                if group["momentum"] != 0:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = d_p.detach().clone()
-                    else:
-                        state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
-                    d_p = state["momentum_buffer"]
-                p.add_(d_p, alpha=-lr)
+            foreach = self.foreach
+            if foreach is None:
+                foreach = all(p.is_cuda for p in group["params"])
+            if foreach:
+                self._foreach_group(group)
+            else:
+                self._loop_group(group)
         return loss
+
+    def _loop_group(self, group: dict) -> None:
+        """The update of one group, weight by weight (the readable version)."""
+        lr, wd, eta, eps = group["lr"], group["weight_decay"], group["eta"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d_p: Tensor = p.grad
+            if p.ndim != 1 or not group["exclude_bias_n_norm"]:
+                p_norm = torch.linalg.vector_norm(p)
+                g_norm = torch.linalg.vector_norm(d_p)
+                scale = eta * p_norm / (g_norm + p_norm * wd + eps)
+                if group["clip_lr"]:
+                    scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
+                # As the reference: neither scaling nor weight decay where either norm is zero.
+                d_p = torch.where((p_norm > 0) & (g_norm > 0), d_p.add(p, alpha=wd) * scale, d_p)
+            if group["momentum"] != 0:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d_p.detach().clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
+                d_p = state["momentum_buffer"]
+            p.add_(d_p, alpha=-lr)
+
+    def _foreach_group(self, group: dict) -> None:
+        """The same update as :meth:`_loop_group` with multi-tensor kernels."""
+        lr, wd, eta, eps, momentum = group["lr"], group["weight_decay"], group["eta"], group["eps"], group["momentum"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        scaled = [i for i, p in enumerate(params) if p.ndim != 1 or not group["exclude_bias_n_norm"]]
+        updates = list(grads)
+        if scaled:
+            ps, gs = [params[i] for i in scaled], [grads[i] for i in scaled]
+            p_norm = torch.stack(torch._foreach_norm(ps))
+            g_norm = torch.stack(torch._foreach_norm(gs))
+            scale = eta * p_norm / (g_norm + p_norm * wd + eps)
+            if group["clip_lr"]:
+                scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
+            # As the reference: neither scaling nor weight decay where either norm is zero.
+            active = (p_norm > 0) & (g_norm > 0)
+            decay = torch._foreach_mul(ps, list((active.to(p_norm.dtype) * wd).unbind()))
+            d = torch._foreach_add(gs, decay)
+            torch._foreach_mul_(d, list(torch.where(active, scale, 1.0).unbind()))
+            for i, u in zip(scaled, d):
+                updates[i] = u
+        if momentum != 0:
+            buffers = []
+            for p, u in zip(params, updates):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = u.detach().clone()
+                    buffers.append(None)
+                else:
+                    buffers.append(state["momentum_buffer"])
+            old = [(b, u) for b, u in zip(buffers, updates) if b is not None]
+            if old:
+                torch._foreach_mul_([b for b, _ in old], momentum)
+                torch._foreach_add_([b for b, _ in old], [u for _, u in old])
+            updates = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_add_(params, updates, alpha=-lr)
 
 
 def build_optimizer(
