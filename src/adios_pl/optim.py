@@ -117,7 +117,7 @@ class LARS(Optimizer):
             for i, u in zip(scaled, d):
                 updates[i] = u
         if momentum != 0:
-            buffers = []
+            buffers: list[Tensor | None] = []
             for p, u in zip(params, updates):
                 state = self.state[p]
                 if "momentum_buffer" not in state:
