@@ -267,7 +267,8 @@ class ADIOSModule(pl.LightningModule):
 
     # -------------------------------------------------------------------------------- hooks
     def on_train_start(self) -> None:
-        """Seed the ADIOS-s slot sampler, differently on each rank."""
+        """Seed the ADIOS-s slot sampler, differently on each rank; put the counters on the device."""
+        self._skipped = self._skipped.to(self.device)  # logged every step: keep it where the logs are
         self._slot_generator = torch.Generator()
         if self._slot_state is not None:  # resumed: continue the saved sequence
             self._slot_generator.set_state(self._slot_state)
@@ -365,7 +366,7 @@ class ADIOSModule(pl.LightningModule):
 
         # Player 1: the encoder side minimises the SSL loss of the masked views.
         encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
-        logs = {"train/encoder_loss": encoder_loss, "train/lr": schedulers[0].get_last_lr()[0]}
+        logs = {"train/encoder_loss": encoder_loss, "train/lr": self._on_device(schedulers[0].get_last_lr()[0])}
         grad_norms = {"encoder gradient norm": self._step_player(optimizers[0])}
         self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
 
@@ -376,7 +377,7 @@ class ADIOSModule(pl.LightningModule):
                 logs.update(self._mask_penalties_and_backward(masks, leaf, encoder_loss))
             else:
                 logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))
-            logs["train/mask_lr"] = schedulers[1].get_last_lr()[0]
+            logs["train/mask_lr"] = self._on_device(schedulers[1].get_last_lr()[0])
             grad_norms["mask gradient norm"] = self._step_player(optimizers[1])
         return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
 
@@ -399,7 +400,10 @@ class ADIOSModule(pl.LightningModule):
             return None, None
         both = self.objective.mask_both_views
         masks: Tensor = self.mask_generator(torch.cat([x1, x2]) if both else x2)
-        slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator).to(x2.device) if self.mask_mode == "one" else None
+        slots = None
+        if self.mask_mode == "one":  # drawn on the host (a generator saved in checkpoints), copied without waiting
+            slots = sample_slots(x2.shape[0], self.num_masks, self._slot_generator)
+            slots = slots.pin_memory().to(x2.device, non_blocking=True) if x2.is_cuda else slots.to(x2.device)
         return masks, slots
 
     def _step_player(self, optimizer: Any) -> Tensor | None:
@@ -447,6 +451,11 @@ class ADIOSModule(pl.LightningModule):
         if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
             outputs["finite"] = ok
         return outputs
+
+    def _on_device(self, value: float) -> Tensor:
+        """A number as a tensor on the module's device, written by a kernel: ``self.log`` of a
+        Python number would copy it from host memory, which waits for the device."""
+        return torch.full((), value, device=self.device)
 
     def _readback_interval(self) -> int:
         """Batches between read-backs of the non-finite record: every batch on the CPU (free),

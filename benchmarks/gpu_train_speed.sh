@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# End-to-end GPU training speed, before and after, in one go (about 7 minutes on one H100/H200):
+#   1. this version, augmentation on the device: baseline, ADIOS, ADIOS-s, simultaneous at 32 px;
+#   2. an older version (OLD_SRC, its src/ folder), loader augmentation: baseline and ADIOS;
+#   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS, older version then this one;
+#   4. profiles of the ADIOS step, this version and the older one (profile_step.py);
+#   5. the exact step against the reference step at N=4 (step_speed.py).
+# ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
+# Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
+#   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
+set -uo pipefail
+out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
+archive=${2:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
+old=${3:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+site=""
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site
+fi
+new="$(pwd)/src"
+data=/tmp/speed_data
+mkdir -p "$data/cifar10"
+tar xzf "$archive" -C "$data/cifar10"
+nvidia-smi -L > "$out/gpu.txt" 2>&1
+python3 - "$data/cifar10/train" "$data/cifar10_96/train" <<'EOF'
+# 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs
+import os, sys
+from multiprocessing import Pool
+from PIL import Image
+src, dst = sys.argv[1], sys.argv[2]
+jobs = []
+for c in sorted(os.listdir(src)):
+    os.makedirs(os.path.join(dst, c), exist_ok=True)
+    jobs += [(os.path.join(src, c, f), os.path.join(dst, c, f)) for f in sorted(os.listdir(os.path.join(src, c)))[:1000]]
+def up(job):
+    Image.open(job[0]).convert("RGB").resize((96, 96), Image.BICUBIC).save(job[1], quality=90)
+with Pool(16) as pool:
+    pool.map(up, jobs, chunksize=64)
+print(len(jobs), "images at 96 px")
+EOF
+python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
+
+speed() {  # speed LABEL SRC SECONDS ARGS...
+    local label=$1 src=$2 limit=$3
+    shift 3
+    PYTHONPATH="$src${site:+:$site}" timeout "$limit" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
+        --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
+}
+profile() {  # profile LABEL SRC AUGMENT_ON
+    PYTHONPATH="$2${site:+:$site}" timeout 75 python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
+        --label "$1" --augment-on "$3" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
+}
+c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
+c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
+
+speed new "$new" 170 "${c32[@]}" --augment-on device --variants baseline adios adios_s simultaneous
+[ -n "$old" ] && speed old "$old" 110 "${c32[@]}" --augment-on host --variants baseline adios
+[ -n "$old" ] && speed old "$old" 70 "${c96[@]}" --augment-on host --variants adios
+speed new "$new" 50 "${c96[@]}" --augment-on device --variants adios
+profile new "$new" device
+[ -n "$old" ] && profile old "$old" host
+PYTHONPATH="$new${site:+:$site}" timeout 80 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
+    --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 5 --steps 2 --precision bf16-mixed \
+    --channels-last --out "$out/step_speed_gpu_n4.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"
