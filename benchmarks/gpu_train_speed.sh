@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed, before and after, in one go (about 7 minutes on one H100/H200):
+# End-to-end GPU training speed, before and after, in one go (at most 9 minutes on one H100/H200):
 #   1. this version, augmentation on the device: baseline, ADIOS, ADIOS-s, simultaneous at 32 px;
 #   2. an older version (OLD_SRC, its src/ folder), loader augmentation: baseline and ADIOS;
 #   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS, older version then this one;
@@ -48,18 +48,18 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
         --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON
-    PYTHONPATH="$2${site:+:$site}" timeout 75 python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
+    PYTHONPATH="$2${site:+:$site}" timeout 45 python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
         --label "$1" --augment-on "$3" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 
-speed new "$new" 170 "${c32[@]}" --augment-on device --variants baseline adios adios_s simultaneous
-[ -n "$old" ] && speed old "$old" 110 "${c32[@]}" --augment-on host --variants baseline adios
-[ -n "$old" ] && speed old "$old" 70 "${c96[@]}" --augment-on host --variants adios
-speed new "$new" 50 "${c96[@]}" --augment-on device --variants adios
+speed new "$new" 150 "${c32[@]}" --augment-on device --variants baseline adios adios_s simultaneous
+[ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
+[ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
+speed new "$new" 45 "${c96[@]}" --augment-on device --variants adios
 profile new "$new" device
 [ -n "$old" ] && profile old "$old" host
-PYTHONPATH="$new${site:+:$site}" timeout 80 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
-    --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 5 --steps 2 --precision bf16-mixed \
+PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
+    --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
     --channels-last --out "$out/step_speed_gpu_n4.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"

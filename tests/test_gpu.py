@@ -73,3 +73,55 @@ def test_offline_evaluation_on_the_gpu_matches_the_cpu() -> None:
     on_gpu = tuple(t.cuda() for t in split)
     assert abs(linear_probe(*on_gpu, 5, epochs=10) - linear_probe(*split, 5, epochs=10)) <= 0.01
     assert knn_accuracy(*on_gpu, 5, k=20) == knn_accuracy(*split, 5, k=20)
+
+
+def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> None:
+    """On CUDA the two-view pipeline makes no host synchronisation (sync debug mode 'error'
+    raises on any), and its statistics are those of the same code on the CPU."""
+    from adios_pl.data.device_augment import DeviceAugmentation
+
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)
+    gpu_images = images.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        v1, v2 = augment(gpu_images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu1, _ = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)(images)
+    assert v1.shape == v2.shape == (512, 3, 32, 32) and v1.is_cuda
+    for stat in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3))):
+        a, b = stat(v1.float().cpu()).sort().values, stat(cpu1).sort().values
+        assert float((a - b).abs().max()) < 0.35 and abs(float(a.mean() - b.mean())) < 0.05
+
+
+def test_a_training_step_makes_no_host_synchronisation() -> None:
+    """Sync debug mode 'error' from the third batch on: any read-back in the step (or the
+    callbacks' per-step work) raises. Lightning's logging reads back every log_every_n_steps
+    batches, set beyond the run here."""
+    import pytorch_lightning as pl
+
+    from adios_pl.callbacks import OnlineLinearProbe
+
+    class Strict(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
+            if batch_idx_of(trainer) == 4:
+                torch.cuda.set_sync_debug_mode("default")
+
+    def batch_idx_of(trainer: pl.Trainer) -> int:
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
+
+    for kw in ({}, {"mask_mode": "one"}, {"update": "simultaneous"}, {"nonfinite": "skip"}):
+        model = _model(image_size=32, **kw)
+        try:
+            quiet_trainer(accelerator="gpu", max_steps=5, log_every_n_steps=1000, limit_val_batches=0,
+                          callbacks=[OnlineLinearProbe(num_classes=4), Strict()]).fit(
+                model, make_loader(n=32 * 5, batch_size=32, size=32))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
