@@ -116,8 +116,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--num-workers", type=int, default=14)
-    parser.add_argument("--warmup", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -137,6 +137,7 @@ def main() -> None:
         callbacks=[OnlineKNN(), OnlineLinearProbe(num_classes=10), profiler], num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=datamodule)
+    print("profiled; summarising", flush=True)
     text = summary(args, profiler)
     print(text)
     with open(args.out, "a") as f:

@@ -83,6 +83,7 @@ def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> N
     images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     augment = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)
     gpu_images = images.cuda()
+    augment.augment(gpu_images[:2])  # the first call moves the module's constants to the device
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -110,12 +111,9 @@ def test_a_training_step_makes_no_host_synchronisation() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
 
-        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
-            if batch_idx_of(trainer) == 4:
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 4:
                 torch.cuda.set_sync_debug_mode("default")
-
-    def batch_idx_of(trainer: pl.Trainer) -> int:
-        return trainer.fit_loop.epoch_loop.batch_progress.current.ready - 1
 
     for kw in ({}, {"mask_mode": "one"}, {"update": "simultaneous"}, {"nonfinite": "skip"}):
         model = _model(image_size=32, **kw)

@@ -411,7 +411,9 @@ class ADIOSModule(pl.LightningModule):
         finiteness check at the end of the batch)."""
         params = self._params_of(optimizer)
         all_reduce_gradients(params)
-        norm = gradient_norm(params)
+        # Under a GradScaler (16-mixed) the gradients are scaled, and an overflow is the scaler's
+        # business: it skips that step and lowers the scale. Only the losses are checked then.
+        norm = None if getattr(self.trainer.precision_plugin, "scaler", None) is not None else gradient_norm(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
@@ -446,7 +448,8 @@ class ADIOSModule(pl.LightningModule):
         logs["train/skipped_batches"] = self._skipped.float()
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         encoder_loss = logs["train/encoder_loss"]
-        self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
+        if (step + 1) % self._readback_interval() == 0:  # Lightning reads progress-bar values back at every log
+            self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
         outputs = {"loss": encoder_loss, "features": features, "targets": targets}
         if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
             outputs["finite"] = ok
@@ -458,8 +461,8 @@ class ADIOSModule(pl.LightningModule):
         return torch.full((), value, device=self.device)
 
     def _readback_interval(self) -> int:
-        """Batches between read-backs of the non-finite record: every batch on the CPU (free),
-        Lightning's ``log_every_n_steps`` on an accelerator."""
+        """Batches between read-backs (the non-finite record, the progress bar's loss): every batch
+        on the CPU (free), Lightning's ``log_every_n_steps`` on an accelerator."""
         if self.device.type == "cpu":
             return 1
         return max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
