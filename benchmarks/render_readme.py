@@ -21,7 +21,7 @@ def step_tables() -> str:
     from step_speed import format_table
 
     parts = []
-    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_simultaneous.json", "step_speed_gpu_bf16.json"):
+    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_simultaneous.json", "step_speed_gpu_bf16.json", "step_speed_gpu_n4.json"):
         path = RESULTS / name
         if path.exists():
             parts.append(format_table(json.loads(path.read_text())))
@@ -38,6 +38,20 @@ def data_table() -> str:
     return "| command | two-view images/s |\n|---|---|\n" + "\n".join(rows)
 
 
+def train_table() -> str:
+    path = RESULTS / "train_speed_gpu.json"
+    if not path.exists():
+        return "_no end-to-end training results yet_"
+    names = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
+    rows = [
+        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])} | {r['image_size']} | {r['num_masks']} "
+        f"| {r['images_per_s']:,.0f} | {r['device']} |"
+        for r in json.loads(path.read_text())
+    ]
+    header = "| version | augmentation | variant | px | N | training images/s | device |\n|---|---|---|---|---|---|---|\n"
+    return header + "\n".join(rows)
+
+
 def quality_table() -> str:
     path = RESULTS / "quality.md"
     return path.read_text().strip() if path.exists() else "_no quality benchmark results yet_"
@@ -45,7 +59,7 @@ def quality_table() -> str:
 
 def main() -> None:
     readme = (ROOT / "README.md").read_text()
-    for name, render in (("step", step_tables), ("data", data_table), ("quality", quality_table)):
+    for name, render in (("step", step_tables), ("data", data_table), ("train", train_table), ("quality", quality_table)):
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         readme = pattern.sub(lambda m: m.group(1) + render() + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)

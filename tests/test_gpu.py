@@ -77,10 +77,12 @@ def test_offline_evaluation_on_the_gpu_matches_the_cpu() -> None:
 
 def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> None:
     """On CUDA the two-view pipeline makes no host synchronisation (sync debug mode 'error'
-    raises on any), and its statistics are those of the same code on the CPU."""
+    raises on any), and the distributions of per-view statistics match the same code's on the
+    CPU (two-sample KS test at alpha = 0.001; the two devices draw different random numbers)."""
     from adios_pl.data.device_augment import DeviceAugmentation
+    from test_device_augment import KS_LIMIT, N, ks
 
-    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     augment = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)
     gpu_images = images.cuda()
     augment.augment(gpu_images[:2])  # the first call moves the module's constants to the device
@@ -91,10 +93,10 @@ def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> N
     finally:
         torch.cuda.set_sync_debug_mode("default")
     cpu1, _ = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)(images)
-    assert v1.shape == v2.shape == (512, 3, 32, 32) and v1.is_cuda
-    for stat in (lambda v: v.mean((1, 2, 3)), lambda v: v.std((1, 2, 3))):
-        a, b = stat(v1.float().cpu()).sort().values, stat(cpu1).sort().values
-        assert float((a - b).abs().max()) < 0.35 and abs(float(a.mean() - b.mean())) < 0.05
+    assert v1.shape == v2.shape == (N, 3, 32, 32) and v1.is_cuda
+    for name, stat in (("mean", lambda v: v.mean((1, 2, 3))), ("std", lambda v: v.std((1, 2, 3)))):
+        gap = ks(stat(v1.float().cpu()), stat(cpu1))
+        assert gap < KS_LIMIT, f"per-view {name} differs between CUDA and CPU: KS {gap:.3f}"
 
 
 def test_a_training_step_makes_no_host_synchronisation() -> None:
