@@ -360,26 +360,51 @@ class ADIOSModule(pl.LightningModule):
         optimizers, schedulers = self._players()
         snapshot = StateSnapshot(self, optimizers) if self.hparams["nonfinite"] == "skip" else None
         masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
-        # Simultaneous rule: the masks' gradient comes with the encoder's backward, reversed.
-        leaf = masks.detach().requires_grad_() if masks is not None and self._simultaneous() else None
-        encoder_masks = reverse_gradient(leaf) if leaf is not None else None if masks is None else masks.detach()
+        play = self._simultaneous_round if self._simultaneous() else self._alternating_round
+        logs, grad_norms, features = play(x1, x2, masks, slots, optimizers, step)
+        logs["train/lr"] = self._on_device(schedulers[0].get_last_lr()[0])
+        if self.learned_masks:
+            logs["train/mask_lr"] = self._on_device(schedulers[1].get_last_lr()[0])
+        return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
 
-        # Player 1: the encoder side minimises the SSL loss of the masked views.
-        encoder_loss, features = self._encoder_step(x1, x2, encoder_masks, slots)
-        logs = {"train/encoder_loss": encoder_loss, "train/lr": self._on_device(schedulers[0].get_last_lr()[0])}
-        grad_norms = {"encoder gradient norm": self._step_player(optimizers[0])}
-        self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
-
-        # Player 2: the mask generator ascends the SSL loss minus its penalties.
+    def _alternating_round(
+        self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None, optimizers: list[Any], step: int,
+    ) -> tuple[dict[str, Any], dict[str, Tensor | None], Tensor]:
+        """The reference game. Player 1, the encoder side, minimises the SSL loss of the masked
+        views (masks fixed) and steps; player 2, the mask generator, then ascends the SSL loss of
+        the *updated* encoder minus its penalties, and steps."""
+        encoder_loss, features = self._encoder_step(x1, x2, None if masks is None else masks.detach(), slots)
+        logs: dict[str, Any] = {"train/encoder_loss": encoder_loss}
+        grad_norms = {"encoder gradient norm": self._step_encoder(optimizers[0], step)}
         if self.learned_masks:
             assert masks is not None
-            if leaf is not None:
-                logs.update(self._mask_penalties_and_backward(masks, leaf, encoder_loss))
-            else:
-                logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))
-            logs["train/mask_lr"] = self._on_device(schedulers[1].get_last_lr()[0])
+            logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))
             grad_norms["mask gradient norm"] = self._step_player(optimizers[1])
-        return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
+        return logs, grad_norms, features
+
+    def _simultaneous_round(
+        self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None, optimizers: list[Any], step: int,
+    ) -> tuple[dict[str, Any], dict[str, Tensor | None], Tensor]:
+        """Both players' gradients from one forward/backward: the masks enter the encoder's terms
+        through a gradient reversal, so the encoder's backward also gives the mask generator its
+        ascent direction (of the encoder before its update, unlike the reference); the penalties
+        complete it, then both players step."""
+        assert masks is not None
+        leaf = masks.detach().requires_grad_()  # collects the masks' (reversed) gradient over the N terms
+        encoder_loss, features = self._encoder_step(x1, x2, reverse_gradient(leaf), slots)
+        logs: dict[str, Any] = {"train/encoder_loss": encoder_loss}
+        logs.update(self._mask_penalties_and_backward(masks, leaf, encoder_loss))
+        grad_norms = {
+            "encoder gradient norm": self._step_encoder(optimizers[0], step),
+            "mask gradient norm": self._step_player(optimizers[1]),
+        }
+        return logs, grad_norms, features
+
+    def _step_encoder(self, optimizer: Any, step: int) -> Tensor | None:
+        """Step the encoder side, then the objective's ``on_encoder_step_end`` hook."""
+        norm = self._step_player(optimizer)
+        self.objective.on_encoder_step_end(self.encoder, step, self.total_steps)
+        return norm
 
     def _players(self) -> tuple[list[Any], list[Any]]:
         """The optimisers and schedulers: the encoder side's, then the mask generator's if learned."""
