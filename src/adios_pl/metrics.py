@@ -95,7 +95,11 @@ def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
 
 
 def random_patch_segmentation(batch: int, size: int, num_segments: int, patch: int, generator: torch.Generator | None = None) -> Tensor:
-    """A baseline segmentation: ``patch x patch`` squares assigned to random segment ids."""
-    cells = -(-size // patch)
-    ids = torch.randint(num_segments, (batch, cells, cells), generator=generator)
-    return ids.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, :size, :size]
+    """A baseline segmentation ``(B, size, size)`` of segment ids: the ``random_patch`` masks of
+    :class:`~adios_pl.masks.RandomMasks` (``patch x patch`` cells dealt evenly to the segments)."""
+    from adios_pl.masks import RandomMasks  # the one random-patch generator
+
+    masks = RandomMasks(num_segments, size, kind="random_patch", patch_size=patch)
+    masks.generator = generator
+    device = generator.device if generator is not None else torch.device("cpu")
+    return masks(torch.zeros(batch, 3, size, size, device=device)).argmax(dim=1)
