@@ -1,4 +1,4 @@
-"""Construction-time checks of ADIOSModule's arguments and of a mask generator passed in."""
+"""Checks of what users hand ADIOSModule: its arguments, a mask generator passed in, training batches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from adios_pl.errors import BatchFormatError
 from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES
 from adios_pl.optim import OPTIMIZERS
 
@@ -83,3 +84,25 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"schedule_interval={kw['schedule_interval']!r} is not supported; accepted: 'step', 'epoch'")
     if not number(kw["warmup_start_lr"]) or kw["warmup_start_lr"] < 0:
         raise ValueError(f"warmup_start_lr must be a finite number >= 0, got {kw['warmup_start_lr']!r}")
+
+
+def unpack_training_batch(batch: Any, image_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(view_1, view_2, targets)`` of a training batch ``((view_1, view_2), targets)``, checked:
+    two views ``(B, 3, image_size, image_size)`` of the same shape and targets ``(B,)``."""
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        raise BatchFormatError(
+            "a training batch must be (views, targets): views a sequence of two tensors "
+            f"(B, 3, H, W) and targets a LongTensor (B,); got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+        )
+    views, targets = batch
+    if not isinstance(views, (list, tuple)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
+        raise BatchFormatError("views must be a sequence of two tensors (B, 3, H, W)")
+    x1, x2 = views
+    if x1.shape != x2.shape:
+        raise BatchFormatError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.dim() != 4 or tuple(x1.shape[1:]) != (3, image_size, image_size):
+        raise BatchFormatError(f"views must be (B, 3, {image_size}, {image_size}) for image_size={image_size}; got {tuple(x1.shape)}")
+    if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
+        raise BatchFormatError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
+    return x1, x2, targets

@@ -15,13 +15,14 @@ from torch import Tensor, nn
 from pytorch_lightning.utilities import rank_zero_warn
 
 
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync, is_distributed
-from adios_pl.checks import check_arguments, check_mask_generator
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
+from adios_pl.checks import check_arguments, check_mask_generator, unpack_training_batch
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import build_optimizer, schedule_factor
+from adios_pl.resume import apply_configured_rates, check_identity
 from adios_pl.nonfinite import FirstFailure, StateSnapshot, all_finite, gradient_norm
 from adios_pl.step_counting import count_batches_only
 from adios_pl.masking import masked_view, reverse_gradient, sample_slots
@@ -308,43 +309,12 @@ class ADIOSModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another configuration; restore the ADIOS-s slot sampler."""
-        saved = checkpoint.get("adios_identity", {})
-        mismatches = [
-            f"{key}: checkpoint {saved[key]!r}, this model {value!r}"
-            for key, value in self.identity.items()
-            if key in saved and saved[key] != value
-        ]
-        if mismatches:
-            raise ConfigurationError(
-                "the checkpoint was trained with another configuration (" + "; ".join(mismatches)
-                + "); load it into a model built with the same settings"
-            )
+        check_identity(checkpoint.get("adios_identity", {}), self.identity)
         self._slot_state = checkpoint.get("adios_slot_rng")
         self._mask_rng_state = checkpoint.get("adios_mask_rng")
         self.skipped_batches = int(checkpoint.get("adios_skipped_batches", 0))
-        self._apply_configured_rates(checkpoint)
-
-    def _apply_configured_rates(self, checkpoint: dict[str, Any]) -> None:
-        """Make the configured lr, mask_lr, weight decay and momentum win over the checkpoint's.
-
-        Each optimiser's rates are rescaled by ``configured / saved`` base rate, so an unchanged
-        configuration resumes exactly and a changed one continues the schedule at the new rate.
-        """
         hp: Any = self.hparams
-        for index, (opt_state, sched_state) in enumerate(zip(checkpoint.get("optimizer_states", []), checkpoint.get("lr_schedulers", []))):
-            base = hp.lr if index == 0 else hp.mask_lr
-            saved = list(sched_state.get("base_lrs", []))
-            sched_state["base_lrs"] = [base] * len(saved)
-            for group, old in zip(opt_state.get("param_groups", []), saved):
-                ratio = base / old if old else 1.0
-                group["lr"] = group["lr"] * ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] = base
-                group["weight_decay"] = hp.weight_decay
-                if "momentum" in group and hp.optimizer != "adamw":
-                    group["momentum"] = hp.momentum
-            if "_last_lr" in sched_state:
-                sched_state["_last_lr"] = [g["lr"] for g in opt_state.get("param_groups", [])]
+        apply_configured_rates(checkpoint, hp.lr, hp.mask_lr, hp.weight_decay, hp.momentum, hp.optimizer)
 
     # ------------------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -610,26 +580,7 @@ class ADIOSModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------ helpers
     def _unpack(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise BatchFormatError(
-                "a training batch must be (views, targets): views a sequence of two tensors "
-                f"(B, 3, H, W) and targets a LongTensor (B,); got {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
-            )
-        views, targets = batch
-        if not isinstance(views, (list, tuple)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
-            raise BatchFormatError("views must be a sequence of two tensors (B, 3, H, W)")
-        x1, x2 = views
-        if x1.shape != x2.shape:
-            raise BatchFormatError(f"the two views must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        expected = (3, self.image_size, self.image_size)
-        if x1.dim() != 4 or tuple(x1.shape[1:]) != expected:
-            raise BatchFormatError(
-                f"views must be (B, 3, {self.image_size}, {self.image_size}) for image_size={self.image_size}; "
-                f"got {tuple(x1.shape)}"
-            )
-        if not isinstance(targets, Tensor) or targets.shape != (x1.shape[0],):
-            raise BatchFormatError(f"targets must be a tensor of shape ({x1.shape[0]},), -1 where unlabelled")
+        x1, x2, targets = unpack_training_batch(batch, self.image_size)
         if self._channels_last():
             x1, x2 = x1.contiguous(memory_format=torch.channels_last), x2.contiguous(memory_format=torch.channels_last)
         return x1, x2, targets
