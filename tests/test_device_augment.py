@@ -188,6 +188,7 @@ def test_device_mode_datamodule_ships_uint8_and_makes_two_normalised_views() -> 
 
     class Training:  # what on_after_batch_transfer reads of the trainer
         training = True
+        global_rank = 0
 
     dm.trainer = Training()  # type: ignore[assignment]
     (v1, v2), same_targets = dm.on_after_batch_transfer((images, targets), 0)
@@ -206,3 +207,22 @@ def test_cache_follows_the_setting() -> None:
         ShapesDataModule(augment_on="gpu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="stored_size"):
         ShapesDataModule(augment_on="device", stored_size=4)
+
+
+def test_each_rank_draws_its_own_augmentation() -> None:
+    """Ranks seeded alike (seed_everything) must not draw the same crops for their batches."""
+
+    def views(rank: int) -> torch.Tensor:
+        torch.manual_seed(5)  # what seed_everything does on every rank
+        dm = ShapesDataModule(train_size=16, val_size=8, batch_size=8, num_workers=0, augment_on="device")
+
+        class Trainer:
+            training = True
+            global_rank = rank
+
+        dm.trainer = Trainer()  # type: ignore[assignment]
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        return dm.on_after_batch_transfer((images, torch.zeros(8, dtype=torch.long)), 0)[0][0]
+
+    assert torch.equal(views(0), views(0)), "a rank's draws are reproducible"
+    assert not torch.allclose(views(0), views(1)), "two ranks drew the same augmentation"

@@ -208,7 +208,13 @@ class SSLDataModule(pl.LightningDataModule):
             return batch
         images, targets = batch
         if self._device_augmentation is None:
-            self._device_augmentation = self.device_augmentation()
+            augmentation = self.device_augmentation()
+            # Its own generator on the device, seeded differently on each rank: with the device's
+            # default generator every rank (seeded alike) would draw the same crops for its batch.
+            rank = int(getattr(trainer, "global_rank", 0))
+            augmentation.generator = torch.Generator(device=images.device)
+            augmentation.generator.manual_seed((torch.initial_seed() + 1_000_003 * rank + 17) % 2**63)
+            self._device_augmentation = augmentation
         return self._device_augmentation(images), targets
 
     def _stored_pretrain_set(self) -> Dataset:
