@@ -131,3 +131,37 @@ def test_shipped_config_with_all_its_callbacks_on_two_processes(tmp_path: Path) 
     pictures = sorted(tmp_path.rglob("masks/*.png"))
     assert len(pictures) == 2, f"expected one mask picture per validation, found {pictures}"
     assert list(tmp_path.rglob("last.ckpt")), "ModelCheckpoint wrote no last.ckpt"
+
+
+class SaveFirstViews(pl.Callback):
+    """Each rank saves its first training batch as the module receives it (after the device
+    augmentation)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            (v1, v2), targets = batch
+            torch.save({"v1": v1, "v2": v2, "targets": targets}, self.out / f"views{trainer.global_rank}.pt")
+
+
+def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
+    """augment_on="device" under DDP: each rank trains on its own views of its shard of the cached
+    images, and the replicas stay identical (that each rank draws its own crops is checked in
+    tests/test_device_augment.py)."""
+    from adios_pl.data import ShapesDataModule
+
+    model = _model(SimCLR(proj_hidden_dim=32, proj_output_dim=16))
+    data = ShapesDataModule(train_size=64, val_size=8, image_size=16, batch_size=8, num_workers=0, augment_on="device")
+    trainer = quiet_trainer(
+        max_steps=STEPS, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[SaveFirstViews(tmp_path), SaveRankState(tmp_path)],
+    )
+    trainer.fit(model, datamodule=data)
+    views = [torch.load(tmp_path / f"views{r}.pt") for r in range(2)]
+    states = [torch.load(tmp_path / f"rank{r}_of2.pt") for r in range(2)]
+    assert all(v["v1"].shape == (8, 3, 16, 16) and v["v1"].dtype == torch.float32 for v in views)
+    assert not torch.allclose(views[0]["v1"], views[1]["v1"]), "both ranks trained on the same views"
+    for key, value in states[0]["model"].items():
+        assert torch.equal(value, states[1]["model"][key]), f"replicas differ in {key}"
