@@ -68,7 +68,11 @@ class StateSnapshot:
 
     @torch.no_grad()
     def restore_unless(self, ok: Tensor) -> None:
-        """Keep the current state where ``ok`` (a 0-d bool tensor), else put the copy back."""
+        """Keep the current state where ``ok`` (a 0-d bool tensor), else put the copy back.
+
+        No read-back, except for state kept on another device than ``ok`` (AdamW's step count
+        lives on the CPU) or held as a Python number.
+        """
         for live, copy in self.tensors:
             live.copy_(torch.where(ok.to(live.device), live, copy))
         for opt, saved_states in zip(self.optimizers, self.states):
