@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
+from train_speed import VARIANTS  # benchmarks/train_speed.py
 
 
 CUDA = torch.cuda.is_available()  # without, the script runs (for a dry run) but counts nothing on a GPU
@@ -109,7 +110,7 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--variant", choices=["baseline", "adios", "adios_s", "simultaneous"], default="adios")
+    parser.add_argument("--variant", choices=list(VARIANTS), default="adios")
     parser.add_argument("--augment-on", choices=["host", "device"], default="device")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-masks", type=int, default=4)
@@ -125,11 +126,8 @@ def main() -> None:
     place = {"augment_on": args.augment_on} if args.augment_on != "host" else {}
     datamodule = ImageFolderDataModule(train_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
                                        num_workers=args.num_workers, **place)
-    settings: dict[str, Any] = {
-        "baseline": {"num_masks": 0}, "adios": {}, "adios_s": {"mask_mode": "one"}, "simultaneous": {"update": "simultaneous"},
-    }[args.variant]
-    model = ADIOSModule(encoder="resnet18", image_size=args.image_size, num_masks=settings.pop("num_masks", args.num_masks),
-                        warmup_epochs=0, **settings)
+    settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[args.variant]}
+    model = ADIOSModule(encoder="resnet18", image_size=args.image_size, warmup_epochs=0, **settings)
     profiler = StepProfiler(args.warmup, args.steps)
     trainer = pl.Trainer(
         accelerator="gpu" if CUDA else "cpu", devices=1, precision=args.precision, max_steps=args.warmup + args.steps + 1, limit_val_batches=0,

@@ -84,7 +84,8 @@ def test_crop_sampling_follows_torchvision_rules() -> None:
     assert (h >= 1).all() and (w >= 1).all() and (top >= 0).all() and (left >= 0).all()
     assert (top + h <= 48).all() and (left + w <= 64).all(), "a crop leaves the image"
     assert (boxes == boxes.round()).all(), "crop boxes must be whole pixels"
-    # an impossible scale range falls back to the centre crop with the ratio clamped (64/48 > 4/3? no: equal)
+    # an impossible scale range falls back to the centre crop, ratio clamped: a 10x40 image is wider
+    # than 4/3, so the crop is 10 x round(10 * 4/3) = 13, centred at left (40 - 13) // 2 = 13
     fallback = sample_crops(10, 10, 40, (2.0, 3.0), (3 / 4, 4 / 3), torch.device("cpu"))
     assert fallback[:, 2].eq(10).all() and fallback[:, 3].eq(13).all() and fallback[:, 1].eq(13).all()
 

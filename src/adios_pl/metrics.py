@@ -102,4 +102,4 @@ def random_patch_segmentation(batch: int, size: int, num_segments: int, patch: i
     masks = RandomMasks(num_segments, size, kind="random_patch", patch_size=patch)
     masks.generator = generator
     device = generator.device if generator is not None else torch.device("cpu")
-    return masks(torch.zeros(batch, 3, size, size, device=device)).argmax(dim=1)
+    return masks.segments(batch, size, size, device)

@@ -89,11 +89,8 @@ class StateSnapshot:
 
 
 class FirstFailure:
-    """The first non-finite batch, kept on the device until read back.
-
-    Args:
-        names: What the checked values are, in the order :meth:`record` receives them.
-    """
+    """The first non-finite batch, kept on the device until read back (:meth:`record` takes the
+    names of the checked values with them, in the order of the step)."""
 
     def __init__(self) -> None:
         self.step: Tensor | None = None

@@ -2,8 +2,8 @@
 
 Lightning counts every ``optimizer.step()`` of manual optimisation in ``global_step``, so the
 two players' steps would count each batch twice, and ``max_steps``, schedules, tau and checkpoint
-intervals would mean half as many batches. These two functions are the only places that touch
-Lightning's private step counting; they check that what they touch exists.
+intervals would mean half as many batches. This is the only place that touches Lightning's private
+step counting; it checks that what it touches exists.
 """
 
 from __future__ import annotations
@@ -35,12 +35,3 @@ def count_batches_only(optimizers: list[Any]) -> None:
         opt._on_before_step = _no_op
         opt._on_after_step = _no_op
 
-
-def count_skipped_batch(trainer: pl.Trainer) -> None:
-    """Advance ``global_step`` by one batch whose encoder optimiser did not step (a skipped batch)."""
-    try:
-        progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-    except AttributeError as error:
-        raise _unsupported("fit_loop.epoch_loop.manual_optimization.optim_step_progress") from error
-    progress.increment_ready()
-    progress.increment_completed()

@@ -186,20 +186,15 @@ class SSLDataModule(pl.LightningDataModule):
     # transforms ------------------------------------------------------------------------
     def train_transform(self) -> Callable[[Any], tuple[Tensor, Tensor]]:
         """The two-view pretraining transform."""
-        return TwoViews(pretrain_transform(
-            self.image_size, self.mean, self.std, min_scale=self.min_scale, blur_prob=self.blur_prob,
-            **self.jitter, **self.probabilities,
-        ))
+        return TwoViews(pretrain_transform(self.image_size, self.mean, self.std, **self._augmentation_settings()))
+
+    def _augmentation_settings(self) -> dict[str, Any]:
+        """The pretraining augmentation's strengths and probabilities, shared by both pipelines."""
+        return dict(min_scale=self.min_scale, blur_prob=self.blur_prob, **self.jitter, **self.probabilities)
 
     def device_augmentation(self) -> DeviceAugmentation:
         """The two-view pretraining augmentation as a batched module (``augment_on="device"``)."""
-        j, p = self.jitter, self.probabilities
-        return DeviceAugmentation(
-            self.image_size, self.mean, self.std, min_scale=self.min_scale, brightness=j["brightness"],
-            contrast=j["contrast"], saturation=j["saturation"], hue=j["hue"], jitter_prob=p["jitter_prob"],
-            grayscale_prob=p["grayscale_prob"], blur_prob=self.blur_prob, flip_prob=p["flip_prob"],
-            solarization_prob=p["solarization_prob"],
-        )
+        return DeviceAugmentation(self.image_size, self.mean, self.std, **self._augmentation_settings())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With ``augment_on="device"``: turn a training batch of uint8 images into two views."""
