@@ -137,6 +137,35 @@ def _jitter_gaps(**device_kw: float) -> dict[str, float]:
     return {name: ks(c, ours[name], QUANTISATION) for name, c in _cpu_jitter_statistics().items()}
 
 
+def _jitter_one_position_at_a_time(aug: DeviceAugmentation, x: torch.Tensor) -> torch.Tensor:
+    """The obvious colour jitter: at each of the four positions, every op on every image, each
+    image keeping the op its order names there. Draws as ``DeviceAugmentation._color_jitter``."""
+    n, gen = x.shape[0], aug.generator
+    draws = [torch.rand(n, generator=gen) for _ in range(4)]
+    jitter = [aug.jitter[k] for k in ("brightness", "contrast", "saturation", "hue")]
+    factors = [d * 2 * s + max(0.0, 1 - s) if i < 3 else d * 2 * s - s for i, (d, s) in enumerate(zip(draws, jitter))]
+    # (the draw above is _uniform's (high - low) * u + low for low = 1 - s, high = 1 + s; -s, s for the hue)
+    order = torch.rand(n, 4, generator=gen).argsort(dim=1)
+    ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+    for position in range(4):
+        x = torch.stack([ops[int(order[i, position])](x[i : i + 1], factors[int(order[i, position])][i].view(1, 1, 1, 1))[0]
+                         for i in range(n)])
+    return x
+
+
+def test_colour_jitter_equals_one_position_at_a_time() -> None:
+    """The jitter applies the hue once, between positions where brightness, contrast and
+    saturation act at factor 1 on the images whose op is elsewhere; the result is the same."""
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    fast = DeviceAugmentation(8, **PLAIN, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    slow = DeviceAugmentation(8, **PLAIN, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    expected = _jitter_one_position_at_a_time(slow, x)
+    # the same float ops on each image, and exact identities elsewhere: observed equal; the limit
+    # allows the one-image and the batched kernels to round differently
+    torch.testing.assert_close(fast._color_jitter(x), expected, atol=1e-6, rtol=0)
+    assert (expected - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3, "some image was not jittered"
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_jitter_statistics() -> dict[str, torch.Tensor]:
     cpu, _ = both_pipelines(_colourful(24), 24, min_scale=1.0, **{**NO_COLOUR, "jitter_prob": 0.8})

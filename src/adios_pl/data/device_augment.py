@@ -22,8 +22,9 @@ order of the four ops per batch, not per image.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +95,21 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _gray_weights(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The luma weights as a 1x1 convolution, copied to each device once (a copy per call would
+    wait for the device)."""
+    return torch.tensor(GRAY_WEIGHTS, dtype=dtype).view(1, 3, 1, 1).to(device)
+
+
 def grayscale(images: Tensor) -> Tensor:
-    """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights."""
-    r, g, b = images.unbind(1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+    """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights (one 1x1 convolution)."""
+    return F.conv2d(images, _gray_weights(images.device, images.dtype))
 
 
 def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
-    return (factor * a + (1 - factor) * b).clamp(0, 1)
+    """``factor * a + (1 - factor) * b`` in [0, 1]; exactly ``a`` at factor 1."""
+    return torch.lerp(b, a, factor).clamp(0, 1)
 
 
 def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
@@ -122,14 +130,14 @@ def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
 def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Rotate the hue by ``shift`` (fractions of a turn, ``(B, 1, 1, 1)``) through HSV."""
     r, g, b = images.unbind(1)
-    maxc, _ = images.max(dim=1)
-    minc, _ = images.min(dim=1)
+    minc, maxc = torch.aminmax(images, dim=1)
     delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    chromatic = delta > 0
+    rc, gc, bc = ((maxc.unsqueeze(1) - images) / torch.where(chromatic, delta, 1.0).unsqueeze(1)).unbind(1)
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(delta > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue = torch.where(chromatic, (hue / 6.0) % 1.0, 0.0)
+    lit = maxc > 0
+    sat = torch.where(lit, delta / torch.where(lit, maxc, 1.0), 0.0)
     hue = (hue + shift[:, 0]) % 1.0
     # HSV -> RGB: each channel from the distance of its sector to the hue
     n = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # 5, 3, 1 (no host copy)
@@ -224,22 +232,41 @@ class DeviceAugmentation(nn.Module):
         return (torch.rand(n, device=self.mean.device, generator=self.generator) < p).view(n, 1, 1, 1)
 
     def _color_jitter(self, x: Tensor) -> Tensor:
-        """torchvision's ColorJitter: factors drawn per image, the four ops in a random order per image."""
+        """torchvision's ColorJitter: factors drawn per image, the four ops in a random order per image.
+
+        Without branching per image: brightness, contrast and saturation at factor 1 leave an
+        image in [0, 1] unchanged exactly, so each position of the order applies all three, each
+        with its image's factor where that op is the image's op there and 1 elsewhere. The hue
+        (a round trip through HSV, which is not exact at shift 0) runs once, for every image,
+        between the positions before and after its place in the image's order: three positions
+        before it, three after, one hue instead of one per position.
+        """
         n, device, gen = x.shape[0], x.device, self.generator
-        ops: list[tuple[Callable[[Tensor, Tensor], Tensor], Tensor] | None] = []
-        for name, fn in (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("saturation", adjust_saturation)):
+        factors, present = [], []
+        for name in ("brightness", "contrast", "saturation"):
             s = self.jitter[name]
-            ops.append((fn, _uniform(n, max(0.0, 1 - s), 1 + s, device, gen).view(n, 1, 1, 1)) if s > 0 else None)
+            present.append(s > 0)
+            factors.append(_uniform(n, max(0.0, 1 - s), 1 + s, device, gen) if s > 0 else torch.ones(n, device=device))
         h = self.jitter["hue"]
-        ops.append((adjust_hue, _uniform(n, -h, h, device, gen).view(n, 1, 1, 1)) if h > 0 else None)
+        shift = _uniform(n, -h, h, device, gen).view(n, 1, 1, 1) if h > 0 else None
         order = torch.rand(n, 4, device=device, generator=gen).argsort(dim=1)  # a uniform permutation per image
-        for position in range(4):
-            chosen = order[:, position].view(n, 1, 1, 1)
-            out = x
-            for index, op in enumerate(ops):
-                if op is not None:
-                    out = torch.where(chosen == index, op[0](x, op[1]), out)
-            x = out
+        # the factor of op k at position p, (n, 4, 3): the image's own where op k is its op at p, 1 elsewhere
+        positions = torch.arange(4, device=device)
+        hue_at = (order == 3).to(torch.uint8).argmax(dim=1, keepdim=True)  # op 3 is the hue
+        at = order.unsqueeze(-1) == torch.arange(3, device=device)
+        factor = torch.stack(factors, dim=1).unsqueeze(1)
+        before = torch.where(at & (positions < hue_at).unsqueeze(-1), factor, 1.0)
+        after = torch.where(at & (positions > hue_at).unsqueeze(-1), factor, 1.0)
+        ops = [op for op, used in zip((adjust_brightness, adjust_contrast, adjust_saturation), present) if used]
+        used = [k for k in range(3) if present[k]]
+        for position in range(3):  # the positions before the hue's (at most three)
+            for k, op in zip(used, ops):
+                x = op(x, before[:, position, k].view(n, 1, 1, 1))
+        if shift is not None:
+            x = adjust_hue(x, shift)
+        for position in range(1, 4):  # and after it
+            for k, op in zip(used, ops):
+                x = op(x, after[:, position, k].view(n, 1, 1, 1))
         return x
 
     def extra_repr(self) -> str:
