@@ -67,7 +67,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 def run_both(
     method: str, mode: str = "all", dtype: torch.dtype = torch.float64, num_masks: int = 3,
     flags: tuple[bool, bool, bool] | None = None, entropy_weight: float = 0.3, seed: int = 0, perturb: float = 0.0,
-    epochs: int = EPOCHS, return_modules: bool = False,
+    epochs: int = EPOCHS, return_modules: bool = False, masked_views: str = "sequential",
 ) -> Any:
     """Train with ADIOSModule and with the oracle from the same start; return each part's update.
 
@@ -79,7 +79,7 @@ def run_both(
         encoder="small_cnn", encoder_kwargs={"width": 8}, objective=_objective(method, flags), num_masks=num_masks,
         mask_mode=mode, sparsity_weight=0.7, entropy_weight=entropy_weight, image_size=SIZE, mask_width=8,
         optimizer="lars", lr=0.4, mask_lr=0.2, weight_decay=1e-4, warmup_epochs=2,
-        schedule_interval="epoch", warmup_start_lr=0.003,
+        schedule_interval="epoch", warmup_start_lr=0.003, masked_views=masked_views,
     ).to(dtype)
     oracle = Oracle(
         method=method, encoder=copy.deepcopy(model.encoder),
@@ -174,6 +174,21 @@ def test_step_equals_reference_float32(method: str) -> None:
         assert 0 < delta < 1e-3, f"{method}: {part} sensitivity {delta:.2e} out of the measured range"
         diff = _rel(fast.double(), slow.double())
         assert diff < delta, f"{method}: float32 {part} update differs by {diff:.2e} (limit {delta:.2e})"
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "simsiam"])
+@pytest.mark.parametrize("mode", ["all", "one"])
+def test_batched_views_equal_reference_float64(method: str, mode: str) -> None:
+    """The clean and masked views in one forward (batch norm per view, in the encoder and in the
+    heads, momentum copies included) train as the reference's separate forwards."""
+    flags = (True, True, True) if method == "simsiam" else None  # simsiam masks both views
+    entropy = 0.0 if (method == "simsiam" and mode == "one") else 0.3
+    _assert_equal(run_both(method, mode, flags=flags, entropy_weight=entropy, masked_views="batched"), 1e-10, f"{method} {mode} batched")
+
+
+def test_batched_baseline_equals_reference() -> None:
+    for method in ("simclr", "byol"):
+        _assert_equal(run_both(method, num_masks=0, masked_views="batched"), 1e-10, f"{method} num_masks=0 batched")
 
 
 @pytest.mark.parametrize("flags", SIMSIAM_FLAGS[1:])

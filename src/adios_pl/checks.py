@@ -59,6 +59,8 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"nonfinite={kw['nonfinite']!r} is not supported; accepted: 'raise', 'skip'")
     if kw["update"] not in ("alternating", "simultaneous"):
         raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
+    if kw["masked_views"] not in ("sequential", "batched"):
+        raise ValueError(f"masked_views={kw['masked_views']!r} is not supported; accepted: 'sequential', 'batched'")
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from pytorch_lightning.utilities import rank_zero_warn
 
 
+from adios_pl.batched_views import forward_views
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.checks import check_arguments, check_mask_generator, unpack_training_batch
 from adios_pl.encoders import check_encoder, create_encoder
@@ -91,6 +92,13 @@ class ADIOSModule(pl.LightningModule):
         channels_last: Run the encoder, the mask generator and the views in channels-last memory
             format (faster convolutions on recent GPUs); ``None`` (default): on a CUDA device only.
         compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
+        masked_views: How the N masked views of a step go through the encoder and heads:
+            ``"sequential"`` (one at a time, each back-propagated before the next, so activation
+            memory does not grow with N) or ``"batched"`` (all N as one batch of ``N * B``: a
+            GPU launches each kernel once instead of N times, for N times the activation memory).
+            Both give the same result: while batched, batch-norm layers keep per-view statistics
+            (:mod:`adios_pl.batched_views`). Other layers that mix images of a batch would see
+            the N views together.
         nonfinite: ``"raise"`` (stop on a NaN/Inf loss or gradient, naming it) or ``"skip"``
             (drop the whole batch, restoring every state, and count it in ``train/skipped_batches``).
         mask_generator: Any module mapping ``(B, 3, H, W)`` to ``(B, N, H, W)`` masks that sum to 1
@@ -130,6 +138,7 @@ class ADIOSModule(pl.LightningModule):
         compile_encoder: bool = False,
         nonfinite: Literal["raise", "skip"] = "raise",
         mask_generator: nn.Module | None = None,
+        masked_views: Literal["sequential", "batched"] = "sequential",
     ) -> None:
         super().__init__()
         check_arguments(
@@ -138,7 +147,7 @@ class ADIOSModule(pl.LightningModule):
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
-            mask_patch_size=mask_patch_size,
+            mask_patch_size=mask_patch_size, masked_views=masked_views,
         )
         ignore = ["objective", "mask_generator"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -184,6 +193,7 @@ class ADIOSModule(pl.LightningModule):
         self.entropy_weight = entropy_weight
         self.image_size = image_size
         self.update_rule = update  # not hparams.update: that name is the dict's method
+        self.masked_views = masked_views
         self.total_steps = 1
         self._skipped = torch.zeros((), dtype=torch.long)  # on the device: read back only when asked
         self._failure = FirstFailure()  # nonfinite="raise": the first non-finite batch, on the device
@@ -473,8 +483,6 @@ class ADIOSModule(pl.LightningModule):
 
     def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:
         """The masked terms of one step: every slot (ADIOS) or the drawn slot per image (ADIOS-s)."""
-        if self.mask_generator is None:
-            return [0]
         return [slots] if slots is not None else list(range(self.num_masks))
 
     def _clean_views(self, x1: Tensor, x2: Tensor) -> list[Tensor]:
@@ -482,33 +490,54 @@ class ADIOSModule(pl.LightningModule):
         the objective masks both."""
         return [x1, x2] if self.mask_generator is not None and self.objective.mask_both_views else [x1]
 
-    def _term_losses(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None, clean: list[ViewOutput]) -> Iterator[Tensor]:
-        """The SSL loss of each masked term against the clean-view outputs ``clean``.
+    def _masked_inputs(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> list[list[Tensor]]:
+        """The images of each term of the loss, compared with the clean views: ``views[1]`` with one
+        slot hidden (and ``views[0]`` with it too when the objective masks both); without masks, the
+        one term ``[views[1]]``.
 
         ``masks`` are the mask generator's output: of ``views[1]`` ``(B, N, H, W)``, or of both
         views stacked ``(2B, N, H, W)`` when the objective masks both.
         """
-        objective, encoder = self.objective, self.encoder
-        for term in self._terms(slots):
-            if masks is None:
-                yield objective.loss(clean[0], objective(encoder, x2))
-            elif len(clean) == 2:
-                m1, m2 = masks.split(x1.shape[0])
-                masked = [objective(encoder, masked_view(x1, m1, term)), objective(encoder, masked_view(x2, m2, term))]
-                yield objective.loss_both(clean, masked)
-            else:
-                yield objective.loss(clean[0], objective(encoder, masked_view(x2, masks, term)))
+        if masks is None:
+            return [[x2]]
+        if self.objective.mask_both_views:
+            m1, m2 = masks.split(x1.shape[0])
+            return [[masked_view(x1, m1, term), masked_view(x2, m2, term)] for term in self._terms(slots)]
+        return [[masked_view(x2, masks, term)] for term in self._terms(slots)]
+
+    def _term_loss(self, clean: list[ViewOutput], masked: list[ViewOutput]) -> Tensor:
+        """The SSL loss of one term: the clean views' outputs against the term's."""
+        return self.objective.loss_both(clean, masked) if len(clean) == 2 else self.objective.loss(clean[0], masked[0])
+
+    def _batched(self, views: int) -> bool:
+        return self.masked_views == "batched" and views > 1
+
+    def _forward_together(self, views: list[Tensor]) -> list[ViewOutput]:
+        """The objective's outputs of ``views`` from one forward of them stacked (per-view batch norm)."""
+        return forward_views(self.objective, self.encoder, views, [self.encoder, self.objective])
 
     def _encoder_step(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Back-propagate ``sum_n L(x1, x2 * (1 - m_n))`` into the encoder side, one term at a time.
+        """Back-propagate ``sum_n L(x1, x2 * (1 - m_n))`` into the encoder side.
 
-        The clean views are encoded once; their outputs enter every term as detached leaves that
-        collect the gradients, which then go through the clean branch in one backward.
+        ``masked_views="sequential"``: the clean views are encoded once; their outputs enter every
+        term as detached leaves that collect the gradients, which then go through the clean branch
+        in one backward after the terms' one-at-a-time backwards. ``"batched"``: the clean and all
+        masked views in one forward and one backward.
         """
-        clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
+        clean_views = self._clean_views(x1, x2)
+        terms = self._masked_inputs(x1, x2, masks, slots)
+        width = len(terms[0])
+        if self._batched(len(clean_views) + len(terms) * width):
+            outputs = self._forward_together(clean_views + [x for term in terms for x in term])
+            clean, masked = outputs[: len(clean_views)], outputs[len(clean_views) :]
+            total = torch.stack([self._term_loss(clean, masked[i : i + width]) for i in range(0, len(masked), width)]).sum()
+            self.manual_backward(total)
+            return total.detach(), clean[0]["features"].detach()
+        clean = [self.objective(self.encoder, x) for x in clean_views]
         leaves = [_leaf_copies(out) for out in clean]
         total = x1.new_zeros(())
-        for loss in self._term_losses(x1, x2, masks, slots, leaves):
+        for term in terms:
+            loss = self._term_loss(leaves, [self.objective(self.encoder, x) for x in term])
             self.manual_backward(loss)
             total += loss.detach()
         tensors, grads = [], []
@@ -524,16 +553,25 @@ class ADIOSModule(pl.LightningModule):
     def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None, mask_opt: Any) -> dict[str, Tensor]:
         """Back-propagate the mask loss into the mask generator, the encoder side frozen.
 
-        The gradients of the N terms are collected on a detached copy of the masks, then go
-        through the mask generator in one backward.
+        The gradients of the N terms (one at a time, or together with ``masked_views="batched"``)
+        are collected on a detached copy of the masks, then go through the mask generator in one
+        backward.
         """
         self.toggle_optimizer(mask_opt)  # freezes every parameter the mask optimiser does not own
         try:
             with torch.no_grad():  # the clean views do not depend on the masks
                 clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
             leaf = masks.detach().requires_grad_()
+            terms = self._masked_inputs(x1, x2, leaf, slots)
+            width = len(terms[0])
+            losses: Iterable[Tensor]
+            if self._batched(len(terms) * width):
+                masked = self._forward_together([x for term in terms for x in term])
+                losses = [torch.stack([self._term_loss(clean, masked[i : i + width]) for i in range(0, len(masked), width)]).sum()]
+            else:
+                losses = (self._term_loss(clean, [self.objective(self.encoder, x) for x in term]) for term in terms)
             ssl = x1.new_zeros(())
-            for loss in self._term_losses(x1, x2, leaf, slots, clean):
+            for loss in losses:
                 self.manual_backward(-loss)  # sign convention: the mask generator ascends the SSL loss
                 ssl += loss.detach()
             return self._mask_penalties_and_backward(masks, leaf, ssl)

@@ -1,0 +1,129 @@
+"""Several views through the encoder as one batch, with batch-norm statistics kept per view.
+
+ADIOS encodes N masked copies of each batch. One forward of the N copies stacked into a batch of
+``N * B`` images launches a network's kernels once instead of N times, which is what a GPU step
+that is limited by kernel launches needs. Batch norm is the one common layer whose output depends
+on the rest of the batch, so while the views go through together every batch-norm layer
+normalises each view's ``B`` images with their own statistics and updates its running statistics
+once per view, in order: the outputs are those of N separate forwards, up to the rounding of the
+other layers' larger-batch kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from adios_pl.errors import ConfigurationError
+from adios_pl.objectives.base import ViewOutput
+
+ViewForward = Callable[[nn.Module, Tensor], ViewOutput]
+
+
+class _PerViewForward:
+    """A batch-norm layer's forward applied to each of ``views`` equal parts of its input.
+
+    Holds its layer weakly and is cached per layer and count (:func:`_per_view_forward`), so that
+    installing it again is the same object: ``torch.compile`` guards on a module's ``forward``.
+    """
+
+    def __init__(self, layer: _BatchNorm, views: int) -> None:
+        self.layer, self.views = weakref.ref(layer), views
+
+    def __call__(self, x: Tensor) -> Tensor:
+        layer = self.layer()
+        assert layer is not None, "called after its layer was freed"
+        forward = type(layer).forward
+        return torch.cat([forward(layer, part) for part in x.chunk(self.views)])
+
+    def __deepcopy__(self, memo: dict[int, object]) -> object:
+        """A layer copied while patched gets its class's plain forward, bound to the copy."""
+        layer = self.layer()
+        if layer is None:
+            return self
+        copied = memo.get(id(layer))
+        return type(layer).forward.__get__(copied if copied is not None else layer)
+
+
+_CACHE: weakref.WeakKeyDictionary[_BatchNorm, dict[int, _PerViewForward]] = weakref.WeakKeyDictionary()
+
+
+def _per_view_forward(layer: _BatchNorm, views: int) -> _PerViewForward:
+    cached = _CACHE.setdefault(layer, {})
+    if views not in cached:
+        cached[views] = _PerViewForward(layer, views)
+    return cached[views]
+
+
+def _plain_forward(layer: _BatchNorm) -> bool:
+    """Whether the layer runs its class's forward (not a replacement installed on the instance)."""
+    own = layer.__dict__.get("forward")
+    return own is None or (getattr(own, "__func__", None) is type(layer).forward and getattr(own, "__self__", None) is layer)
+
+
+@contextlib.contextmanager
+def batch_norm_per_view(modules: Sequence[nn.Module], views: int) -> Iterator[None]:
+    """Within the block, every batch-norm layer of ``modules`` (``SyncBatchNorm`` included) treats
+    its input as ``views`` equal parts along the batch and normalises each with its own statistics.
+
+    Each part goes through the layer's class forward, so running statistics,
+    ``num_batches_tracked`` and the cross-process statistics of ``SyncBatchNorm`` advance exactly
+    as in ``views`` separate forwards. A layer whose ``forward`` was replaced on the instance is
+    rejected (its replacement would be bypassed). The layers are restored on exit.
+    """
+    layers: dict[int, _BatchNorm] = {}
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, _BatchNorm):
+                if not _plain_forward(layer):
+                    raise ConfigurationError(
+                        f"{type(layer).__name__} layer has its own forward on the instance; masked_views=\"batched\" "
+                        'replaces it while the views go through. Use masked_views="sequential".'
+                    )
+                layers.setdefault(id(layer), layer)
+    patched: list[tuple[_BatchNorm, Any]] = []
+    try:
+        for layer in layers.values():
+            patched.append((layer, layer.__dict__.get("forward")))
+            layer.forward = _per_view_forward(layer, views)  # type: ignore[method-assign, assignment]
+        yield
+    finally:
+        for layer, own in patched:
+            if own is None:
+                del layer.forward
+            else:
+                layer.forward = own  # type: ignore[method-assign, assignment]
+
+
+def forward_views(
+    forward: ViewForward, encoder: nn.Module, views: Sequence[Tensor], modules: Sequence[nn.Module],
+) -> list[ViewOutput]:
+    """``[forward(encoder, v) for v in views]`` computed as one forward of the stacked views.
+
+    Args:
+        forward: What one view goes through (an objective: ``forward(encoder, images)`` returns
+            a dict of tensors whose first dimension is the batch).
+        encoder: Passed on to ``forward``.
+        views: Image batches of the same shape.
+        modules: Whose batch-norm layers keep per-view statistics (the encoder and the objective,
+            with any momentum copies in it).
+    """
+    if len(views) == 1:
+        return [forward(encoder, views[0])]
+    batch = views[0].shape[0]
+    with batch_norm_per_view(modules, len(views)):
+        outputs = forward(encoder, torch.cat(list(views)))
+    for name, value in outputs.items():
+        if value.dim() == 0 or value.shape[0] != batch * len(views):
+            raise ConfigurationError(
+                f'masked_views="batched" needs every output of the objective to have the batch as its first '
+                f"dimension; {name!r} has shape {tuple(value.shape)} for {len(views)} views of {batch} images. "
+                'Use masked_views="sequential" with this objective.'
+            )
+    parts = {name: value.chunk(len(views)) for name, value in outputs.items()}
+    return [{name: chunks[i] for name, chunks in parts.items()} for i in range(len(views))]

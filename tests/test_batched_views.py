@@ -1,0 +1,153 @@
+"""Several views as one batch with per-view batch norm (``adios_pl.batched_views``), against the
+obvious version: one forward per view."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from adios_pl import ADIOSModule
+from adios_pl.batched_views import batch_norm_per_view, forward_views
+from adios_pl.errors import ConfigurationError
+from adios_pl.objectives import SimCLR
+from conftest import make_loader, quiet_trainer
+
+VIEWS, BATCH = 3, 5
+
+
+def _net(norm: Any) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), norm(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 6), nn.BatchNorm1d(6),
+    ).double()
+
+
+def _views(seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # views with different statistics, so pooled statistics would be visibly wrong
+    return [torch.randn(BATCH, 3, 6, 6, generator=g, dtype=torch.float64) * (1 + i) + i for i in range(VIEWS)]
+
+
+def _buffers(net: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in net.named_buffers()}
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.BatchNorm2d,
+        lambda c: nn.BatchNorm2d(c, momentum=None),  # cumulative averages
+        lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        nn.SyncBatchNorm,  # a single process: its own forward falls back to plain batch norm
+    ],
+    ids=["momentum", "cumulative", "untracked", "sync"],
+)
+def test_per_view_batch_norm_equals_one_forward_per_view(norm: Any) -> None:
+    torch.manual_seed(0)
+    batched = _net(norm)
+    separate = copy.deepcopy(batched)
+    views = _views()
+    for _ in range(2):  # twice: the second round starts from updated running statistics
+        with batch_norm_per_view([batched], VIEWS):
+            out = batched(torch.cat(views))
+        expected = torch.cat([separate(v) for v in views])
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        ours, theirs = _buffers(batched), _buffers(separate)
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-12, msg=k)
+    # gradients too
+    (out.square().sum()).backward()
+    (expected.square().sum()).backward()
+    for (name, p), q in zip(batched.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_without_per_view_statistics_the_result_differs() -> None:
+    """The check above has teeth: one forward of the stacked views with pooled statistics differs."""
+    torch.manual_seed(0)
+    net = _net(nn.BatchNorm2d)
+    views = _views()
+    expected = torch.cat([copy.deepcopy(net)(v) for v in views])
+    assert (net(torch.cat(views)) - expected).abs().max() > 0.1
+
+
+def test_layers_are_restored_on_exit_and_on_error() -> None:
+    net = _net(nn.BatchNorm2d)
+    with pytest.raises(RuntimeError, match="inside"):
+        with batch_norm_per_view([net, net], VIEWS):  # a module listed twice is patched once
+            first = net[1].forward
+            assert type(first).__name__ == "_PerViewForward"
+            raise RuntimeError("inside")
+    assert "forward" not in net[1].__dict__ and "forward" not in net[5].__dict__
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert net(x).shape == (4, 6)
+    with batch_norm_per_view([net], VIEWS):
+        assert net[1].forward is first, "a new forward object each time would make torch.compile recompile"
+
+
+def test_a_layer_with_its_own_forward_is_refused() -> None:
+    net = _net(nn.BatchNorm2d)
+    net[1].forward = lambda x: x  # type: ignore[method-assign]
+    with pytest.raises(ConfigurationError, match='masked_views="sequential"'):
+        with batch_norm_per_view([net], VIEWS):
+            pass
+    assert "forward" in net[1].__dict__ and "forward" not in net[5].__dict__
+
+
+def test_a_copy_made_while_batched_does_not_point_at_the_original() -> None:
+    net = _net(nn.BatchNorm2d)
+    with batch_norm_per_view([net], VIEWS):
+        copied = copy.deepcopy(net)
+    # the copy runs as a plain network on its own statistics, and can be batched later
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    before = (net[1].running_mean.clone(), copied[1].running_mean.clone())
+    torch.testing.assert_close(copied(x), copy.deepcopy(net)(x))
+    assert torch.equal(net[1].running_mean, before[0]) and not torch.equal(copied[1].running_mean, before[1])
+    with batch_norm_per_view([copied], 2):
+        copied(x)
+
+
+def test_forward_views_rejects_outputs_without_a_batch_dimension() -> None:
+    def objective(encoder: nn.Module, images: Tensor) -> dict[str, Tensor]:
+        features = encoder(images)
+        return {"features": features, "scale": features.new_ones(())}
+
+    with pytest.raises(ConfigurationError, match='masked_views="sequential"'):
+        forward_views(objective, _net(nn.BatchNorm2d), _views(), [])
+
+
+def _step(**kw: Any) -> dict[str, Tensor]:
+    """Parameters and buffers after two float64 batches."""
+    torch.manual_seed(0)
+    model = ADIOSModule(
+        encoder="small_cnn", encoder_kwargs={"width": 8}, objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16),
+        num_masks=3, image_size=16, mask_width=8, warmup_epochs=0, lr=0.05, mask_lr=0.05, sparsity_weight=0.5, **kw,
+    ).double()
+    quiet_trainer(max_steps=2, precision="64-true").fit(model, make_loader(n=16, size=16))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("update", ["alternating", "simultaneous"])
+def test_batched_masked_views_give_the_sequential_step(update: str) -> None:
+    """Weights and batch-norm running statistics (``tests/test_exactness.py`` compares the weights
+    with the reference); simultaneous rounds too."""
+    sequential = _step(update=update)
+    batched = _step(update=update, masked_views="batched")
+    for k, v in sequential.items():
+        torch.testing.assert_close(batched[k], v, rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_batched_views_run_the_encoder_once_per_player() -> None:
+    torch.manual_seed(0)
+    model = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, num_masks=3, image_size=16, mask_width=8,
+                        warmup_epochs=0, masked_views="batched")
+    sizes: list[int] = []
+    model.encoder.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    quiet_trainer(max_steps=1).fit(model, make_loader(n=8, size=16))
+    # encoder step: the clean view and the three masked views at once (32 images); mask step: the
+    # clean view without gradients (8), then the masked views (24)
+    assert sizes == [32, 8, 24]
