@@ -67,11 +67,11 @@ class SaveRankState(pl.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
 
 
-def _model(objective: Any) -> ADIOSModule:
+def _model(objective: Any, **kw: Any) -> ADIOSModule:
     torch.manual_seed(0)
     return ADIOSModule(
         encoder="small_cnn", encoder_kwargs={"width": 8, "norm": "gn"}, objective=objective, num_masks=3,
-        image_size=16, mask_width=8, lr=0.1, mask_lr=0.05, warmup_epochs=0, sparsity_weight=0.5,
+        image_size=16, mask_width=8, lr=0.1, mask_lr=0.05, warmup_epochs=0, sparsity_weight=0.5, **kw,
     )
 
 
@@ -91,10 +91,11 @@ def _update_error(initial: dict, a: dict, b: dict, prefix: str) -> float:
     return float((da - db).norm() / db.norm())
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "simclr_batched"])
 def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
-    objective = SimCLR(proj_hidden_dim=32, proj_output_dim=16) if name == "simclr" else BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32, batch_norm=False)
-    model = _model(objective)
+    """``simclr_batched``: masked_views="batched", the negatives of all masked views gathered at once."""
+    objective = SimCLR(proj_hidden_dim=32, proj_output_dim=16) if name.startswith("simclr") else BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32, batch_norm=False)
+    model = _model(objective, masked_views="batched" if name.endswith("batched") else "sequential")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     callbacks = lambda: [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5)]  # noqa: E731
     _fit(copy.deepcopy(model), 1, tmp_path, callbacks())

@@ -94,3 +94,24 @@ def test_nt_xent_equals_lightly_ntxent_loss_with_gradients(batch: int) -> None:
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
     for a, b in zip(torch.autograd.grad(ours, [z0, z1]), torch.autograd.grad(theirs, [z0, z1])):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_nt_xent_of_several_views_is_the_sum_of_lightly_losses() -> None:
+    """``nt_xent(z0, stacked)`` (what ``SimCLR.terms_loss`` computes for masked_views="batched")
+    against lightly's loss of each view in turn, added up."""
+    from lightly.loss import NTXentLoss
+
+    from adios_pl.objectives.simclr import nt_xent
+
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    views = torch.randn(3, 6, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = nt_xent(z0, views, 0.3)
+    theirs = sum(NTXentLoss(temperature=0.3)(z0, views[t]) for t in range(3))
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, [z0, views]), torch.autograd.grad(theirs, [z0, views])):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    simclr = SimCLR()
+    clean = [{"z": z0}]
+    terms = [[{"z": views[t]}] for t in range(3)]
+    torch.testing.assert_close(simclr.terms_loss(clean, terms), nt_xent(z0, views, simclr.temperature))

@@ -530,7 +530,7 @@ class ADIOSModule(pl.LightningModule):
         if self._batched(len(clean_views) + len(terms) * width):
             outputs = self._forward_together(clean_views + [x for term in terms for x in term])
             clean, masked = outputs[: len(clean_views)], outputs[len(clean_views) :]
-            total = torch.stack([self._term_loss(clean, masked[i : i + width]) for i in range(0, len(masked), width)]).sum()
+            total = self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])
             self.manual_backward(total)
             return total.detach(), clean[0]["features"].detach()
         clean = [self.objective(self.encoder, x) for x in clean_views]
@@ -567,7 +567,7 @@ class ADIOSModule(pl.LightningModule):
             losses: Iterable[Tensor]
             if self._batched(len(terms) * width):
                 masked = self._forward_together([x for term in terms for x in term])
-                losses = [torch.stack([self._term_loss(clean, masked[i : i + width]) for i in range(0, len(masked), width)]).sum()]
+                losses = [self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])]
             else:
                 losses = (self._term_loss(clean, [self.objective(self.encoder, x) for x in term]) for term in terms)
             ssl = x1.new_zeros(())

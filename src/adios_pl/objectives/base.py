@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 #: What :meth:`Objective.forward` returns for one view: named tensors, ``"features"`` among them.
@@ -22,7 +23,9 @@ class Objective(nn.Module):
        ``"features"`` (the encoder output). Tensors that need gradients carry them; targets that
        must not (momentum branches, stop-gradients) are computed without them.
     3. ``loss(clean, masked)``: a scalar tensor; a mean over the batch. Objectives that mask both
-       views (``mask_both_views``) implement ``loss_both`` instead.
+       views (``mask_both_views``) implement ``loss_both`` instead. With
+       ``masked_views="batched"`` the step calls ``terms_loss`` (the sum over the N masked terms)
+       instead; its default adds up ``loss``/``loss_both``.
     4. ``on_encoder_step_end(encoder, step, total_steps)`` after each encoder optimiser step, and
        ``on_step_end(encoder, step, total_steps)`` after both players have stepped (``step``
        counts batches from 0). Momentum updates go in ``on_step_end``, as in the reference,
@@ -55,6 +58,17 @@ class Objective(nn.Module):
         """Loss of one slot when both views are masked: ``clean`` and ``masked`` hold the outputs
         of ``views[0]`` and ``views[1]``, unmasked and masked. Only used when ``mask_both_views``."""
         raise NotImplementedError(f"{type(self).__name__} does not mask both views")
+
+    def terms_loss(self, clean: Sequence[ViewOutput], terms: Sequence[Sequence[ViewOutput]]) -> Tensor:
+        """The sum over masked terms of their losses: ``terms[n]`` holds term n's outputs, one per
+        clean view (``loss(clean[0], terms[n][0])``, or ``loss_both`` when both views are masked).
+
+        Called when all masked views went through the encoder together (``masked_views="batched"``),
+        so that an objective can compute every term at once; this default adds the terms' losses.
+        """
+        if len(clean) == 2:
+            return torch.stack([self.loss_both(clean, masked) for masked in terms]).sum()
+        return torch.stack([self.loss(clean[0], masked[0]) for masked in terms]).sum()
 
     def on_encoder_step_end(self, encoder: nn.Module, step: int, total_steps: int) -> None:
         """Hook after each encoder optimiser step; nothing by default."""
