@@ -1,9 +1,9 @@
 """End-to-end training speed: the real Trainer loop with data, OnlineKNN and OnlineLinearProbe.
 
 For each variant (``baseline``: num_masks=0; ``adios``: N masks, exact; ``adios_s``: one slot
-per image; ``simultaneous``: ADIOS under ``update="simultaneous"``) and each place of the
-augmentation (``host``: loader workers; ``device``: batched on the training device), one run
-trains ResNet18 on an image folder for ``--epochs`` epochs of ``--batches`` batches. Reported:
+per image; ``simultaneous``: ADIOS under ``update="simultaneous"``; ``*_batched``: the same with
+``masked_views="batched"``) and each place of the augmentation (``host``: loader workers;
+``device``: batched on the training device), one run trains ResNet18 on an image folder for ``--epochs`` epochs of ``--batches`` batches. Reported:
 training images/s over the epochs after the first (from the first batch's start to the last
 batch's end, the device synchronised at both ends; validation excluded), with the device name,
 image size, batch, precision and the setting, appended to ``--out`` (JSON, one entry per run).
@@ -33,6 +33,10 @@ VARIANTS = {
     "adios": dict(mask_mode="all"),
     "adios_s": dict(mask_mode="one"),
     "simultaneous": dict(mask_mode="all", update="simultaneous"),
+    "baseline_batched": dict(num_masks=0, masked_views="batched"),
+    "adios_batched": dict(mask_mode="all", masked_views="batched"),
+    "adios_s_batched": dict(mask_mode="one", masked_views="batched"),
+    "simultaneous_batched": dict(mask_mode="all", update="simultaneous", masked_views="batched"),
 }
 
 

@@ -1,0 +1,147 @@
+"""Operations dispatched per training step: the host's share of a launch-bound GPU step.
+
+On a GPU the ADIOS step is limited by the host launching kernels (``profile_gpu.md``: no
+synchronisation left, the GPU idle about half of the step), so the number of tensor operations a
+step dispatches is what the host pays for. That count does not depend on the machine, so it is
+measured here on the CPU: the real Trainer loop (device augmentation, OnlineKNN,
+OnlineLinearProbe, the two optimisers) trains ResNet18 on an image folder, and every operation
+that reaches a kernel (forward, backward, optimiser, augmentation, callbacks) between the end of
+batch ``--warmup - 1`` and the end of batch ``--warmup`` is counted, by variant and by the code
+that issued it. The CPU optimisers loop over weights where CUDA ones use multi-tensor kernels
+(``foreach``), so ``--foreach`` (default) switches them to the CUDA setting.
+
+    python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --label after --out benchmarks/results/ops_per_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from adios_pl import ADIOSModule
+from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
+from adios_pl.data import ImageFolderDataModule
+from train_speed import VARIANTS  # benchmarks/train_speed.py
+
+#: Where an operation is attributed: the innermost frame in one of these, else "other".
+PLACES = ("adios_pl", "pytorch_lightning", "lightning_fabric", "torch/optim", "torch/autograd", "torchvision", "lightly")
+
+
+#: Operations that launch no kernel on a GPU (besides views): allocation and metadata.
+NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.detach,
+             torch.ops.aten.lift_fresh, torch.ops.aten._local_scalar_dense}
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operations that reach a kernel, by name and by the code that issued them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.places: collections.Counter[str] = collections.Counter()
+        self.kernels = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops[str(func.overloadpacket)] += 1
+        if not (func.is_view or func.overloadpacket in NO_KERNEL):
+            self.kernels += 1
+        place = "other"
+        for frame in reversed(traceback.extract_stack()[:-1]):
+            if any(p in frame.filename for p in PLACES):
+                place = f"{frame.filename.split('/site-packages/')[-1].split('/src/')[-1]}:{frame.name}"
+                break
+        self.places[place] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OneStep(pl.Callback):
+    """Counts from the end of batch ``warmup - 1`` to the end of batch ``warmup``: the next batch's
+    transfer and augmentation, its training step and the callbacks' work on it."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.mode: CountOps | None = None
+        self.result: CountOps | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup and self.mode is None and self.result is None:
+            self.mode = CountOps()
+            self.mode.__enter__()
+        elif self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.result, self.mode = self.mode, None
+            trainer.should_stop = True
+
+
+def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    pl.seed_everything(0)
+    datamodule = ImageFolderDataModule(train_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
+                                       num_workers=0, augment_on="device")
+    model = ADIOSModule(encoder="resnet18", image_size=args.image_size, warmup_epochs=0, optimizer=args.optimizer,
+                        **{"num_masks": args.num_masks, **VARIANTS[variant]})
+    if args.foreach:
+        original = model.configure_optimizers
+
+        def with_foreach() -> Any:
+            optimizers, schedulers = original()
+            for opt in optimizers:
+                if hasattr(opt, "foreach"):  # our LARS
+                    opt.foreach = True
+                for group in opt.param_groups:  # torch's SGD and AdamW
+                    group["foreach"] = True
+            return optimizers, schedulers
+
+        model.configure_optimizers = with_foreach  # type: ignore[method-assign]
+    step = OneStep(args.warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=args.warmup + 3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[OnlineKNN(), OnlineLinearProbe(num_classes=10), step],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert step.result is not None, "the counted batch was not reached: lower --warmup or give more images"
+    return {
+        "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
+        "foreach": args.foreach, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
+        "by_place": dict(step.result.places.most_common(args.top)), "by_op": dict(step.result.ops.most_common(args.top)),
+        "torch": torch.__version__, "label": args.label,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="image folder (class folders), at least (warmup + 2) batches")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--num-masks", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16, help="does not change the count; small is quick")
+    parser.add_argument("--optimizer", default="lars", choices=["sgd", "lars", "adamw"])
+    parser.add_argument("--no-foreach", dest="foreach", action="store_false", help="keep the CPU optimisers' per-weight loop")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
+    parser.add_argument("--out", default=None, help="append the entries to this JSON list")
+    args = parser.parse_args()
+    entries = []
+    for variant in args.variants:
+        entry = count(args, variant)
+        entries.append(entry)
+        print(f"{variant:>22}: {entry['ops_per_step']:6d} operations per step, {entry['kernel_ops_per_step']:6d} of them "
+              "kernels (not views or allocations)", flush=True)
+    if args.out:
+        existing = json.load(open(args.out)) if os.path.exists(args.out) else []
+        with open(args.out, "w") as f:
+            json.dump(existing + entries, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
