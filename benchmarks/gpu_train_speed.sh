@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed, before and after, in one go (at most 9 minutes on one H100/H200):
-#   1. this version, augmentation on the device: baseline, ADIOS, ADIOS-s, simultaneous at 32 px;
-#   2. an older version (OLD_SRC, its src/ folder), loader augmentation: baseline and ADIOS;
-#   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS, older version then this one;
-#   4. profiles of the ADIOS step, this version and the older one (profile_step.py);
-#   5. the exact step against the reference step at N=4 (step_speed.py).
+# End-to-end GPU training speed in one go (about 8 minutes on one H100/H200 without OLD_SRC):
+#   1. this version, augmentation on the device, at 32 px: baseline, ADIOS, ADIOS-s, simultaneous,
+#      each with masked_views "sequential" and "batched";
+#   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
+#   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS sequential and batched (and the older version);
+#   4. profiles of the ADIOS step, batched, sequential (and the older version) (profile_step.py);
+#   5. the exact step against the reference step at N=4 (step_speed.py), sequential and batched.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
@@ -47,19 +48,23 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     PYTHONPATH="$src${site:+:$site}" timeout "$limit" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
         --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
 }
-profile() {  # profile LABEL SRC AUGMENT_ON
+profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
     PYTHONPATH="$2${site:+:$site}" timeout 45 python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
-        --label "$1" --augment-on "$3" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
+        --label "$1" --augment-on "$3" --variant "$4" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 
-speed new "$new" 150 "${c32[@]}" --augment-on device --variants baseline adios adios_s simultaneous
+speed new "$new" 240 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
+    simultaneous_batched baseline adios adios_s simultaneous
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
-speed new "$new" 45 "${c96[@]}" --augment-on device --variants adios
-profile new "$new" device
-[ -n "$old" ] && profile old "$old" host
-PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
-    --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
-    --channels-last --out "$out/step_speed_gpu_n4.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"
+speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched adios
+profile new "$new" device adios_batched
+profile new "$new" device adios
+[ -n "$old" ] && profile old "$old" host adios
+for views in batched sequential; do
+    PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
+        --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
+        --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"
+done

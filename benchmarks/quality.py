@@ -76,18 +76,21 @@ class StepClock(pl.Callback):
 
 def make_data(args: argparse.Namespace) -> Any:
     pin = args.accelerator != "cpu"
+    place = {"augment_on": args.augment_on} if args.augment_on != "host" else {}
     if args.data == "shapes":
-        return ShapesDataModule(train_size=8192, val_size=1024, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin)
+        return ShapesDataModule(train_size=8192, val_size=1024, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
+                                **place)
     # CIFAR-10 style folder: hold out 1,000 images per class (10 %) for evaluation
     return ImageFolderDataModule(args.data_dir, val_fraction=0.2 if args.holdout is None else args.holdout, image_size=32,
                                  batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin, blur_prob=0.0,
-                                 mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+                                 mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), **place)
 
 
 def make_model(args: argparse.Namespace, variant: str) -> ADIOSModule:
     """The demo's settings with this encoder, objective and variant."""
     objective: Objective = OBJECTIVES[args.objective]()
-    return demo_model(encoder=args.encoder, objective=objective, **VARIANTS[variant])
+    views = {"masked_views": args.masked_views} if args.masked_views != "sequential" else {}
+    return demo_model(encoder=args.encoder, objective=objective, **views, **VARIANTS[variant])
 
 
 def trainer_for(args: argparse.Namespace, callbacks: list[pl.Callback], **kwargs: Any) -> pl.Trainer:
@@ -228,6 +231,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--augment-on", choices=["host", "device"], default="host", help="where the two views are made")
+    parser.add_argument("--masked-views", choices=["sequential", "batched"], default="sequential",
+                        help="ADIOSModule(masked_views=...): the same training, fewer kernel launches with batched")
     parser.add_argument("--tag", default="", help="added to the result file's name (e.g. long, for runs with other --steps)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON, the tables and the mask pictures")
     parser.add_argument("--render-only", action="store_true")

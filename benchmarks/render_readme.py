@@ -43,6 +43,7 @@ def train_table() -> str:
     if not path.exists():
         return "_no end-to-end training results yet_"
     names = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
+    names.update({f"{k}_batched": f"{v}, batched views" for k, v in list(names.items())})
     rows = [
         f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])} | {r['image_size']} | {r['num_masks']} "
         f"| {r['images_per_s']:,.0f} | {r['device']} |"
@@ -52,6 +53,40 @@ def train_table() -> str:
     return header + "\n".join(rows)
 
 
+def views_table() -> str:
+    runs = {mv: RESULTS / f"step_speed_cpu_n4_{mv}.json" for mv in ("sequential", "batched")}
+    if not all(path.exists() for path in runs.values()):
+        return "_no batched-views step results yet_"
+    rows = {mv: json.loads(path.read_text())["rows"] for mv, path in runs.items()}
+    lines = ["| objective (N=4) | mode | sequential: img/s, activations MiB | batched: img/s, activations MiB |", "|---|---|---|---|"]
+    for seq, bat in zip(rows["sequential"], rows["batched"]):
+        mode = "ADIOS" if seq["mode"] == "all" else "ADIOS-s"
+        lines.append(f"| {seq['objective']} | {mode} | {seq['fast_images_per_s']:.0f}, {seq['fast_saved_mib']:.0f} "
+                     f"| {bat['fast_images_per_s']:.0f}, {bat['fast_saved_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def ops_table() -> str:
+    path = RESULTS / "ops_per_step.json"
+    if not path.exists():
+        return "_no operation counts yet_"
+    entries = json.loads(path.read_text())
+    labels = list(dict.fromkeys(e["label"] for e in entries))
+    count = {(e["label"], e["variant"]): e for e in entries}
+    names = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
+    columns = [(label, suffix) for label in labels for suffix in ("", "_batched")
+               if any((label, v + suffix) in count for v in names)]
+    head = "| variant | " + " | ".join(f"{label}: {'batched' if suffix else 'sequential'} views" for label, suffix in columns) + " |"
+    lines = [head, "|---|" + "---|" * len(columns)]
+    for variant, name in names.items():
+        cells = []
+        for label, suffix in columns:
+            e = count.get((label, variant + suffix))
+            cells.append(f"{e['kernel_ops_per_step']:,} ({e['ops_per_step']:,})" if e else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def quality_table() -> str:
     path = RESULTS / "quality.md"
     return path.read_text().strip() if path.exists() else "_no quality benchmark results yet_"
@@ -59,7 +94,7 @@ def quality_table() -> str:
 
 def main() -> None:
     readme = (ROOT / "README.md").read_text()
-    for name, render in (("step", step_tables), ("data", data_table), ("train", train_table), ("quality", quality_table)):
+    for name, render in (("step", step_tables), ("data", data_table), ("train", train_table), ("ops", ops_table), ("views", views_table), ("quality", quality_table)):
         pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
         readme = pattern.sub(lambda m: m.group(1) + render() + "\n" + m.group(2), readme)
     (ROOT / "README.md").write_text(readme)

@@ -55,6 +55,7 @@ def build(args: argparse.Namespace, objective: str, num_masks: int, mode: str, u
     return ADIOSModule(
         encoder=args.encoder, encoder_kwargs=kwargs, objective=obj, num_masks=num_masks, mask_mode=mode, image_size=args.image_size,
         mask_width=args.mask_width, lr=1e-3, mask_lr=1e-3, warmup_epochs=0, update=update, channels_last=args.channels_last,
+        **({"masked_views": args.masked_views} if args.masked_views != "sequential" else {}),  # older versions lack it
     )
 
 
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--masked-views", default="sequential", choices=["sequential", "batched"])
     parser.add_argument("--simultaneous", action="store_true", help="also time update='simultaneous' (no reference rerun)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()

@@ -88,6 +88,8 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, benchmark=True,
     )
+    if args.accelerator == "gpu":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     later = timer.epochs[1:] or timer.epochs
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
         "images_per_s": round(images / seconds, 1), "first_epoch_images_per_s": round(timer.epochs[0][0] * args.batch_size / timer.epochs[0][1], 1),
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if args.accelerator == "gpu" else None,
     }
 
 

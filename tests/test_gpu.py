@@ -54,9 +54,26 @@ def test_channels_last_and_compile_match_eager() -> None:
     assert cosine > 0.5, float(cosine)
 
 
+@pytest.mark.parametrize("objective", ["simclr", "byol"])
+def test_batched_views_equal_sequential_on_the_gpu_in_float64(objective: str) -> None:
+    """The CUDA kernels (cuDNN batch norm on slices of a larger batch, channels-last) keep the
+    batched step equal to the sequential one; float64, so rounding cannot hide a difference."""
+    make = (lambda: SimCLR()) if objective == "simclr" else (lambda: BYOL())
+
+    def after_two_steps(**kw: Any) -> dict[str, torch.Tensor]:
+        model = _model(objective=make(), image_size=32, channels_last=True, **kw).double()
+        quiet_trainer(accelerator="gpu", max_steps=2, precision="64-true").fit(model, make_loader(n=64, batch_size=32, size=32))
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    sequential, batched = after_two_steps(), after_two_steps(masked_views="batched")
+    for key, value in sequential.items():  # weights and batch-norm statistics
+        torch.testing.assert_close(batched[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_sync_batchnorm_ddp_runs(tmp_path: Any) -> None:
-    model = _model(objective=BYOL())
+@pytest.mark.parametrize("masked_views", ["sequential", "batched"])
+def test_sync_batchnorm_ddp_runs(tmp_path: Any, masked_views: str) -> None:
+    model = _model(objective=BYOL(), masked_views=masked_views)
     trainer = quiet_trainer(accelerator="gpu", devices=2, strategy="ddp_spawn", sync_batchnorm=True, max_steps=2)
     trainer.fit(model, make_loader(n=128, batch_size=32, size=96))
     assert trainer.global_step == 2
@@ -117,7 +134,7 @@ def test_a_training_step_makes_no_host_synchronisation() -> None:
             if batch_idx == 4:
                 torch.cuda.set_sync_debug_mode("default")
 
-    for kw in ({}, {"mask_mode": "one"}, {"update": "simultaneous"}, {"nonfinite": "skip"}):
+    for kw in ({}, {"mask_mode": "one"}, {"update": "simultaneous"}, {"nonfinite": "skip"}, {"masked_views": "batched"}):
         model = _model(image_size=32, **kw)
         try:
             quiet_trainer(accelerator="gpu", max_steps=5, log_every_n_steps=1000, limit_val_batches=0,

@@ -51,7 +51,8 @@ class ADIOSModule(pl.LightningModule):
 
     The clean view is encoded once per step, the mask generator runs once per batch, and the N
     masked terms are back-propagated one at a time, so peak activation memory does not grow
-    with N. The result equals the reference algorithm (see ``tests/test_exactness.py``).
+    with N (or, with ``masked_views="batched"``, go through the encoder as one batch). The
+    result equals the reference algorithm (see ``tests/test_exactness.py``).
 
     Args:
         encoder: A registered name (:func:`adios_pl.encoders.list_encoders`) or any module mapping
