@@ -151,3 +151,23 @@ def test_batched_views_run_the_encoder_once_per_player() -> None:
     # encoder step: the clean view and the three masked views at once (32 images); mask step: the
     # clean view without gradients (8), then the masked views (24)
     assert sizes == [32, 8, 24]
+
+
+def test_compiled_network_does_not_recompile_every_step() -> None:
+    """Installing the same per-view forward object each time keeps ``torch.compile``'s guards
+    valid: alternating plain and batched forwards compiles each variant once (a new object per
+    step would recompile every step until the recompile limit, then fall back to eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    net = _net(nn.BatchNorm2d)
+    net.compile(backend="eager")  # dynamo's guards without code generation: quick
+    views = _views()
+    for _ in range(5):
+        net(views[0])
+        with batch_norm_per_view([net], VIEWS):
+            net(torch.cat(views))
+    assert counters["frames"]["ok"] == 2, dict(counters["frames"])
+    torch._dynamo.reset()
