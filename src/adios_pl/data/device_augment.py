@@ -97,14 +97,15 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _gray_weights(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """The luma weights as a 1x1 convolution, copied to each device once (a copy per call would
-    wait for the device)."""
+    """The luma weights ``(1, 3, 1, 1)``, copied to each device once (a copy per call would wait
+    for the device)."""
     return torch.tensor(GRAY_WEIGHTS, dtype=dtype).view(1, 3, 1, 1).to(device)
 
 
 def grayscale(images: Tensor) -> Tensor:
-    """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights (one 1x1 convolution)."""
-    return F.conv2d(images, _gray_weights(images.device, images.dtype))
+    """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights (a product and a sum: a
+    1x1 convolution would run in TF32 on recent GPUs)."""
+    return (images * _gray_weights(images.device, images.dtype)).sum(dim=1, keepdim=True)
 
 
 def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
