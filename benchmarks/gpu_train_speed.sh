@@ -4,7 +4,7 @@
 #      each with masked_views "sequential" and "batched";
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
 #   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS sequential and batched (and the older version);
-#   4. profiles of the ADIOS step, batched, sequential (and the older version) (profile_step.py);
+#   4. a profile of the batched ADIOS step (and of the older version's) (profile_step.py);
 #   5. the exact step against the reference step at N=4 (step_speed.py), sequential and batched.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
@@ -61,7 +61,6 @@ speed new "$new" 240 "${c32[@]}" --augment-on device --variants baseline_batched
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched adios
 profile new "$new" device adios_batched
-profile new "$new" device adios
 [ -n "$old" ] && profile old "$old" host adios
 for views in batched sequential; do
     PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \

@@ -74,9 +74,10 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def test_one_nan_pixel_leaves_every_state_untouched_and_counts_the_batch() -> None:
+@pytest.mark.parametrize("masked_views", ["sequential", "batched"])
+def test_one_nan_pixel_leaves_every_state_untouched_and_counts_the_batch(masked_views: str) -> None:
     snaps = Snapshots()
-    model = _model()
+    model = _model(masked_views=masked_views)
     trainer = quiet_trainer(max_steps=3, callbacks=[OnlineLinearProbe(num_classes=4), snaps], limit_val_batches=0)
     trainer.fit(model, _loader(nan_batch=1))
     assert trainer.global_step == 3 and model.skipped_batches == 1
