@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import os
 import signal
 import subprocess
@@ -230,6 +232,33 @@ def test_on_an_accelerator_the_nonfinite_check_is_read_back_late_but_names_the_f
         quiet_trainer(max_epochs=1, callbacks=[PoisonOnce(), probe], limit_val_batches=0).fit(model, make_loader(n=24, size=16))
     assert len(batches) == 3, "training went on to the end of the epoch before reading back"
     assert len(reads) == 1, f"{len(reads)} read-backs for one epoch of 3 batches"
+
+
+class LogsEveryThird(ADIOSModule):
+    """Reads back and logs every third batch, as on a GPU with log_every_n_steps=3."""
+
+    def _readback_interval(self) -> int:
+        return 3
+
+
+def test_logging_only_when_the_logger_writes_gives_the_same_log(tmp_path: Path) -> None:
+    """On an accelerator the step calls self.log only every log_every_n_steps batches (each call
+    costs host time); what the logger writes is the same as logging every batch."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    def logged(cls: type, folder: str) -> list[dict[str, str]]:
+        torch.manual_seed(0)
+        model = cls(encoder="small_cnn", encoder_kwargs={"width": 8}, objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16),
+                    num_masks=3, image_size=16, mask_width=8, lr=0.05, mask_lr=0.05, warmup_epochs=0.5)
+        logger = CSVLogger(tmp_path, name=folder)
+        quiet_trainer(max_steps=7, limit_val_batches=0, logger=logger, log_every_n_steps=3).fit(model, make_loader(n=8 * 7, size=16))
+        with open(Path(logger.log_dir) / "metrics.csv") as f:
+            return list(csv.DictReader(f))
+
+    every, third = logged(ADIOSModule, "every"), logged(LogsEveryThird, "third")
+    assert [row["step"] for row in every] == ["2", "5"], every
+    assert every == third
+    assert {"train/encoder_loss", "train/lr", "train/mask_lr", "train/skipped_batches"} <= set(every[0])
 
 
 def test_mask_collapse_is_warned_once() -> None:

@@ -343,9 +343,6 @@ class ADIOSModule(pl.LightningModule):
         masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
         play = self._simultaneous_round if self._simultaneous() else self._alternating_round
         logs, grad_norms, features = play(x1, x2, masks, slots, optimizers, step)
-        logs["train/lr"] = self._on_device(schedulers[0].get_last_lr()[0])
-        if self.learned_masks:
-            logs["train/mask_lr"] = self._on_device(schedulers[1].get_last_lr()[0])
         return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
 
     def _alternating_round(
@@ -439,22 +436,30 @@ class ADIOSModule(pl.LightningModule):
         ordered["mask gradient norm"] = grad_norms.get("mask gradient norm")
         checked = {k: v for k, v in ordered.items() if v is not None}
         ok = all_finite(list(checked.values()))
+        read_back = (step + 1) % self._readback_interval() == 0
         if snapshot is not None:  # nonfinite="skip": a non-finite batch leaves no trace but the count
             snapshot.restore_unless(ok)
             self._skipped = self._skipped.to(ok.device) + (~ok).long()
         else:
             self._failure.record(ok, step, self.current_epoch, list(checked), list(checked.values()))
-            if (step + 1) % self._readback_interval() == 0:
+            if read_back:
                 self._failure.raise_if_any()
         if "train/mask_collapsed_fraction" in logs:
             self._track_collapse(logs["train/mask_collapsed_fraction"], ok)
+        if read_back:  # the rates of this batch, before the schedulers move them
+            logs["train/lr"] = self._on_device(schedulers[0].get_last_lr()[0])
+            if self.learned_masks:
+                logs["train/mask_lr"] = self._on_device(schedulers[1].get_last_lr()[0])
         for scheduler in schedulers:
             scheduler.step()
         broadcast_buffers(self.buffers())
-        logs["train/skipped_batches"] = self._skipped.float()
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
         encoder_loss = logs["train/encoder_loss"]
-        if (step + 1) % self._readback_interval() == 0:  # Lightning reads progress-bar values back at every log
+        # Logged when Lightning's loggers write them (every log_every_n_steps batches; every batch
+        # on the CPU): each self.log costs about a millisecond of host time, and the progress bar
+        # reads its values back at every log.
+        if read_back:
+            logs["train/skipped_batches"] = self._skipped.float()
+            self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
             self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
         outputs = {"loss": encoder_loss, "features": features, "targets": targets}
         if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
@@ -467,8 +472,8 @@ class ADIOSModule(pl.LightningModule):
         return torch.full((), value, device=self.device)
 
     def _readback_interval(self) -> int:
-        """Batches between read-backs (the non-finite record, the progress bar's loss): every batch
-        on the CPU (free), Lightning's ``log_every_n_steps`` on an accelerator."""
+        """Batches between read-backs and logs (the non-finite record, the logged values): every
+        batch on the CPU (free), Lightning's ``log_every_n_steps`` on an accelerator."""
         if self.device.type == "cpu":
             return 1
         return max(1, int(getattr(self.trainer, "log_every_n_steps", 50)))
