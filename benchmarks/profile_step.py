@@ -87,6 +87,8 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
 
     kernels = sorted((e for e in events if device_time(e) > 0), key=device_time, reverse=True)
+    # the host's launch calls (compare with benchmarks/ops_per_step.py, counted on the CPU)
+    launches = sum(e.count for e in events if "LaunchKernel" in e.key or e.key in ("cudaMemcpyAsync", "cudaMemsetAsync"))
     busy = sum(device_time(e) for e in kernels) / 1e6
     steps = args.steps
     lines = [
@@ -98,6 +100,7 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
         f"- wall time per step: {profiler.wall / steps * 1e3:.1f} ms ({args.batch_size * steps / profiler.wall:.0f} images/s)",
         f"- GPU busy per step (sum of kernel times): {busy / steps * 1e3:.1f} ms; idle fraction {max(0.0, 1 - busy / profiler.wall):.0%}",
         f"- host synchronisations per step: {sum(profiler.syncs.values()) / steps:.1f}",
+        f"- kernel launches (and asynchronous copies/memsets) per step: {launches / steps:.0f}",
     ]
     for where, count in profiler.syncs.most_common(8):
         lines.append(f"  - {count / steps:.1f} per step at {where}")
