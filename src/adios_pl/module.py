@@ -496,20 +496,24 @@ class ADIOSModule(pl.LightningModule):
         the objective masks both."""
         return [x1, x2] if self.mask_generator is not None and self.objective.mask_both_views else [x1]
 
-    def _masked_inputs(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> list[list[Tensor]]:
-        """The images of each term of the loss, compared with the clean views: ``views[1]`` with one
-        slot hidden (and ``views[0]`` with it too when the objective masks both); without masks, the
-        one term ``[views[1]]``.
+    def _masked_inputs(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> Iterator[list[Tensor]]:
+        """The images of each term of the loss, one per clean view, made as they are asked for:
+        ``views[1]`` with one slot hidden (and ``views[0]`` with it too when the objective masks
+        both); without masks, the one term ``[views[1]]``.
 
         ``masks`` are the mask generator's output: of ``views[1]`` ``(B, N, H, W)``, or of both
         views stacked ``(2B, N, H, W)`` when the objective masks both.
         """
         if masks is None:
-            return [[x2]]
-        if self.objective.mask_both_views:
-            m1, m2 = masks.split(x1.shape[0])
-            return [[masked_view(x1, m1, term), masked_view(x2, m2, term)] for term in self._terms(slots)]
-        return [[masked_view(x2, masks, term)] for term in self._terms(slots)]
+            yield [x2]
+            return
+        halves = masks.split(x1.shape[0]) if self.objective.mask_both_views else (masks,)
+        views = (x1, x2) if self.objective.mask_both_views else (x2,)
+        for term in self._terms(slots):
+            yield [masked_view(x, m, term) for x, m in zip(views, halves)]
+
+    def _term_count(self, slots: Tensor | None) -> int:
+        return 1 if self.mask_generator is None else len(self._terms(slots))
 
     def _term_loss(self, clean: list[ViewOutput], masked: list[ViewOutput]) -> Tensor:
         """The SSL loss of one term: the clean views' outputs against the term's."""
@@ -532,8 +536,8 @@ class ADIOSModule(pl.LightningModule):
         """
         clean_views = self._clean_views(x1, x2)
         terms = self._masked_inputs(x1, x2, masks, slots)
-        width = len(terms[0])
-        if self._batched(len(clean_views) + len(terms) * width):
+        width = len(clean_views)  # images per term: one per clean view
+        if self._batched(width * (1 + self._term_count(slots))):
             outputs = self._forward_together(clean_views + [x for term in terms for x in term])
             clean, masked = outputs[: len(clean_views)], outputs[len(clean_views) :]
             total = self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])
@@ -569,9 +573,9 @@ class ADIOSModule(pl.LightningModule):
                 clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
             leaf = masks.detach().requires_grad_()
             terms = self._masked_inputs(x1, x2, leaf, slots)
-            width = len(terms[0])
+            width = len(clean)
             losses: Iterable[Tensor]
-            if self._batched(len(terms) * width):
+            if self._batched(width * self._term_count(slots)):
                 masked = self._forward_together([x for term in terms for x in term])
                 losses = [self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])]
             else:
