@@ -1,8 +1,8 @@
 """Several views through the encoder as one batch, with batch-norm statistics kept per view.
 
 ADIOS encodes N masked copies of each batch. One forward of the N copies stacked into a batch of
-``N * B`` images launches a network's kernels once instead of N times, which is what a GPU step
-that is limited by kernel launches needs. Batch norm is the one common layer whose output depends
+``N * B`` images launches most of a network's kernels once instead of N times, which is what a
+GPU step that is limited by kernel launches needs. Batch norm is the one common layer whose output depends
 on the rest of the batch, so while the views go through together every batch-norm layer
 normalises each view's ``B`` images with their own statistics and updates its running statistics
 once per view, in order: the outputs are those of N separate forwards, up to the rounding of the
