@@ -121,10 +121,14 @@ def augmented_linear_probe(
     batch_size: int = 128,
     optimizer: str = "lars",
     seed: int = 0,
+    eval_features: tuple[Tensor, Tensor] | None = None,
 ) -> float:
     """The reference's offline protocol: a linear head on the frozen encoder, trained on augmented
     labelled training images (random resized crop 0.08-1 and flip, new draws every epoch), scored
     on the evaluation split under the evaluation transform. lr x0.1 at 60 % and 80 % of the epochs.
+
+    ``eval_features``: the evaluation split's ``(features, targets)`` if already extracted with
+    this encoder (they are extracted otherwise).
     """
     from torch.utils.data import DataLoader
     from torchvision.transforms import InterpolationMode
@@ -158,7 +162,9 @@ def augmented_linear_probe(
             loss.backward()
             opt.step()
         sched.step()
-    test_x, test_y = extract_features(encoder, datamodule.val_dataloader()[0], device)
+    if eval_features is None:
+        eval_features = extract_features(encoder, datamodule.val_dataloader()[0], device)
+    test_x, test_y = (t.to(device) for t in eval_features)
     with torch.no_grad():
         keep = test_y >= 0
         return float((head(test_x[keep]).argmax(1) == test_y[keep]).float().mean())
@@ -191,7 +197,7 @@ def evaluate_encoder(
     train_x, train_y = extract_features(encoder, loaders[1], device)
     num_classes = int(datamodule.num_classes)
     if augment:
-        linear = augmented_linear_probe(encoder, datamodule, device, epochs=epochs, optimizer=optimizer)
+        linear = augmented_linear_probe(encoder, datamodule, device, epochs=epochs, optimizer=optimizer, eval_features=(test_x, test_y))
     else:
         linear = linear_probe(train_x, train_y, test_x, test_y, num_classes, epochs=epochs, optimizer=optimizer)
     return {"linear_top1": linear, "knn_top1": knn_accuracy(train_x, train_y, test_x, test_y, num_classes, k, temperature)}
