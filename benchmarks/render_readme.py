@@ -16,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+#: How the benchmarks' variants (train_speed.VARIANTS, without the ``_batched`` suffix) read in tables.
+VARIANT_NAMES = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
+
 
 def step_tables() -> str:
     from step_speed import format_table
@@ -42,8 +45,7 @@ def train_table() -> str:
     path = RESULTS / "train_speed_gpu.json"
     if not path.exists():
         return "_no end-to-end training results yet_"
-    names = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
-    names.update({f"{k}_batched": f"{v}, batched views" for k, v in list(names.items())})
+    names = {**VARIANT_NAMES, **{f"{k}_batched": f"{v}, batched views" for k, v in VARIANT_NAMES.items()}}
     rows = [
         f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])} | {r['image_size']} | {r['num_masks']} "
         f"| {r['images_per_s']:,.0f} | {r['device']} |"
@@ -73,7 +75,7 @@ def ops_table() -> str:
     entries = json.loads(path.read_text())
     labels = list(dict.fromkeys(e["label"] for e in entries))
     count = {(e["label"], e["variant"]): e for e in entries}
-    names = {"baseline": "baseline (num_masks=0)", "adios": "ADIOS (exact)", "adios_s": "ADIOS-s", "simultaneous": "simultaneous"}
+    names = VARIANT_NAMES
     columns = [(label, suffix) for label in labels for suffix in ("", "_batched")
                if any((label, v + suffix) in count for v in names)]
     head = "| variant | " + " | ".join(f"{label}: {'batched' if suffix else 'sequential'} views" for label, suffix in columns) + " |"

@@ -54,6 +54,18 @@ def both_pipelines(image: torch.Tensor, size: int, **kw: float) -> tuple[torch.T
     return cpu, device.augment(image.expand(N, -1, -1, -1))
 
 
+def test_both_pipelines_take_the_same_settings_with_the_same_defaults() -> None:
+    """DeviceAugmentation repeats pretrain_transform's signature (a module and a function): the
+    shared arguments must not drift apart."""
+    import inspect
+
+    cpu = inspect.signature(pretrain_transform).parameters
+    device = inspect.signature(DeviceAugmentation.__init__).parameters
+    assert set(cpu) <= set(device), f"missing on the device: {set(cpu) - set(device)}"
+    for name, parameter in cpu.items():
+        assert device[name].default == parameter.default, f"{name}: {device[name].default} vs {parameter.default}"
+
+
 @pytest.mark.parametrize("name,ours,theirs", [
     ("brightness", adjust_brightness, TF.adjust_brightness),
     ("contrast", adjust_contrast, TF.adjust_contrast),

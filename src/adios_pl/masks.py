@@ -226,17 +226,21 @@ class RandomMasks(nn.Module):
             slots = torch.where(take, slot, slots)
         return slots.view(batch, g, g)
 
+    def _slots(self, batch: int, device: torch.device) -> Tensor:
+        """The slot of every cell, ``(B, cells, cells)``."""
+        return self._patch_slots(batch, device) if self.kind == "random_patch" else self._block_slots(batch, device)
+
     @torch.no_grad()
     def segments(self, batch: int, height: int, width: int, device: torch.device) -> Tensor:
         """The slot of every pixel, ``(B, H, W)`` long, drawn on ``device``."""
-        slots = self._patch_slots(batch, device) if self.kind == "random_patch" else self._block_slots(batch, device)
+        slots = self._slots(batch, device)
         return slots.repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)[:, :height, :width]
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Hard masks ``(B, N, H, W)`` that partition each image; no gradient."""
         batch, device = images.shape[0], images.device
-        slots = self._patch_slots(batch, device) if self.kind == "random_patch" else self._block_slots(batch, device)
+        slots = self._slots(batch, device)
         masks = F.one_hot(slots, self.num_masks).permute(0, 3, 1, 2).to(images.dtype)  # at cell resolution, then up
         masks = masks.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)
         return masks[..., : images.shape[-2], : images.shape[-1]]
