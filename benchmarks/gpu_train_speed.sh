@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed in one go (about 8 minutes on one H100/H200 without OLD_SRC):
-#   1. this version, augmentation on the device, at 32 px: baseline, ADIOS, ADIOS-s, simultaneous,
-#      each with masked_views "sequential" and "batched";
+# End-to-end GPU training speed in one go (about 5 minutes on one H100/H200 without OLD_SRC):
+#   1. this version, augmentation on the device, batched views, at 32 px: baseline, ADIOS, ADIOS-s,
+#      simultaneous; and ADIOS with sequential views;
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
-#   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS sequential and batched (and the older version);
+#   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS with batched views (and the older version);
 #   4. a profile of the batched ADIOS step (and of the older version's) (profile_step.py);
-#   5. the exact step against the reference step at N=4 (step_speed.py), sequential and batched.
+#   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
+# SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
@@ -55,14 +56,15 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 
-speed new "$new" 240 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
-    simultaneous_batched baseline adios adios_s simultaneous
+sequential=${SEQUENTIAL:-}
+speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
+    simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
-speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched adios
+speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}
 profile new "$new" device adios_batched
 [ -n "$old" ] && profile old "$old" host adios
-for views in batched sequential; do
+for views in batched ${sequential:+sequential}; do
     PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
         --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
         --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"

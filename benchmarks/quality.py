@@ -137,6 +137,8 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     trainer.validate(model, data, verbose=False)
     online = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     validate_seconds = time.perf_counter() - started - train_seconds
+    if args.accelerator == "gpu":  # Lightning's teardown leaves the model on the CPU
+        model.cuda()
     offline = measure(model, data, probe_epochs=30)
     measure_seconds = time.perf_counter() - started - train_seconds - validate_seconds
     if model.mask_generator is not None and seed == args.seeds[0]:

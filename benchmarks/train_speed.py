@@ -125,19 +125,17 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
-    parser.add_argument("--out", default=None, help="append the entries to this JSON list")
+    parser.add_argument("--out", default=None, help="append each entry to this JSON list as its run ends")
     args = parser.parse_args()
     data: dict[str, ImageFolderDataModule] = {}
-    entries = []
     for augment_on in args.augment_on:
         for variant in args.variants:
             entry = run(args, variant, augment_on, data)
-            entries.append(entry)
             print(json.dumps(entry), flush=True)
-    if args.out:
-        existing = json.load(open(args.out)) if os.path.exists(args.out) else []
-        with open(args.out, "w") as f:
-            json.dump(existing + entries, f, indent=1)
+            if args.out:  # after every run, so a run cut short by a time limit keeps what it finished
+                existing = json.load(open(args.out)) if os.path.exists(args.out) else []
+                with open(args.out, "w") as f:
+                    json.dump(existing + [entry], f, indent=1)
 
 
 if __name__ == "__main__":
