@@ -24,7 +24,7 @@ def step_tables() -> str:
     from step_speed import format_table
 
     parts = []
-    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_simultaneous.json", "step_speed_gpu_bf16.json", "step_speed_gpu_n4.json"):
+    for name in ("step_speed_cpu.json", "step_speed_gpu.json", "step_speed_gpu_simultaneous.json", "step_speed_gpu_bf16.json", "step_speed_gpu_n4.json", "step_speed_gpu_n4_batched.json"):
         path = RESULTS / name
         if path.exists():
             parts.append(format_table(json.loads(path.read_text())))
@@ -48,10 +48,10 @@ def train_table() -> str:
     names = {**VARIANT_NAMES, **{f"{k}_batched": f"{v}, batched views" for k, v in VARIANT_NAMES.items()}}
     rows = [
         f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])} | {r['image_size']} | {r['num_masks']} "
-        f"| {r['images_per_s']:,.0f} | {r['device']} |"
+        f"| {r['images_per_s']:,.0f} | {format(r['peak_memory_mib'], ',') if r.get('peak_memory_mib') else '-'} | {r['device']} |"
         for r in json.loads(path.read_text())
     ]
-    header = "| version | augmentation | variant | px | N | training images/s | device |\n|---|---|---|---|---|---|---|\n"
+    header = "| version | augmentation | variant | px | N | training images/s | peak MiB | device |\n|---|---|---|---|---|---|---|---|\n"
     return header + "\n".join(rows)
 
 
