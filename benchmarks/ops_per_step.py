@@ -11,6 +11,8 @@ that issued it. The CPU optimisers loop over weights where CUDA ones use multi-t
 (``foreach``), so ``--foreach`` (default) switches them to the CUDA setting.
 
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --label after --out benchmarks/results/ops_per_step.json
+    python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --precision bf16-mixed --label "after, bf16-mixed" \
+        --variants baseline_batched adios_batched adios_s_batched simultaneous_batched --out benchmarks/results/ops_per_step.json
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         model.configure_optimizers = with_foreach  # type: ignore[method-assign]
     step = OneStep(args.warmup)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=args.warmup + 3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        accelerator="cpu", precision=args.precision, max_steps=args.warmup + 3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[OnlineKNN(), OnlineLinearProbe(num_classes=10), step],
     )
@@ -111,7 +113,7 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     assert step.result is not None, "the counted batch was not reached: lower --warmup or give more images"
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
-        "foreach": args.foreach, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
+        "foreach": args.foreach, "precision": args.precision, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
         "by_place": dict(step.result.places.most_common(args.top)), "by_op": dict(step.result.ops.most_common(args.top)),
         "torch": torch.__version__, "label": args.label,
     }
@@ -126,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="does not change the count; small is quick")
     parser.add_argument("--optimizer", default="lars", choices=["sgd", "lars", "adamw"])
     parser.add_argument("--no-foreach", dest="foreach", action="store_false", help="keep the CPU optimisers' per-weight loop")
+    parser.add_argument("--precision", default="32-true", help="bf16-mixed counts autocast's casts too, as on a GPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
