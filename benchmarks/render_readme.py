@@ -47,7 +47,7 @@ def train_table() -> str:
         return "_no end-to-end training results yet_"
     names = {**VARIANT_NAMES, **{f"{k}_batched": f"{v}, batched views" for k, v in VARIANT_NAMES.items()}}
     rows = [
-        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])} | {r['image_size']} | {r['num_masks']} "
+        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])}{', compiled encoder' if r.get('compile') else ''} | {r['image_size']} | {r['num_masks']} "
         f"| {r['images_per_s']:,.0f} | {format(r['peak_memory_mib'], ',') if r.get('peak_memory_mib') else '-'} | {r['device']} |"
         for r in json.loads(path.read_text())
     ]
