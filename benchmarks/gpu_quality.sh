@@ -13,6 +13,6 @@ export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tar xzf "$archive" -C "$data"
 nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 python3 benchmarks/quality.py --data folder --data-dir "$data/train" --encoder resnet18 \
-    --accelerator gpu --precision bf16-mixed --batch-size 256 --num-workers 12 --minutes 7 --eval-reserve 40 \
+    --accelerator gpu --precision bf16-mixed --batch-size 256 --num-workers 12 --minutes 7 --eval-reserve 25 \
     --augment-on device --masked-views batched \
     --variants baseline adios random_patch adios_s random_block --results "$out" "$@" 2>&1 | grep --line-buffered -v -i "warn\|tip\|available:" | tee "$out/quality.log"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed in one go (about 5 minutes on one H100/H200 without OLD_SRC):
+# End-to-end GPU training speed in one go (about 4 minutes on one H200 without OLD_SRC):
 #   1. this version, augmentation on the device, batched views, at 32 px: baseline, ADIOS, ADIOS-s,
 #      simultaneous; and ADIOS with sequential views;
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
