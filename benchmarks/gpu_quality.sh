@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CIFAR-10 quality comparison with ResNet18 on one GPU, as many steps as fit in one ~8-minute
 # run: unpacks the CIFAR-10 training archive (nothing is downloaded), then runs quality.py with
-# --minutes, on the fast path (augmentation on the device, batched views: the same training). Results (JSON, table, mask pictures) go to $1; more arguments go to quality.py.
+# --minutes, on the fast path (augmentation on the device, batched views: the same training).
+# Results (JSON, table, mask pictures) go to $1; more arguments go to quality.py.
 #   bash benchmarks/gpu_quality.sh OUT path/to/cifar10/train.tar.gz [quality.py arguments]
 set -euo pipefail
 out=${1:?usage: gpu_quality.sh OUTPUT_DIR CIFAR10_TRAIN_TAR_GZ [quality.py arguments]}

@@ -75,12 +75,11 @@ def ops_table() -> str:
     entries = json.loads(path.read_text())
     labels = list(dict.fromkeys(e["label"] for e in entries))
     count = {(e["label"], e["variant"]): e for e in entries}
-    names = VARIANT_NAMES
     columns = [(label, suffix) for label in labels for suffix in ("", "_batched")
-               if any((label, v + suffix) in count for v in names)]
+               if any((label, v + suffix) in count for v in VARIANT_NAMES)]
     head = "| variant | " + " | ".join(f"{label}: {'batched' if suffix else 'sequential'} views" for label, suffix in columns) + " |"
     lines = [head, "|---|" + "---|" * len(columns)]
-    for variant, name in names.items():
+    for variant, name in VARIANT_NAMES.items():
         cells = []
         for label, suffix in columns:
             e = count.get((label, variant + suffix))

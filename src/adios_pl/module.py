@@ -522,9 +522,14 @@ class ADIOSModule(pl.LightningModule):
     def _batched(self, views: int) -> bool:
         return self.masked_views == "batched" and views > 1
 
-    def _forward_together(self, views: list[Tensor]) -> list[ViewOutput]:
-        """The objective's outputs of ``views`` from one forward of them stacked (per-view batch norm)."""
-        return forward_views(self.objective, self.encoder, views, [self.encoder, self.objective])
+    def _forward_together(self, leading: list[Tensor], terms: Iterable[list[Tensor]]) -> tuple[list[ViewOutput], list[list[ViewOutput]]]:
+        """The objective's outputs of ``leading`` and of each term's images, from one forward of
+        them all stacked (per-view batch norm); the terms' outputs grouped as the terms."""
+        terms = list(terms)
+        views = leading + [x for term in terms for x in term]
+        outputs = forward_views(self.objective, self.encoder, views, [self.encoder, self.objective])
+        rest = iter(outputs[len(leading) :])
+        return outputs[: len(leading)], [[next(rest) for _ in term] for term in terms]
 
     def _encoder_step(self, x1: Tensor, x2: Tensor, masks: Tensor | None, slots: Tensor | None) -> tuple[Tensor, Tensor]:
         """Back-propagate ``sum_n L(x1, x2 * (1 - m_n))`` into the encoder side.
@@ -536,11 +541,9 @@ class ADIOSModule(pl.LightningModule):
         """
         clean_views = self._clean_views(x1, x2)
         terms = self._masked_inputs(x1, x2, masks, slots)
-        width = len(clean_views)  # images per term: one per clean view
-        if self._batched(width * (1 + self._term_count(slots))):
-            outputs = self._forward_together(clean_views + [x for term in terms for x in term])
-            clean, masked = outputs[: len(clean_views)], outputs[len(clean_views) :]
-            total = self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])
+        if self._batched(len(clean_views) * (1 + self._term_count(slots))):
+            clean, masked = self._forward_together(clean_views, terms)
+            total = self.objective.terms_loss(clean, masked)
             self.manual_backward(total)
             return total.detach(), clean[0]["features"].detach()
         clean = [self.objective(self.encoder, x) for x in clean_views]
@@ -573,11 +576,10 @@ class ADIOSModule(pl.LightningModule):
                 clean = [self.objective(self.encoder, x) for x in self._clean_views(x1, x2)]
             leaf = masks.detach().requires_grad_()
             terms = self._masked_inputs(x1, x2, leaf, slots)
-            width = len(clean)
             losses: Iterable[Tensor]
-            if self._batched(width * self._term_count(slots)):
-                masked = self._forward_together([x for term in terms for x in term])
-                losses = [self.objective.terms_loss(clean, [masked[i : i + width] for i in range(0, len(masked), width)])]
+            if self._batched(len(clean) * self._term_count(slots)):
+                _, masked = self._forward_together([], terms)
+                losses = [self.objective.terms_loss(clean, masked)]
             else:
                 losses = (self._term_loss(clean, [self.objective(self.encoder, x) for x in term]) for term in terms)
             ssl = x1.new_zeros(())

@@ -258,15 +258,14 @@ class DeviceAugmentation(nn.Module):
         factor = torch.stack(factors, dim=1).unsqueeze(1)
         before = torch.where(at & (positions < hue_at).unsqueeze(-1), factor, 1.0)
         after = torch.where(at & (positions > hue_at).unsqueeze(-1), factor, 1.0)
-        ops = [op for op, used in zip((adjust_brightness, adjust_contrast, adjust_saturation), present) if used]
-        used = [k for k in range(3) if present[k]]
+        ops = [(k, op) for k, op in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)) if present[k]]
         for position in range(3):  # the positions before the hue's (at most three)
-            for k, op in zip(used, ops):
+            for k, op in ops:
                 x = op(x, before[:, position, k].view(n, 1, 1, 1))
         if shift is not None:
             x = adjust_hue(x, shift)
         for position in range(1, 4):  # and after it
-            for k, op in zip(used, ops):
+            for k, op in ops:
                 x = op(x, after[:, position, k].view(n, 1, 1, 1))
         return x
 
