@@ -8,7 +8,8 @@
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
 # COMPILE=1 adds baseline and ADIOS, batched views, with the encoder under torch.compile at 32 px
-# (compilation takes a minute or two of the run).
+# (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or another torch.compile
+# mode) compiles in that mode: reduce-overhead replays the encoder as CUDA graphs.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
@@ -61,7 +62,9 @@ c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 
 sequential=${SEQUENTIAL:-}
 speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
     simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
-[ -n "${COMPILE:-}" ] && speed new "$new" 240 "${c32[@]}" --augment-on device --compile --variants baseline_batched adios_batched
+compile_mode=${COMPILE:-}
+[ "$compile_mode" = 1 ] && compile_mode=""
+[ -n "${COMPILE:-}" ] && speed new "$new" 240 "${c32[@]}" --augment-on device --compile $compile_mode --variants baseline_batched adios_batched
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}

@@ -41,13 +41,20 @@ def data_table() -> str:
     return "| command | two-view images/s |\n|---|---|\n" + "\n".join(rows)
 
 
+def _compiled(setting: bool | str | None) -> str:
+    """The variant's suffix for a run with a compiled encoder (``True`` or a torch.compile mode)."""
+    if not setting:
+        return ""
+    return ", compiled encoder" + ("" if setting is True else f" ({setting})")
+
+
 def train_table() -> str:
     path = RESULTS / "train_speed_gpu.json"
     if not path.exists():
         return "_no end-to-end training results yet_"
     names = {**VARIANT_NAMES, **{f"{k}_batched": f"{v}, batched views" for k, v in VARIANT_NAMES.items()}}
     rows = [
-        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])}{', compiled encoder' if r.get('compile') else ''} | {r['image_size']} | {r['num_masks']} "
+        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])}{_compiled(r.get('compile'))} | {r['image_size']} | {r['num_masks']} "
         f"| {r['images_per_s']:,.0f} | {format(r['peak_memory_mib'], ',') if r.get('peak_memory_mib') else '-'} | {r['device']} |"
         for r in json.loads(path.read_text())
     ]

@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60, help="training batches per epoch")
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches per loader (kNN, probe)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the encoder, in MODE if given (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append each entry to this JSON list as its run ends")
     args = parser.parse_args()

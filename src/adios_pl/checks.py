@@ -14,6 +14,10 @@ from adios_pl.optim import OPTIMIZERS
 
 MASK_MODES = ("all", "one")
 SCHEDULE_INTERVALS = ("step", "epoch")
+#: ``torch.compile`` modes that ``compile_encoder`` accepts by name.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes among them that replay the compiled code as CUDA graphs on a GPU.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
@@ -61,6 +65,12 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
     if kw["masked_views"] not in ("sequential", "batched"):
         raise ValueError(f"masked_views={kw['masked_views']!r} is not supported; accepted: 'sequential', 'batched'")
+    compile_encoder = kw["compile_encoder"]
+    if not isinstance(compile_encoder, bool) and compile_encoder not in COMPILE_MODES:
+        raise ValueError(
+            f"compile_encoder={compile_encoder!r} is not supported; accepted: True, False or a torch.compile mode "
+            f"({', '.join(map(repr, COMPILE_MODES))})"
+        )
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:

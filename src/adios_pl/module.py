@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from adios_pl.batched_views import forward_views
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
-from adios_pl.checks import check_arguments, check_mask_generator, unpack_training_batch
+from adios_pl.checks import CUDA_GRAPH_MODES, check_arguments, check_mask_generator, unpack_training_batch
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MaskGenerator, RandomMasks
@@ -92,7 +92,11 @@ class ADIOSModule(pl.LightningModule):
             update, not after) that saves the mask step's N+1 encoder passes.
         channels_last: Run the encoder, the mask generator and the views in channels-last memory
             format (faster convolutions on recent GPUs); ``None`` (default): on a CUDA device only.
-        compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged).
+        compile_encoder: ``torch.compile`` the encoder in place (parameter names unchanged):
+            ``True`` in its default mode, or a mode by name (``adios_pl.checks.COMPILE_MODES``).
+            ``"reduce-overhead"`` (and ``"max-autotune"``) replay the compiled encoder as CUDA
+            graphs on a GPU; the step then marks each batch as a new graph step and copies the
+            features it hands on (to the callbacks) out of the graphs' memory.
         masked_views: How the N masked views of a step go through the encoder and heads:
             ``"sequential"`` (one at a time, each back-propagated before the next, so activation
             memory does not grow with N) or ``"batched"`` (all N as one batch of ``N * B``: a
@@ -136,7 +140,7 @@ class ADIOSModule(pl.LightningModule):
         mask_patch_size: int | None = None,
         update: Literal["alternating", "simultaneous"] = "alternating",
         channels_last: bool | None = None,
-        compile_encoder: bool = False,
+        compile_encoder: bool | str = False,
         nonfinite: Literal["raise", "skip"] = "raise",
         mask_generator: nn.Module | None = None,
         masked_views: Literal["sequential", "batched"] = "sequential",
@@ -148,7 +152,7 @@ class ADIOSModule(pl.LightningModule):
             optimizer=optimizer, lr=lr, mask_lr=mask_lr, weight_decay=weight_decay,
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
-            mask_patch_size=mask_patch_size, masked_views=masked_views,
+            mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
         )
         ignore = ["objective", "mask_generator"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -210,7 +214,7 @@ class ADIOSModule(pl.LightningModule):
     def embed(self, images: Tensor) -> Tensor:
         """Encoder features ``(B, num_features)`` of images ``(B, 3, H, W)`` for evaluation."""
         features: Tensor = self.encoder(images)
-        return features
+        return self._out_of_graphs(features)
 
     def forward(self, images: Tensor) -> Tensor:
         """``model(images)``: the encoder features, as :meth:`embed`."""
@@ -302,8 +306,9 @@ class ADIOSModule(pl.LightningModule):
             self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if self.mask_generator is not None:
                 self.mask_generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if self.hparams["compile_encoder"] and not getattr(self, "_compiled", False):
-            self.encoder.compile()
+        setting = self.hparams["compile_encoder"]
+        if setting and not getattr(self, "_compiled", False):
+            self.encoder.compile(mode=None if setting is True else setting)
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -335,6 +340,8 @@ class ADIOSModule(pl.LightningModule):
         callbacks through ``on_train_batch_end``, so online evaluation needs no extra forward.
         Nothing in the step reads a value back to the host (see :mod:`adios_pl.nonfinite`).
         """
+        if self._cuda_graphs():  # the graphs' outputs of the last batch may now be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         x1, x2, targets = self._unpack(batch)
         disable_ddp_grad_sync(self.trainer.strategy.model)  # each player's gradients are averaged in _step_player
         step = self.global_step  # counts batches: see adios_pl.step_counting
@@ -461,7 +468,7 @@ class ADIOSModule(pl.LightningModule):
             logs["train/skipped_batches"] = self._skipped.float()
             self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
             self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        outputs = {"loss": encoder_loss, "features": features, "targets": targets}
+        outputs = {"loss": encoder_loss, "features": self._out_of_graphs(features), "targets": targets}
         if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
             outputs["finite"] = ok
         return outputs
@@ -642,6 +649,15 @@ class ADIOSModule(pl.LightningModule):
         trainer = getattr(self, "_trainer", None)  # in configure_model the module is not on its device yet
         device = trainer.strategy.root_device if trainer is not None else self.device
         return device.type == "cuda"
+
+    def _cuda_graphs(self) -> bool:
+        """Whether the compiled encoder replays as CUDA graphs (a CUDA-graph mode, on a GPU)."""
+        return self.hparams["compile_encoder"] in CUDA_GRAPH_MODES and self.device.type == "cuda"
+
+    def _out_of_graphs(self, features: Tensor) -> Tensor:
+        """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
+        graphs: a later replay overwrites the outputs of the last (callbacks may keep them)."""
+        return features.clone() if self._cuda_graphs() else features
 
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
