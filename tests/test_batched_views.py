@@ -41,9 +41,10 @@ def _buffers(net: nn.Module) -> dict[str, Tensor]:
         nn.BatchNorm2d,
         lambda c: nn.BatchNorm2d(c, momentum=None),  # cumulative averages
         lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        lambda c: nn.BatchNorm2d(c, affine=False),
         nn.SyncBatchNorm,  # a single process: its own forward falls back to plain batch norm
     ],
-    ids=["momentum", "cumulative", "untracked", "sync"],
+    ids=["momentum", "cumulative", "untracked", "not affine", "sync"],
 )
 def test_per_view_batch_norm_equals_one_forward_per_view(norm: Any) -> None:
     torch.manual_seed(0)
@@ -64,6 +65,61 @@ def test_per_view_batch_norm_equals_one_forward_per_view(norm: Any) -> None:
     (expected.square().sum()).backward()
     for (name, p), q in zip(batched.named_parameters(), separate.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["all gradients", "frozen parameters"])
+def test_per_view_batch_norm_of_bfloat16_channels_last_input_is_bitwise_one_forward_per_view(frozen: bool) -> None:
+    """The fast path (one autograd function over all views, ``out=`` kernels) runs the same
+    kernels as separate forwards, so on bfloat16 channels-last input (float32 parameters, as
+    under autocast) it gives the same bits; the parameters' gradients are summed in another
+    order, hence a float32 tolerance for them."""
+    torch.manual_seed(0)
+    batched = nn.BatchNorm2d(8)
+    nn.init.normal_(batched.weight)
+    nn.init.normal_(batched.bias)
+    separate = copy.deepcopy(batched)
+    for p in [*batched.parameters(), *separate.parameters()]:
+        p.requires_grad_(not frozen)
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(BATCH, 8, 6, 6, generator=g) * (1 + i) + i for i in range(VIEWS)])
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_separate = x.detach().clone().requires_grad_()
+    with batch_norm_per_view([batched], VIEWS):
+        out = batched(x)
+    expected = torch.cat([separate(v) for v in x_separate.chunk(VIEWS)])
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+    for k, v in _buffers(separate).items():
+        assert torch.equal(_buffers(batched)[k], v), k
+    grad = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    out.backward(grad)
+    expected.backward(grad)
+    assert x.grad is not None and x_separate.grad is not None and torch.equal(x.grad, x_separate.grad)
+    for (name, p), q in zip(batched.named_parameters(), separate.parameters()):
+        if frozen:
+            assert p.grad is None and q.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_plain_batch_norm_takes_the_path_without_cat() -> None:
+    """The fast path is taken for plain batch norm (its forward dispatches no ``cat``); the
+    check above would pass just as well on the fallback of one forward and a ``cat`` per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    net, images = _net(nn.BatchNorm2d), torch.cat(_views())
+    with batch_norm_per_view([net], VIEWS), Ops() as ops:
+        net(images)
+    assert "aten.cat" not in ops.names and ops.names.count("aten.native_batch_norm") == 2 * VIEWS, ops.names
 
 
 def test_without_per_view_statistics_the_result_differs() -> None:

@@ -7,6 +7,13 @@ on the rest of the batch, so while the views go through together every batch-nor
 normalises each view's ``B`` images with their own statistics and updates its running statistics
 once per view, in order: the outputs are those of N separate forwards, up to the rounding of the
 other layers' larger-batch kernels.
+
+Plain batch norm (an ``nn.BatchNorm*`` layer in training mode with a momentum, on the CPU or
+CUDA) goes through one autograd function that runs the layer's native kernels once per view and
+writes each view's output into its slice of one tensor, so no ``cat`` joins the views in the
+forward. Other layers (``SyncBatchNorm``, cumulative averages, evaluation mode, and every layer
+under ``torch.compile``, which fuses the join itself) run their own forward once per view and
+the outputs are joined with ``cat``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,79 @@ from adios_pl.objectives.base import ViewOutput
 ViewForward = Callable[[nn.Module, Tensor], ViewOutput]
 
 
+def _save_dtype(x: Tensor, tensors: Sequence[Tensor | None]) -> torch.dtype:
+    """The dtype of the per-channel mean and inverse deviation that ``native_batch_norm`` keeps for
+    the backward: the input's accumulation type on CUDA; on the CPU the input's, or float32 when
+    the parameters or running statistics have another dtype. (A wrong guess raises, it cannot
+    corrupt: the ``out`` variants check the dtype.)"""
+    if x.device.type == "cuda":
+        return torch.float64 if x.dtype == torch.float64 else torch.float32
+    mixed = any(t is not None and t.dtype != x.dtype for t in tensors)
+    return torch.float32 if mixed else x.dtype
+
+
+def _sum(tensors: list[Tensor]) -> Tensor:
+    """Their sum, in two kernels at most."""
+    return tensors[0] + tensors[1] if len(tensors) == 2 else torch.stack(tensors).sum(0)
+
+
+class _PerViewBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of ``views`` equal parts of the batch, each with its own statistics.
+
+    The same kernels as one ``F.batch_norm`` per part, in order (running statistics included),
+    but each part is normalised straight into its slice of one output (no ``cat`` in the
+    forward), and the parameters' gradients are one sum over the parts instead of an addition
+    per part.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+        running_var: Tensor | None, views: int, momentum: float, eps: float,
+    ) -> Tensor:
+        out = torch.empty_like(x)
+        dtype = _save_dtype(x, (weight, bias, running_mean, running_var))
+        means, invstds = [], []
+        for part, into in zip(x.chunk(views), out.chunk(views)):
+            mean, invstd = x.new_empty(x.shape[1], dtype=dtype), x.new_empty(x.shape[1], dtype=dtype)
+            torch.ops.aten.native_batch_norm.out(
+                part, weight, bias, running_mean, running_var, True, momentum, eps, out=into, save_mean=mean, save_invstd=invstd,
+            )
+            means.append(mean)
+            invstds.append(invstd)
+        ctx.save_for_backward(x, weight, *means, *invstds)
+        ctx.views, ctx.eps = views, eps
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, *saved = ctx.saved_tensors
+        views = ctx.views
+        mask = [bool(ctx.needs_input_grad[0]), weight is not None and bool(ctx.needs_input_grad[1]),
+                weight is not None and bool(ctx.needs_input_grad[2])]
+        parts = [
+            torch.ops.aten.native_batch_norm_backward(g, part, weight, None, None, saved[i], saved[views + i], True, ctx.eps, mask)
+            for i, (g, part) in enumerate(zip(grad.chunk(views), x.chunk(views)))
+        ]
+        # (the backward has no out= kernel of its own: its out variant copies, as cat does, once per part)
+        grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
+        grad_w = _sum([p[1] for p in parts]) if mask[1] else None
+        grad_b = _sum([p[2] for p in parts]) if mask[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
+    """Whether :class:`_PerViewBatchNorm` computes what the layer's own forward would, part by part:
+    a plain batch-norm class in training mode with a fixed momentum, on the CPU or CUDA, eagerly
+    (under ``torch.compile`` the compiler fuses the parts and their ``cat`` itself)."""
+    return (
+        type(layer).forward is _BatchNorm.forward and layer.training and layer.momentum is not None
+        and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+        and (layer.weight is None) == (layer.bias is None)
+    )
+
+
 class _PerViewForward:
     """A batch-norm layer's forward applied to each of ``views`` equal parts of its input.
 
@@ -38,8 +118,16 @@ class _PerViewForward:
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer()
         assert layer is not None, "called after its layer was freed"
-        forward = type(layer).forward
-        return torch.cat([forward(layer, part) for part in x.chunk(self.views)])
+        if not _fast_path(layer, x):
+            forward = type(layer).forward
+            return torch.cat([forward(layer, part) for part in x.chunk(self.views)])
+        layer._check_input_dim(x)
+        tracked = layer.track_running_stats
+        if tracked and layer.num_batches_tracked is not None:
+            layer.num_batches_tracked.add_(self.views)  # once per part, as in the parts' own forwards
+        apply: Any = _PerViewBatchNorm.apply
+        return apply(x, layer.weight, layer.bias, layer.running_mean if tracked else None,
+                     layer.running_var if tracked else None, self.views, layer.momentum, layer.eps)
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         """A layer copied while patched gets its class's plain forward, bound to the copy."""
