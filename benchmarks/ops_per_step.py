@@ -39,7 +39,8 @@ PLACES = ("adios_pl", "pytorch_lightning", "lightning_fabric", "torch/optim", "t
 
 
 #: Operations that launch no kernel on a GPU (besides views): allocation and metadata.
-NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.detach,
+NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.empty_like, torch.ops.aten.new_empty,
+             torch.ops.aten.new_empty_strided, torch.ops.aten.detach,
              torch.ops.aten.lift_fresh, torch.ops.aten._local_scalar_dense}
 
 

@@ -85,12 +85,15 @@ class Reference:
 
 
 class SavedTensorMeter:
-    """Peak bytes of tensors saved for backward and still alive, while active."""
+    """Peak bytes of tensors saved for backward and still alive, while active. Each storage counts
+    once, however many of its views are saved (per-view batch norm saves a slice of one input per
+    view)."""
 
     def __init__(self) -> None:
-        # [current, peak]; the finalizers hold only this list, never the meter (or the models
-        # reachable from its owner), so nothing stays alive through them.
+        # [current, peak] and the saved views alive per storage; the finalizers hold only these,
+        # never the meter (or the models reachable from its owner), so nothing stays alive through them.
         self.counts = [0, 0]
+        self.storages: dict[int, list[int]] = {}  # replaced, not cleared, at each start: see _release
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @property
@@ -98,12 +101,15 @@ class SavedTensorMeter:
         return self.counts[1]
 
     def _pack(self, tensor: torch.Tensor) -> Any:
-        size = tensor.untyped_storage().nbytes()
-        counts = self.counts
-        counts[0] += size
-        counts[1] = max(counts[1], counts[0])
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        entry = self.storages.setdefault(key, [0, storage.nbytes()])
+        if entry[0] == 0:
+            self.counts[0] += entry[1]
+            self.counts[1] = max(self.counts[1], self.counts[0])
+        entry[0] += 1
         holder = _Held(tensor.detach())  # detached: an output saved by its own node would otherwise form a cycle through autograd that gc cannot see
-        weakref.finalize(holder, _release, counts, size)
+        weakref.finalize(holder, _release, self.counts, self.storages, key)
         return holder
 
     @staticmethod
@@ -111,7 +117,8 @@ class SavedTensorMeter:
         return holder.tensor
 
     def __enter__(self) -> "SavedTensorMeter":
-        self.counts[0] = self.counts[1] = 0
+        self.counts = [0, 0]  # new objects: tensors saved in an earlier measurement release into the old ones
+        self.storages = {}
         self._hooks.__enter__()
         return self
 
@@ -119,8 +126,12 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
-def _release(counts: list[int], size: int) -> None:
-    counts[0] -= size
+def _release(counts: list[int], storages: dict[int, list[int]], key: int) -> None:
+    entry = storages[key]
+    entry[0] -= 1
+    if entry[0] == 0:
+        counts[0] -= entry[1]
+        del storages[key]
 
 
 class _Held:
