@@ -100,8 +100,8 @@ class ADIOSModule(pl.LightningModule):
         masked_views: How the N masked views of a step go through the encoder and heads:
             ``"sequential"`` (one at a time, each back-propagated before the next, so activation
             memory does not grow with N) or ``"batched"`` (all N as one batch of ``N * B``: a
-            GPU launches each kernel once instead of N times, for N times the activation memory).
-            Both give the same result: while batched, batch-norm layers keep per-view statistics
+            GPU launches each kernel once instead of N times, and the activations of all views
+            are alive at once). Both give the same result: while batched, batch-norm layers keep per-view statistics
             (:mod:`adios_pl.batched_views`). Other layers that mix images of a batch would see
             the N views together.
         nonfinite: ``"raise"`` (stop on a NaN/Inf loss or gradient, naming it) or ``"skip"``
