@@ -43,18 +43,13 @@ def _save_dtype(x: Tensor, tensors: Sequence[Tensor | None]) -> torch.dtype:
     return torch.float32 if mixed else x.dtype
 
 
-def _sum(tensors: list[Tensor]) -> Tensor:
-    """Their sum, in two kernels at most."""
-    return tensors[0] + tensors[1] if len(tensors) == 2 else torch.stack(tensors).sum(0)
-
-
 class _PerViewBatchNorm(torch.autograd.Function):
     """Training-mode batch norm of ``views`` equal parts of the batch, each with its own statistics.
 
     The same kernels as one ``F.batch_norm`` per part, in order (running statistics included),
     but each part is normalised straight into its slice of one output (no ``cat`` in the
     forward), and the parameters' gradients are one sum over the parts instead of an addition
-    per part.
+    per part and parameter.
     """
 
     @staticmethod
@@ -89,8 +84,12 @@ class _PerViewBatchNorm(torch.autograd.Function):
         ]
         # (the backward has no out= kernel of its own: its out variant copies, as cat does, once per part)
         grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
-        grad_w = _sum([p[1] for p in parts]) if mask[1] else None
-        grad_b = _sum([p[2] for p in parts]) if mask[2] else None
+        grad_w = grad_b = None
+        if mask[1] and mask[2]:  # both sums in one reduction
+            grad_w, grad_b = torch.stack([p[1] for p in parts] + [p[2] for p in parts]).unflatten(0, (2, views)).sum(1)
+        elif mask[1] or mask[2]:
+            summed = torch.stack([p[1 if mask[1] else 2] for p in parts]).sum(0)
+            grad_w, grad_b = (summed, None) if mask[1] else (None, summed)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
