@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adios_pl import ADIOSModule
+from adios_pl.evaluation import extract_features
 from adios_pl.objectives import BYOL, SimCLR
 from conftest import make_loader, quiet_trainer
 
@@ -78,6 +79,9 @@ def test_features_outlive_the_next_cuda_graph_replay() -> None:
         later = [model.embed(x) for x in images]  # replays into the same memory
     for a, b in zip(first, later):
         torch.testing.assert_close(a, b)
+    # the offline evaluation's feature extraction keeps every batch too
+    features, _ = extract_features(model.encoder, [(x, torch.zeros(8, dtype=torch.long)) for x in images], torch.device("cuda"))
+    torch.testing.assert_close(features, torch.cat(later))
 
 
 @pytest.mark.parametrize("objective", ["simclr", "byol"])

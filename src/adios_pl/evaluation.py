@@ -55,7 +55,8 @@ def extract_features(encoder: nn.Module, loader: Iterable[Any], device: str | to
     encoder.eval()
     features, targets = [], []
     for batch in loader:
-        features.append(encoder(batch[0].to(device)).float())
+        # a copy: an encoder replayed as CUDA graphs overwrites its last output at the next batch
+        features.append(encoder(batch[0].to(device)).to(torch.float32, copy=True))
         targets.append(batch[1].to(device))
     encoder.train(was_training)
     return torch.cat(features), torch.cat(targets)
