@@ -101,9 +101,9 @@ class ADIOSModule(pl.LightningModule):
             ``"sequential"`` (one at a time, each back-propagated before the next, so activation
             memory does not grow with N) or ``"batched"`` (all N as one batch of ``N * B``: a
             GPU launches each kernel once instead of N times, and the activations of all views
-            are alive at once). Both give the same result: while batched, batch-norm layers keep per-view statistics
-            (:mod:`adios_pl.batched_views`). Other layers that mix images of a batch would see
-            the N views together.
+            are alive at once). Both give the same result: while batched, batch-norm layers keep
+            per-view statistics (:mod:`adios_pl.batched_views`). Other layers that mix images of
+            a batch would see the N views together.
         nonfinite: ``"raise"`` (stop on a NaN/Inf loss or gradient, naming it) or ``"skip"``
             (drop the whole batch, restoring every state, and count it in ``train/skipped_batches``).
         mask_generator: Any module mapping ``(B, 3, H, W)`` to ``(B, N, H, W)`` masks that sum to 1
