@@ -9,7 +9,9 @@
 # SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
 # COMPILE=1 adds baseline and ADIOS, batched views, with the encoder under torch.compile at 32 px
 # (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or another torch.compile
-# mode) compiles in that mode: reduce-overhead replays the encoder as CUDA graphs.
+# mode) compiles in that mode: reduce-overhead replays the encoder as CUDA graphs. Several, space
+# separated ("1 reduce-overhead"), run one after the other, before the rest. ONLY_COMPILE=1 runs
+# nothing else.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
@@ -59,12 +61,14 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 
+for mode in ${COMPILE:-}; do
+    [ "$mode" = 1 ] && mode=""
+    speed new "$new" 240 "${c32[@]}" --augment-on device --compile $mode --variants baseline_batched adios_batched
+done
+[ -n "${ONLY_COMPILE:-}" ] && exit 0
 sequential=${SEQUENTIAL:-}
 speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
     simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
-compile_mode=${COMPILE:-}
-[ "$compile_mode" = 1 ] && compile_mode=""
-[ -n "${COMPILE:-}" ] && speed new "$new" 240 "${c32[@]}" --augment-on device --compile $compile_mode --variants baseline_batched adios_batched
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}
