@@ -11,7 +11,8 @@ other layers' larger-batch kernels.
 Plain batch norm (an ``nn.BatchNorm*`` layer in training mode with a momentum, on the CPU or
 CUDA) goes through one autograd function that runs the layer's native kernels once per view and
 writes each view's output into its slice of one tensor, so no ``cat`` joins the views in the
-forward. Other layers (``SyncBatchNorm``, cumulative averages, evaluation mode, and every layer
+forward (its backward is not itself differentiable: an objective that needs second derivatives
+takes ``masked_views="sequential"``). Other layers (``SyncBatchNorm``, cumulative averages, evaluation mode, and every layer
 under ``torch.compile``, which fuses the join itself) run their own forward once per view and
 the outputs are joined with ``cat``.
 """
