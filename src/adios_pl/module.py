@@ -468,7 +468,7 @@ class ADIOSModule(pl.LightningModule):
             logs["train/skipped_batches"] = self._skipped.float()
             self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False)
             self.log("train/loss", encoder_loss, on_step=True, on_epoch=False, prog_bar=True, logger=False)
-        outputs = {"loss": encoder_loss, "features": self._out_of_graphs(features), "targets": targets}
+        outputs = {"loss": encoder_loss, "features": features, "targets": targets}
         if snapshot is not None:  # callbacks that train (the probe) must drop a skipped batch too
             outputs["finite"] = ok
         return outputs
@@ -552,7 +552,7 @@ class ADIOSModule(pl.LightningModule):
             clean, masked = self._forward_together(clean_views, terms)
             total = self.objective.terms_loss(clean, masked)
             self.manual_backward(total)
-            return total.detach(), clean[0]["features"].detach()
+            return total.detach(), self._out_of_graphs(clean[0]["features"].detach())
         clean = [self.objective(self.encoder, x) for x in clean_views]
         leaves = [_leaf_copies(out) for out in clean]
         total = x1.new_zeros(())
@@ -568,7 +568,7 @@ class ADIOSModule(pl.LightningModule):
                     grads.append(v.grad)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        return total, clean[0]["features"].detach()
+        return total, self._out_of_graphs(clean[0]["features"].detach())
 
     def _mask_step(self, x1: Tensor, x2: Tensor, masks: Tensor, slots: Tensor | None, mask_opt: Any) -> dict[str, Tensor]:
         """Back-propagate the mask loss into the mask generator, the encoder side frozen.
@@ -656,7 +656,8 @@ class ADIOSModule(pl.LightningModule):
 
     def _out_of_graphs(self, features: Tensor) -> Tensor:
         """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
-        graphs: a later replay overwrites the outputs of the last (callbacks may keep them)."""
+        graphs: a later replay (the mask step's, the next batch's) may overwrite the outputs of
+        the last, and callbacks receive and may keep these."""
         return features.clone() if self._cuda_graphs() else features
 
     @staticmethod
