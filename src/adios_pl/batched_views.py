@@ -77,21 +77,19 @@ class _PerViewBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, *saved = ctx.saved_tensors
         views = ctx.views
-        mask = [bool(ctx.needs_input_grad[0]), weight is not None and bool(ctx.needs_input_grad[1]),
-                weight is not None and bool(ctx.needs_input_grad[2])]
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        params = weight is not None and (needs_w or needs_b)  # the kernel reduces for both at once anyway
+        mask = [bool(needs_x), params, params]
         parts = [
             torch.ops.aten.native_batch_norm_backward(g, part, weight, None, None, saved[i], saved[views + i], True, ctx.eps, mask)
             for i, (g, part) in enumerate(zip(grad.chunk(views), x.chunk(views)))
         ]
         # (the backward has no out= kernel of its own: its out variant copies, as cat does, once per part)
-        grad_x = torch.cat([p[0] for p in parts]) if mask[0] else None
+        grad_x = torch.cat([p[0] for p in parts]) if needs_x else None
         grad_w = grad_b = None
-        if mask[1] and mask[2]:  # both sums in one reduction
+        if params:  # both parameters' sums over the views in one reduction
             grad_w, grad_b = torch.stack([p[1] for p in parts] + [p[2] for p in parts]).unflatten(0, (2, views)).sum(1)
-        elif mask[1] or mask[2]:
-            summed = torch.stack([p[1 if mask[1] else 2] for p in parts]).sum(0)
-            grad_w, grad_b = (summed, None) if mask[1] else (None, summed)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w if needs_w else None, grad_b if needs_b else None, None, None, None, None, None
 
 
 def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
