@@ -67,18 +67,29 @@ class SaveRankState(pl.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
 
 
-def _model(objective: Any, **kw: Any) -> ADIOSModule:
+def _model(objective: Any, norm: str = "gn", **kw: Any) -> ADIOSModule:
     torch.manual_seed(0)
     return ADIOSModule(
-        encoder="small_cnn", encoder_kwargs={"width": 8, "norm": "gn"}, objective=objective, num_masks=3,
+        encoder="small_cnn", encoder_kwargs={"width": 8, "norm": norm}, objective=objective, num_masks=3,
         image_size=16, mask_width=8, lr=0.1, mask_lr=0.05, warmup_epochs=0, sparsity_weight=0.5, **kw,
     )
 
 
-def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list) -> None:
+class ToSyncBatchNorm(pl.Callback):
+    """``sync_batchnorm=True`` for CPU processes: DDP refuses to wrap a CPU module that has
+    ``SyncBatchNorm`` layers, so they replace the batch-norm layers once it is wrapped (the same
+    parameters and buffers, as Lightning's conversion keeps them)."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: ADIOSModule) -> None:
+        module.encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.encoder)
+        module.objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.objective)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
+
+
+def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list, sync_batchnorm: bool = False) -> None:
     trainer = quiet_trainer(
         max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
-        callbacks=[*callbacks, SaveRankState(out)], num_sanity_val_steps=0,
+        callbacks=[*callbacks, SaveRankState(out)] + ([ToSyncBatchNorm()] if sync_batchnorm else []), num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=ShardedData(PER_RANK * (2 if devices == 1 else 1)))
 
@@ -91,15 +102,18 @@ def _update_error(initial: dict, a: dict, b: dict, prefix: str) -> float:
     return float((da - db).norm() / db.norm())
 
 
-@pytest.mark.parametrize("name", ["simclr", "byol", "simclr_batched"])
+@pytest.mark.parametrize("name", ["simclr", "byol", "simclr_batched", "simclr_syncbn", "simclr_batched_syncbn", "byol_batched_syncbn"])
 def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
-    """``simclr_batched``: masked_views="batched", the negatives of all masked views gathered at once."""
-    objective = SimCLR(proj_hidden_dim=32, proj_output_dim=16) if name.startswith("simclr") else BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32, batch_norm=False)
-    model = _model(objective, masked_views="batched" if name.endswith("batched") else "sequential")
+    """``batched``: masked_views="batched", the negatives of all masked views gathered at once.
+    ``syncbn``: batch norm in the encoder (and BYOL's heads and momentum copies) as
+    ``SyncBatchNorm``, which in one process is plain batch norm of the whole batch."""
+    sync = name.endswith("syncbn")
+    objective = SimCLR(proj_hidden_dim=32, proj_output_dim=16) if name.startswith("simclr") else BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32, batch_norm=sync)
+    model = _model(objective, norm="bn" if sync else "gn", masked_views="batched" if "batched" in name else "sequential")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     callbacks = lambda: [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5)]  # noqa: E731
-    _fit(copy.deepcopy(model), 1, tmp_path, callbacks())
-    _fit(copy.deepcopy(model), 2, tmp_path, callbacks())
+    _fit(copy.deepcopy(model), 1, tmp_path, callbacks(), sync_batchnorm=sync)
+    _fit(copy.deepcopy(model), 2, tmp_path, callbacks(), sync_batchnorm=sync)
     one = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
     rank0 = torch.load(tmp_path / "rank0_of2.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1_of2.pt", weights_only=True)

@@ -109,6 +109,55 @@ def test_sync_batchnorm_ddp_runs(tmp_path: Any, masked_views: str) -> None:
     assert trainer.global_step == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_per_view_sync_batch_norm_kernels_on_one_gpu(tmp_path: Any, dtype: torch.dtype) -> None:
+    """PyTorch's CUDA kernels for synchronised batch norm, called as PerViewSyncBatchNorm calls
+    them, in a process group of one (a second GPU only adds the collectives, which the CPU test
+    with two processes covers): 3 views give F.batch_norm of each view, in float64 to 1e-10 and
+    in bf16 channels-last (float32 parameters) to bf16 rounding, running statistics included,
+    with no host synchronisation."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from adios_pl.sync_batch_norm import PerViewSyncBatchNorm
+
+    views, channels = 3, 8
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = (torch.randn(views * 16, channels, 6, 6, generator=generator, dtype=torch.float64) * 2 + 0.5).cuda().to(dtype)
+        grad = torch.randn(x.shape, generator=generator, dtype=torch.float64).cuda().to(dtype)
+        if dtype == torch.bfloat16:
+            x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        weight = (torch.rand(channels, generator=generator, dtype=param_dtype) + 0.5).cuda()
+        bias = torch.randn(channels, generator=generator, dtype=param_dtype).cuda()
+
+        def run(sync: bool) -> list[torch.Tensor]:
+            xs, w, b = x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()
+            mean, var = torch.zeros(channels, dtype=param_dtype, device="cuda"), torch.ones(channels, dtype=param_dtype, device="cuda")
+            if sync:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    out = PerViewSyncBatchNorm.apply(xs, w, b, mean, var, views, 0.1, 1e-5, dist.group.WORLD)
+                    out.backward(grad)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            else:
+                out = torch.cat([F.batch_norm(part, mean, var, w, b, True, 0.1, 1e-5) for part in xs.chunk(views)])
+                out.backward(grad)
+            assert xs.grad is not None and w.grad is not None and b.grad is not None
+            return [out.detach(), xs.grad, w.grad, b.grad, mean, var]
+
+        tolerance = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+        for name, got, want in zip(["output", "input gradient", "weight gradient", "bias gradient", "running mean", "running variance"], run(True), run(False)):
+            close = tolerance if name in ("output", "input gradient") or dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(got, want, **close, msg=name)  # type: ignore[arg-type]
+    finally:
+        dist.destroy_process_group()
+
+
 def test_offline_evaluation_on_the_gpu_matches_the_cpu() -> None:
     from adios_pl.evaluation import knn_accuracy, linear_probe
 

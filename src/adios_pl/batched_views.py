@@ -12,36 +12,30 @@ Plain batch norm (an ``nn.BatchNorm*`` layer in training mode with a momentum, o
 CUDA) goes through one autograd function that runs the layer's native kernels once per view and
 writes each view's output into its slice of one tensor, so no ``cat`` joins the views in the
 forward (its backward is not itself differentiable: an objective that needs second derivatives
-takes ``masked_views="sequential"``). Other layers (``SyncBatchNorm``, cumulative averages, evaluation mode, and every layer
-under ``torch.compile``, which fuses the join itself) run their own forward once per view and
-the outputs are joined with ``cat``.
+takes ``masked_views="sequential"``). ``SyncBatchNorm`` across processes goes through
+:class:`~adios_pl.sync_batch_norm.PerViewSyncBatchNorm`: one collective for all views instead of
+one per view, and no host synchronisation (:func:`synchronised_batch_norm` gives the training
+step's single-view forwards the same). Other layers (cumulative averages, evaluation mode, and
+every layer under ``torch.compile``, which fuses the join itself) run their own forward once per
+view and the outputs are joined with ``cat``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from adios_pl.errors import ConfigurationError
 from adios_pl.objectives.base import ViewOutput
+from adios_pl.sync_batch_norm import PerViewSyncBatchNorm, stats_dtype
 
 ViewForward = Callable[[nn.Module, Tensor], ViewOutput]
-
-
-def _save_dtype(x: Tensor, tensors: Sequence[Tensor | None]) -> torch.dtype:
-    """The dtype of the per-channel mean and inverse deviation that ``native_batch_norm`` keeps for
-    the backward: the input's accumulation type on CUDA; on the CPU the input's, or float32 when
-    the parameters or running statistics have another dtype. (A wrong guess raises, it cannot
-    corrupt: the ``out`` variants check the dtype.)"""
-    if x.device.type == "cuda":
-        return torch.float64 if x.dtype == torch.float64 else torch.float32
-    mixed = any(t is not None and t.dtype != x.dtype for t in tensors)
-    return torch.float32 if mixed else x.dtype
 
 
 class _PerViewBatchNorm(torch.autograd.Function):
@@ -59,7 +53,7 @@ class _PerViewBatchNorm(torch.autograd.Function):
         running_var: Tensor | None, views: int, momentum: float, eps: float,
     ) -> Tensor:
         out = torch.empty_like(x)
-        dtype = _save_dtype(x, (weight, bias, running_mean, running_var))
+        dtype = stats_dtype(x, (weight, bias, running_mean, running_var))
         means, invstds = [], []
         for part, into in zip(x.chunk(views), out.chunk(views)):
             mean, invstd = x.new_empty(x.shape[1], dtype=dtype), x.new_empty(x.shape[1], dtype=dtype)
@@ -93,14 +87,24 @@ class _PerViewBatchNorm(torch.autograd.Function):
 
 
 def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
-    """Whether :class:`_PerViewBatchNorm` computes what the layer's own forward would, part by part:
-    a plain batch-norm class in training mode with a fixed momentum, on the CPU or CUDA, eagerly
-    (under ``torch.compile`` the compiler fuses the parts and their ``cat`` itself)."""
+    """Whether the autograd functions here compute what the layer's own forward would, part by
+    part: plain batch norm or ``SyncBatchNorm`` (their classes' forward) in training mode with a
+    fixed momentum, on the CPU or CUDA, eagerly (under ``torch.compile`` the compiler fuses the
+    parts and their ``cat`` itself)."""
     return (
-        type(layer).forward is _BatchNorm.forward and layer.training and layer.momentum is not None
-        and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+        type(layer).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and layer.training
+        and layer.momentum is not None and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
         and (layer.weight is None) == (layer.bias is None)
     )
+
+
+def _sync_group(layer: _BatchNorm) -> Any:
+    """The process group over whose batches a ``SyncBatchNorm`` layer normalises in training; None
+    where it normalises like plain batch norm (not synchronised, or one process)."""
+    if not isinstance(layer, nn.SyncBatchNorm) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = layer.process_group or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
 
 
 class _PerViewForward:
@@ -116,16 +120,23 @@ class _PerViewForward:
     def __call__(self, x: Tensor) -> Tensor:
         layer = self.layer()
         assert layer is not None, "called after its layer was freed"
+        forward = type(layer).forward
+        group = _sync_group(layer)
         if not _fast_path(layer, x):
-            forward = type(layer).forward
-            return torch.cat([forward(layer, part) for part in x.chunk(self.views)])
+            return forward(layer, x) if self.views == 1 else torch.cat([forward(layer, part) for part in x.chunk(self.views)])
+        if self.views == 1 and group is None:
+            return forward(layer, x)
         layer._check_input_dim(x)
         tracked = layer.track_running_stats
         if tracked and layer.num_batches_tracked is not None:
             layer.num_batches_tracked.add_(self.views)  # once per part, as in the parts' own forwards
-        apply: Any = _PerViewBatchNorm.apply
-        return apply(x, layer.weight, layer.bias, layer.running_mean if tracked else None,
-                     layer.running_var if tracked else None, self.views, layer.momentum, layer.eps)
+        running = (layer.running_mean, layer.running_var) if tracked else (None, None)
+        apply: Any
+        if group is not None:
+            apply = PerViewSyncBatchNorm.apply
+            return apply(x, layer.weight, layer.bias, *running, self.views, layer.momentum, layer.eps, group)
+        apply = _PerViewBatchNorm.apply
+        return apply(x, layer.weight, layer.bias, *running, self.views, layer.momentum, layer.eps)
 
     def __deepcopy__(self, memo: dict[int, object]) -> object:
         """A layer copied while patched gets its class's plain forward, bound to the copy."""
@@ -147,9 +158,12 @@ def _per_view_forward(layer: _BatchNorm, views: int) -> _PerViewForward:
 
 
 def _plain_forward(layer: _BatchNorm) -> bool:
-    """Whether the layer runs its class's forward (not a replacement installed on the instance)."""
+    """Whether the layer runs its class's forward (not a replacement installed on the instance),
+    or one installed here (an enclosing block's)."""
     own = layer.__dict__.get("forward")
-    return own is None or (getattr(own, "__func__", None) is type(layer).forward and getattr(own, "__self__", None) is layer)
+    return own is None or isinstance(own, _PerViewForward) or (
+        getattr(own, "__func__", None) is type(layer).forward and getattr(own, "__self__", None) is layer
+    )
 
 
 @contextlib.contextmanager
@@ -157,10 +171,10 @@ def batch_norm_per_view(modules: Sequence[nn.Module], views: int) -> Iterator[No
     """Within the block, every batch-norm layer of ``modules`` (``SyncBatchNorm`` included) treats
     its input as ``views`` equal parts along the batch and normalises each with its own statistics.
 
-    Each part goes through the layer's class forward, so running statistics,
-    ``num_batches_tracked`` and the cross-process statistics of ``SyncBatchNorm`` advance exactly
-    as in ``views`` separate forwards. A layer whose ``forward`` was replaced on the instance is
-    rejected (its replacement would be bypassed). The layers are restored on exit.
+    Running statistics, ``num_batches_tracked`` and the cross-process statistics of
+    ``SyncBatchNorm`` advance exactly as in ``views`` separate forwards of the layer. A layer
+    whose ``forward`` was replaced on the instance is rejected (its replacement would be
+    bypassed). The layers are restored on exit.
     """
     layers: dict[int, _BatchNorm] = {}
     for module in modules:
@@ -172,14 +186,35 @@ def batch_norm_per_view(modules: Sequence[nn.Module], views: int) -> Iterator[No
                         'replaces it while the views go through. Use masked_views="sequential".'
                     )
                 layers.setdefault(id(layer), layer)
+    with _installed(layers.values(), views):
+        yield
+
+
+@contextlib.contextmanager
+def synchronised_batch_norm(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the block, every ``SyncBatchNorm`` layer of ``modules`` that synchronises (training,
+    several processes) does so through :class:`~adios_pl.sync_batch_norm.PerViewSyncBatchNorm`:
+    the same statistics as its own forward, without reading a count back to the host at every
+    call, and on CPU processes too. Layers with a ``forward`` of their own on the instance are
+    left to it. Nested :func:`batch_norm_per_view` blocks take over the layers inside them."""
+    layers = {
+        id(layer): layer for module in modules for layer in module.modules()
+        if isinstance(layer, nn.SyncBatchNorm) and _plain_forward(layer)
+    }
+    with _installed(layers.values(), 1):
+        yield
+
+
+@contextlib.contextmanager
+def _installed(layers: Iterable[_BatchNorm], views: int) -> Iterator[None]:
     patched: list[tuple[_BatchNorm, Any]] = []
     try:
-        for layer in layers.values():
+        for layer in layers:
             patched.append((layer, layer.__dict__.get("forward")))
             layer.forward = _per_view_forward(layer, views)  # type: ignore[method-assign, assignment]
         yield
     finally:
-        for layer, own in patched:
+        for layer, own in reversed(patched):
             if own is None:
                 del layer.forward
             else:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from pytorch_lightning.utilities import rank_zero_warn
 
 
-from adios_pl.batched_views import forward_views
+from adios_pl.batched_views import forward_views, synchronised_batch_norm
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.checks import CUDA_GRAPH_MODES, check_arguments, check_mask_generator, unpack_training_batch
 from adios_pl.encoders import check_encoder, create_encoder
@@ -349,7 +349,8 @@ class ADIOSModule(pl.LightningModule):
         snapshot = StateSnapshot(self, optimizers) if self.hparams["nonfinite"] == "skip" else None
         masks, slots = self._predict_masks(x1, x2)  # one forward serves both players
         play = self._simultaneous_round if self._simultaneous() else self._alternating_round
-        logs, grad_norms, features = play(x1, x2, masks, slots, optimizers, step)
+        with synchronised_batch_norm([self.encoder, self.objective]):  # SyncBatchNorm without host synchronisation
+            logs, grad_norms, features = play(x1, x2, masks, slots, optimizers, step)
         return self._end_batch(step, snapshot, schedulers, logs, grad_norms, features, targets)
 
     def _alternating_round(
