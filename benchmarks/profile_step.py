@@ -1,10 +1,14 @@
 """Profile training steps of the real Trainer loop on a GPU: top kernels, GPU idle fraction and
-host synchronisations per step.
+host synchronisations per step, and where the step's time goes by phase.
 
 Trains ResNet18 ADIOS (or a variant) on an image folder with OnlineKNN and OnlineLinearProbe;
 after ``--warmup`` batches it profiles ``--steps`` batches with ``torch.profiler`` and, at the
 same time, counts the host synchronisations that ``torch.cuda.set_sync_debug_mode`` reports,
-with the Python line that caused each. Writes a Markdown summary to ``--out``.
+with the Python line that caused each. The phases of a step (the device augmentation, the mask
+generator's forward, each player's forward and backward, the optimiser steps, the end of the
+batch, each callback) are marked with ``record_function``; each kernel is counted in the phase
+during which the host launched it (the autograd engine's launches included), so the phase table
+gives host time and GPU time side by side. Writes a Markdown summary to ``--out``.
 
     python benchmarks/profile_step.py --data-dir /data/cifar10/train --augment-on device --out profile.md
 """
@@ -12,7 +16,9 @@ with the Python line that caused each. Writes a Markdown summary to ``--out``.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
+import functools
 import time
 import traceback
 import warnings
@@ -20,6 +26,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from adios_pl import ADIOSModule
@@ -80,33 +87,133 @@ class StepProfiler(pl.Callback):
             trainer.should_stop = True
 
 
+#: The methods marked as phases: (owner, method name, phase). A launch inside nested phases
+#: counts in the innermost.
+PHASES = (
+    ("datamodule", "on_after_batch_transfer", "device augmentation"),
+    ("model", "_predict_masks", "mask generator forward"),
+    ("model", "_encoder_step", "encoder step: forward + backward"),
+    ("model", "_mask_step", "mask step: forward + backward"),
+    ("model", "_step_player", "optimiser steps (gradient checks, LARS)"),
+    ("objective", "on_encoder_step_end", "momentum update"),
+    ("model", "_end_batch", "end of batch (finiteness, schedulers, logs)"),
+    ("knn", "on_train_batch_end", "OnlineKNN"),
+    ("probe", "on_train_batch_end", "OnlineLinearProbe"),
+)
+
+
+def mark_phases(owners: dict[str, Any]) -> None:
+    """Wrap each phase's method on its instance in a ``record_function`` range of the phase's name."""
+    for owner, method, phase in PHASES:
+        obj = owners[owner]
+        original = getattr(obj, method)
+
+        @functools.wraps(original)
+        def marked(*args: Any, _original: Any = original, _phase: str = phase, **kwargs: Any) -> Any:
+            with torch.profiler.record_function(f"phase: {_phase}"):
+                return _original(*args, **kwargs)
+
+        setattr(obj, method, marked)
+
+
+def phase_table(events: Any, wall_us: float, busy_us: float, steps: int) -> list[str]:
+    """Host time (the ranges' own length, inner phases subtracted) and GPU time (kernels launched
+    during the range) per phase and step; what is outside every phase is "other"."""
+    ranges = sorted(
+        (e.time_range.start, e.time_range.end, e.name[len("phase: "):])
+        for e in events if e.name.startswith("phase: ") and e.device_type == DeviceType.CPU  # not their GPU-side copies
+    )
+    host: collections.Counter[str] = collections.Counter()
+    open_ranges: list[list[Any]] = []  # [end, name, length, time in inner ranges]; the ranges nest (one thread)
+
+    def close() -> None:
+        end, name, length, inner = open_ranges.pop()
+        host[name] += length - inner
+
+    for start, end, name in sorted(ranges, key=lambda r: (r[0], -r[1])):
+        while open_ranges and open_ranges[-1][0] <= start:
+            close()
+        if open_ranges:
+            open_ranges[-1][3] += end - start
+        open_ranges.append([end, name, end - start, 0.0])
+    while open_ranges:
+        close()
+    starts = [r[0] for r in ranges]
+    gpu: collections.Counter[str] = collections.Counter()
+    for e in events:
+        kernels = sum(k.duration for k in e.kernels)
+        if not kernels or e.name.startswith("phase: "):
+            continue
+        t, phase = e.time_range.start, "other (Lightning, transfers, the profiler)"
+        for j in range(bisect.bisect_right(starts, t) - 1, -1, -1):  # the innermost range holding the launch
+            if ranges[j][0] <= t <= ranges[j][1]:
+                phase = ranges[j][2]
+                break
+        gpu[phase] += kernels
+    host["other (Lightning, transfers, the profiler)"] += max(0.0, wall_us - sum(host.values()))
+    lines = ["", "| phase | host ms per step | GPU ms per step |", "|---|---|---|"]
+    for name in [p for _, _, p in PHASES] + ["other (Lightning, transfers, the profiler)"]:
+        if host[name] or gpu[name]:
+            lines.append(f"| {name} | {host[name] / 1e3 / steps:.2f} | {gpu[name] / 1e3 / steps:.2f} |")
+    if busy_us:  # a kernel the profiler did not link to the operation that launched it is in no row
+        lines.append(f"\n(GPU time in the rows: {sum(gpu.values()) / 1e3 / steps:.1f} of {busy_us / 1e3 / steps:.1f} ms per step)")
+    return lines
+
+
+def device_events(events: Any) -> list[Any]:
+    """The GPU's own events: kernels, copies and memsets (not the GPU-side copies of
+    ``record_function`` ranges). Each also appears, as a kernel, in the operation that launched
+    it, so operations and these must not be added together."""
+    return [
+        e for e in events
+        if e.device_type == DeviceType.CUDA and getattr(e, "activity_type", None) != "gpu_user_annotation" and not e.name.startswith("phase: ")
+    ]
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``intervals`` (kernels of several streams may overlap)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
-    events = profiler.prof.key_averages()
-
-    def device_time(e: Any) -> float:
-        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
-
-    kernels = sorted((e for e in events if device_time(e) > 0), key=device_time, reverse=True)
+    events = profiler.prof.events()
+    on_device = device_events(events)
+    busy = covered([(e.time_range.start, e.time_range.end) for e in on_device])  # microseconds
+    by_kernel: collections.Counter[str] = collections.Counter()
+    for e in on_device:
+        by_kernel[e.name] += e.time_range.elapsed_us()
+    by_op: collections.Counter[str] = collections.Counter()
+    for e in events:  # the kernels each operation launched itself (not its children's)
+        if e.device_type == DeviceType.CPU and e.kernels:
+            by_op[e.name] += sum(k.duration for k in e.kernels)
     # the host's launch calls (compare with benchmarks/ops_per_step.py, counted on the CPU)
-    launches = sum(e.count for e in events if "LaunchKernel" in e.key or e.key in ("cudaMemcpyAsync", "cudaMemsetAsync"))
-    busy = sum(device_time(e) for e in kernels) / 1e6
-    steps = args.steps
+    launches = sum(1 for e in events if "LaunchKernel" in e.name or e.name in ("cudaMemcpyAsync", "cudaMemsetAsync"))
+    steps, wall = args.steps, profiler.wall * 1e6
     lines = [
         f"## {args.variant}, augment_on={args.augment_on}, {args.label}".rstrip(", "),
         "",
         f"{torch.cuda.get_device_name() if CUDA else 'CPU'}, ResNet18, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
         f"N={args.num_masks}; {steps} steps after {args.warmup}, Trainer loop with data, OnlineKNN, OnlineLinearProbe.",
         "",
-        f"- wall time per step: {profiler.wall / steps * 1e3:.1f} ms ({args.batch_size * steps / profiler.wall:.0f} images/s)",
-        f"- GPU busy per step (sum of kernel times): {busy / steps * 1e3:.1f} ms; idle fraction {max(0.0, 1 - busy / profiler.wall):.0%}",
+        f"- wall time per step: {wall / steps / 1e3:.1f} ms ({args.batch_size * steps / profiler.wall:.0f} images/s)",
+        f"- GPU busy per step (time with a kernel, copy or memset running): {busy / steps / 1e3:.1f} ms; "
+        f"idle fraction {max(0.0, 1 - busy / wall):.0%}" if CUDA else "- (no GPU: host times only)",
         f"- host synchronisations per step: {sum(profiler.syncs.values()) / steps:.1f}",
-        f"- kernel launches (and asynchronous copies/memsets) per step: {launches / steps:.0f}",
     ]
     for where, count in profiler.syncs.most_common(8):
         lines.append(f"  - {count / steps:.1f} per step at {where}")
-    lines += ["", "| kernel | GPU ms per step | share |", "|---|---|---|"]
-    for e in kernels[:10]:
-        lines.append(f"| `{e.key[:90]}` | {device_time(e) / 1e3 / steps:.2f} | {device_time(e) / 1e6 / busy:.0%} |")
+    lines.append(f"- kernel launches (and asynchronous copies/memsets) per step: {launches / steps:.0f}")
+    lines += phase_table(events, wall, sum(by_kernel.values()), steps)
+    for title, table in (("kernel", by_kernel), ("operation (the kernels it launched)", by_op)):
+        total = sum(table.values())
+        lines += ["", f"| {title} | GPU ms per step | share |", "|---|---|---|"]
+        for name, us in table.most_common(12):
+            lines.append(f"| `{name[:90]}` | {us / 1e3 / steps:.2f} | {us / total:.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -132,10 +239,12 @@ def main() -> None:
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[args.variant]}
     model = ADIOSModule(encoder="resnet18", image_size=args.image_size, warmup_epochs=0, **settings)
     profiler = StepProfiler(args.warmup, args.steps)
+    knn, probe = OnlineKNN(), OnlineLinearProbe(num_classes=10)
+    mark_phases({"datamodule": datamodule, "model": model, "objective": model.objective, "knn": knn, "probe": probe})
     trainer = pl.Trainer(
         accelerator="gpu" if CUDA else "cpu", devices=1, precision=args.precision, max_steps=args.warmup + args.steps + 1, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, benchmark=True,
-        callbacks=[OnlineKNN(), OnlineLinearProbe(num_classes=10), profiler], num_sanity_val_steps=0,
+        callbacks=[knn, probe, profiler], num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=datamodule)
     print("profiled; summarising", flush=True)
