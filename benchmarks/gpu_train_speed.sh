@@ -4,7 +4,8 @@
 #      simultaneous; and ADIOS with sequential views;
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
 #   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS with batched views (and the older version);
-#   4. a profile of the batched ADIOS step (and of the older version's) (profile_step.py);
+#   4. profiles of the batched ADIOS and baseline steps (and of the older version's ADIOS step)
+#      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
 # COMPILE=1 adds baseline and ADIOS, batched views, with the encoder under torch.compile at 32 px
@@ -73,6 +74,7 @@ speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}
 profile new "$new" device adios_batched
+profile new "$new" device baseline_batched
 [ -n "$old" ] && profile old "$old" host adios
 for views in batched ${sequential:+sequential}; do
     PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
