@@ -8,9 +8,9 @@
 #      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
-# COMPILE=1 adds baseline and ADIOS, batched views, with the encoder under torch.compile at 32 px
-# (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or another torch.compile
-# mode) compiles in that mode: reduce-overhead replays the encoder as CUDA graphs. Several, space
+# COMPILE=1 adds baseline and ADIOS, batched views, with the encoder and the mask generator under
+# torch.compile at 32 px (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or
+# another torch.compile mode) compiles in that mode: reduce-overhead replays them as CUDA graphs. Several, space
 # separated ("1 reduce-overhead"), run one after the other, before the rest. ONLY_COMPILE=1 runs
 # nothing else.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.

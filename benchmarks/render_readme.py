@@ -42,10 +42,11 @@ def data_table() -> str:
 
 
 def _compiled(setting: bool | str | None) -> str:
-    """The variant's suffix for a run with a compiled encoder (``True`` or a torch.compile mode)."""
+    """The variant's suffix for a run with the encoder and mask generator compiled (``True`` or a
+    torch.compile mode)."""
     if not setting:
         return ""
-    return ", compiled encoder" + ("" if setting is True else f" ({setting})")
+    return ", compiled" + ("" if setting is True else f" ({setting})")
 
 
 def train_table() -> str:

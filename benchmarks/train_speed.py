@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[variant]}
     model = ADIOSModule(
         encoder="resnet18", image_size=args.image_size, mask_width=args.mask_width, lr=0.3, mask_lr=0.1,
-        warmup_epochs=0, compile_encoder=args.compile, **settings,
+        warmup_epochs=0, compile_encoder=args.compile, compile_mask_generator=args.compile, **settings,
     )
     timer = EpochTimer()
     callbacks = [OnlineKNN(k=20), OnlineLinearProbe(num_classes=datamodule.num_classes or 2), timer]
@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=4, help="validation batches per loader (kNN, probe)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
-                        help="torch.compile the encoder, in MODE if given (e.g. reduce-overhead: CUDA graphs)")
+                        help="torch.compile the encoder and a learned mask generator, in MODE if given "
+                             "(e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append each entry to this JSON list as its run ends")
     args = parser.parse_args()

@@ -14,7 +14,7 @@ from adios_pl.optim import OPTIMIZERS
 
 MASK_MODES = ("all", "one")
 SCHEDULE_INTERVALS = ("step", "epoch")
-#: ``torch.compile`` modes that ``compile_encoder`` accepts by name.
+#: ``torch.compile`` modes that ``compile_encoder`` and ``compile_mask_generator`` accept by name.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The modes among them that replay the compiled code as CUDA graphs on a GPU.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -65,12 +65,13 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
     if kw["masked_views"] not in ("sequential", "batched"):
         raise ValueError(f"masked_views={kw['masked_views']!r} is not supported; accepted: 'sequential', 'batched'")
-    compile_encoder = kw["compile_encoder"]
-    if not isinstance(compile_encoder, bool) and compile_encoder not in COMPILE_MODES:
-        raise ValueError(
-            f"compile_encoder={compile_encoder!r} is not supported; accepted: True, False or a torch.compile mode "
-            f"({', '.join(map(repr, COMPILE_MODES))})"
-        )
+    for name in ("compile_encoder", "compile_mask_generator"):
+        setting = kw[name]
+        if not isinstance(setting, bool) and setting not in COMPILE_MODES:
+            raise ValueError(
+                f"{name}={setting!r} is not supported; accepted: True, False or a torch.compile mode "
+                f"({', '.join(map(repr, COMPILE_MODES))})"
+            )
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:

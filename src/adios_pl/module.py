@@ -111,6 +111,8 @@ class ADIOSModule(pl.LightningModule):
             optimiser if and only if it has trainable parameters. ``None`` builds the default from
             ``num_masks``, ``mask_type``, ``mask_width``, ``mask_norm``, ``mask_blocks``,
             ``mask_patch_size``.
+        compile_mask_generator: ``torch.compile`` a learned mask generator in place, as
+            ``compile_encoder`` does the encoder (same values; ignored for random masks).
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class ADIOSModule(pl.LightningModule):
         nonfinite: Literal["raise", "skip"] = "raise",
         mask_generator: nn.Module | None = None,
         masked_views: Literal["sequential", "batched"] = "sequential",
+        compile_mask_generator: bool | str = False,
     ) -> None:
         super().__init__()
         check_arguments(
@@ -153,6 +156,7 @@ class ADIOSModule(pl.LightningModule):
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
             mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
+            compile_mask_generator=compile_mask_generator,
         )
         ignore = ["objective", "mask_generator"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
@@ -306,9 +310,10 @@ class ADIOSModule(pl.LightningModule):
             self.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             if self.mask_generator is not None:
                 self.mask_generator.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        setting = self.hparams["compile_encoder"]
-        if setting and not getattr(self, "_compiled", False):
-            self.encoder.compile(mode=None if setting is True else setting)
+        if not getattr(self, "_compiled", False):
+            for setting, part in ((self.hparams["compile_encoder"], self.encoder), (self._compile_mask_generator(), self.mask_generator)):
+                if setting and part is not None:
+                    part.compile(mode=None if setting is True else setting)
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -651,9 +656,14 @@ class ADIOSModule(pl.LightningModule):
         device = trainer.strategy.root_device if trainer is not None else self.device
         return device.type == "cuda"
 
+    def _compile_mask_generator(self) -> bool | str:
+        """The mask generator's compile setting; it applies to a learned mask generator only."""
+        return self.hparams["compile_mask_generator"] if self.learned_masks else False
+
     def _cuda_graphs(self) -> bool:
-        """Whether the compiled encoder replays as CUDA graphs (a CUDA-graph mode, on a GPU)."""
-        return self.hparams["compile_encoder"] in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        """Whether a compiled part replays as CUDA graphs (a CUDA-graph mode, on a GPU)."""
+        modes = (self.hparams["compile_encoder"], self._compile_mask_generator())
+        return any(mode in CUDA_GRAPH_MODES for mode in modes) and self.device.type == "cuda"
 
     def _out_of_graphs(self, features: Tensor) -> Tensor:
         """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
