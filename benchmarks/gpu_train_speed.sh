@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed in one go (about 4 minutes on one H200 without OLD_SRC):
+# End-to-end GPU training speed in one go (about 5 minutes on one H200 without OLD_SRC):
 #   1. this version, augmentation on the device, batched views, at 32 px: baseline, ADIOS, ADIOS-s,
 #      simultaneous; and ADIOS with sequential views;
+#      and the batched baseline and ADIOS with batch norm per view joined by cat (--per-view-bn cat);
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
 #   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS with batched views (and the older version);
 #   4. profiles of the batched ADIOS and baseline steps (and of the older version's ADIOS step)
@@ -70,6 +71,9 @@ done
 sequential=${SEQUENTIAL:-}
 speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
     simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
+# the same two with batch norm per view the older way (own forward per view, joined by cat):
+# fewer launches against less host time in Python, on the same machine
+speed new "$new" 80 "${c32[@]}" --augment-on device --per-view-bn cat --variants baseline_batched adios_batched
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}

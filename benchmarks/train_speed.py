@@ -67,6 +67,10 @@ class EpochTimer(pl.Callback):
 
 def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str, ImageFolderDataModule]) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
+    if args.per_view_bn != "function":  # the switch exists from the version that has it on
+        import adios_pl.batched_views as batched_views
+
+        batched_views.PER_VIEW_FUNCTION = False
     if augment_on not in data:  # one DataModule per place, so the device path's decoded cache is reused
         place = {"augment_on": augment_on} if augment_on != "host" else {}  # older versions lack the argument
         data[augment_on] = ImageFolderDataModule(
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     return {
         "variant": variant, "augment_on": augment_on, "device": device, "image_size": args.image_size,
         "batch_size": args.batch_size, "precision": args.precision, "num_masks": settings["num_masks"],
-        "compile": args.compile, "num_workers": args.num_workers, "epochs_measured": len(later),
+        "compile": args.compile, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "epochs_measured": len(later),
         "images_per_s": round(images / seconds, 1), "first_epoch_images_per_s": round(timer.epochs[0][0] * args.batch_size / timer.epochs[0][1], 1),
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
@@ -126,6 +130,9 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the encoder and a learned mask generator, in MODE if given "
                              "(e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--per-view-bn", choices=["function", "cat"], default="function",
+                        help="batched views: plain batch norm through the per-view function (default), or its own "
+                             "forward per view joined by cat (adios_pl.batched_views.PER_VIEW_FUNCTION)")
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append each entry to this JSON list as its run ends")
     args = parser.parse_args()

@@ -16,7 +16,7 @@ from adios_pl.errors import ConfigurationError
 from adios_pl.objectives import SimCLR
 from conftest import make_loader, quiet_trainer
 
-VIEWS, BATCH = 3, 5
+VIEWS, BATCH = 4, 5  # four views: plain batch norm takes the per-view function (MIN_VIEWS_FOR_FUNCTION)
 
 
 def _net(norm: Any) -> nn.Module:
@@ -103,9 +103,11 @@ def test_per_view_batch_norm_of_bfloat16_channels_last_input_is_bitwise_one_forw
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_plain_batch_norm_takes_the_path_without_cat() -> None:
-    """The fast path is taken for plain batch norm (its forward dispatches no ``cat``); the
-    check above would pass just as well on the fallback of one forward and a ``cat`` per layer."""
+@pytest.mark.parametrize("views", [VIEWS, 2])
+def test_plain_batch_norm_takes_the_path_without_cat(views: int) -> None:
+    """The fast path is taken for plain batch norm from four views on (its forward dispatches no
+    ``cat``); the check above would pass just as well on the fallback of one forward and a
+    ``cat`` per layer. Two views take that fallback (it costs less host time there)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -117,10 +119,33 @@ def test_plain_batch_norm_takes_the_path_without_cat() -> None:
             self.names.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    net, images = _net(nn.BatchNorm2d), torch.cat(_views())
-    with batch_norm_per_view([net], VIEWS), Ops() as ops:
+    net, images = _net(nn.BatchNorm2d), torch.cat(_views()[:views])
+    with batch_norm_per_view([net], views), Ops() as ops:
         net(images)
-    assert "aten.cat" not in ops.names and ops.names.count("aten.native_batch_norm") == 2 * VIEWS, ops.names
+    assert ops.names.count("aten.native_batch_norm") == 2 * views, ops.names
+    assert ops.names.count("aten.cat") == (0 if views >= 4 else 2), ops.names
+
+
+def test_second_derivatives_equal_one_forward_per_view() -> None:
+    """The per-view function's backward is differentiable: a gradient penalty (the input
+    gradient's norm, differentiated again) matches one forward per view, in float64."""
+
+    def penalty_gradients(net: nn.Module, batched: bool) -> list[Tensor]:
+        images = torch.cat(_views()).requires_grad_()
+        if batched:
+            with batch_norm_per_view([net], VIEWS):
+                out = net(images)
+        else:
+            out = torch.cat([net(v) for v in images.split(BATCH)])
+        (grad,) = torch.autograd.grad(out.square().sum(), images, create_graph=True)
+        return list(torch.autograd.grad(grad.square().sum(), list(net.parameters())))
+
+    torch.manual_seed(0)
+    net = _net(nn.BatchNorm2d)
+    ours, theirs = penalty_gradients(copy.deepcopy(net), True), penalty_gradients(copy.deepcopy(net), False)
+    for a, b in zip(ours, theirs):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_without_per_view_statistics_the_result_differs() -> None:

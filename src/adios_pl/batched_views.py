@@ -9,15 +9,14 @@ once per view, in order: the outputs are those of N separate forwards, up to the
 other layers' larger-batch kernels.
 
 Plain batch norm (an ``nn.BatchNorm*`` layer in training mode with a momentum, on the CPU or
-CUDA) goes through one autograd function that runs the layer's native kernels once per view and
-writes each view's output into its slice of one tensor, so no ``cat`` joins the views in the
-forward (its backward is not itself differentiable: an objective that needs second derivatives
-takes ``masked_views="sequential"``). ``SyncBatchNorm`` across processes goes through
+CUDA) with four views or more (:data:`MIN_VIEWS_FOR_FUNCTION`) goes through one autograd
+function that runs the layer's native kernels once per view and writes each view's output into
+its slice of one tensor, so no ``cat`` joins the views in the forward. ``SyncBatchNorm`` across processes goes through
 :class:`~adios_pl.sync_batch_norm.PerViewSyncBatchNorm`: one collective for all views instead of
 one per view, and no host synchronisation (:func:`synchronised_batch_norm` gives the training
 step's single-view forwards the same). Other layers (cumulative averages, evaluation mode, and
 every layer under ``torch.compile``, which fuses the join itself) run their own forward once per
-view and the outputs are joined with ``cat``.
+view and the outputs are joined with ``cat``, as plain batch norm with fewer views does.
 """
 
 from __future__ import annotations
@@ -44,7 +43,9 @@ class _PerViewBatchNorm(torch.autograd.Function):
     The same kernels as one ``F.batch_norm`` per part, in order (running statistics included),
     but each part is normalised straight into its slice of one output (no ``cat`` in the
     forward), and the parameters' gradients are one sum over the parts instead of an addition
-    per part and parameter.
+    per part and parameter. The backward is made of differentiable operations
+    (``native_batch_norm_backward`` has its own derivative), so second derivatives are those of
+    the parts' own batch norms.
     """
 
     @staticmethod
@@ -53,30 +54,25 @@ class _PerViewBatchNorm(torch.autograd.Function):
         running_var: Tensor | None, views: int, momentum: float, eps: float,
     ) -> Tensor:
         out = torch.empty_like(x)
-        dtype = stats_dtype(x, (weight, bias, running_mean, running_var))
-        means, invstds = [], []
-        for part, into in zip(x.chunk(views), out.chunk(views)):
-            mean, invstd = x.new_empty(x.shape[1], dtype=dtype), x.new_empty(x.shape[1], dtype=dtype)
-            torch.ops.aten.native_batch_norm.out(
-                part, weight, bias, running_mean, running_var, True, momentum, eps, out=into, save_mean=mean, save_invstd=invstd,
-            )
-            means.append(mean)
-            invstds.append(invstd)
-        ctx.save_for_backward(x, weight, *means, *invstds)
+        # each part's mean and inverse deviation, as the kernel keeps them for the backward, in one buffer
+        stats = x.new_empty((2, views, x.shape[1]), dtype=stats_dtype(x, (weight, bias, running_mean, running_var)))
+        for part, into, mean, invstd in zip(x.chunk(views), out.chunk(views), stats[0], stats[1]):
+            torch.native_batch_norm(part, weight, bias, running_mean, running_var, True, momentum, eps, out=(into, mean, invstd))
+        ctx.save_for_backward(x, weight, stats)
         ctx.views, ctx.eps = views, eps
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, *saved = ctx.saved_tensors
+        x, weight, stats = ctx.saved_tensors
         views = ctx.views
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
         params = weight is not None and (needs_w or needs_b)  # the kernel reduces for both at once anyway
         mask = [bool(needs_x), params, params]
+        backward = torch.ops.aten.native_batch_norm_backward.default
         parts = [
-            torch.ops.aten.native_batch_norm_backward(g, part, weight, None, None, saved[i], saved[views + i], True, ctx.eps, mask)
-            for i, (g, part) in enumerate(zip(grad.chunk(views), x.chunk(views)))
+            backward(g, part, weight, None, None, mean, invstd, True, ctx.eps, mask)
+            for g, part, mean, invstd in zip(grad.chunk(views), x.chunk(views), stats[0], stats[1])
         ]
         # (the backward has no out= kernel of its own: its out variant copies, as cat does, once per part)
         grad_x = torch.cat([p[0] for p in parts]) if needs_x else None
@@ -84,6 +80,20 @@ class _PerViewBatchNorm(torch.autograd.Function):
         if params:  # both parameters' sums over the views in one reduction
             grad_w, grad_b = torch.stack([p[1] for p in parts] + [p[2] for p in parts]).unflatten(0, (2, views)).sum(1)
         return grad_x, grad_w if needs_w else None, grad_b if needs_b else None, None, None, None, None, None
+
+
+#: Whether plain batch-norm layers go through :class:`_PerViewBatchNorm` while views are batched
+#: (True), or through their own forward once per view, joined by ``cat`` (False). Both compute
+#: the same. A switch for benchmarks (``benchmarks/train_speed.py --per-view-bn``).
+PER_VIEW_FUNCTION = True
+
+#: The function saves launches that grow with the views (the forward's join, the per-view
+#: additions of the parameters' gradients and of ``num_batches_tracked``) and costs host time
+#: in Python that the per-view forwards do not. ``benchmarks/bn_host_time.py`` (tiny tensors, so
+#: host time only; two runs on a CPU): one layer's forward and backward take about 110 µs more
+#: with the function at two views, 60 more at three, the same within 10 µs from four on. So it
+#: serves four views or more, where it costs no host time and launches fewer kernels.
+MIN_VIEWS_FOR_FUNCTION = 4
 
 
 def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
@@ -122,10 +132,9 @@ class _PerViewForward:
         assert layer is not None, "called after its layer was freed"
         forward = type(layer).forward
         group = _sync_group(layer)
-        if not _fast_path(layer, x):
+        plain = group is None and not (PER_VIEW_FUNCTION and self.views >= MIN_VIEWS_FOR_FUNCTION)
+        if not _fast_path(layer, x) or plain:
             return forward(layer, x) if self.views == 1 else torch.cat([forward(layer, part) for part in x.chunk(self.views)])
-        if self.views == 1 and group is None:
-            return forward(layer, x)
         layer._check_input_dim(x)
         tracked = layer.track_running_stats
         if tracked and layer.num_batches_tracked is not None:
