@@ -205,7 +205,11 @@ def synchronised_batch_norm(modules: Sequence[nn.Module]) -> Iterator[None]:
     several processes) does so through :class:`~adios_pl.sync_batch_norm.PerViewSyncBatchNorm`:
     the same statistics as its own forward, without reading a count back to the host at every
     call, and on CPU processes too. Layers with a ``forward`` of their own on the instance are
-    left to it. Nested :func:`batch_norm_per_view` blocks take over the layers inside them."""
+    left to it. Nested :func:`batch_norm_per_view` blocks take over the layers inside them.
+    Without several processes no layer synchronises, and the block does nothing."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
     layers = {
         id(layer): layer for module in modules for layer in module.modules()
         if isinstance(layer, nn.SyncBatchNorm) and _plain_forward(layer)

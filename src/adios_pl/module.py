@@ -669,7 +669,8 @@ class ADIOSModule(pl.LightningModule):
         """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
         graphs: a later replay (the mask step's, the next batch's) may overwrite the outputs of
         the last, and callbacks receive and may keep these."""
-        return features.clone() if self._cuda_graphs() else features
+        encoder_in_graphs = self.hparams["compile_encoder"] in CUDA_GRAPH_MODES and self.device.type == "cuda"
+        return features.clone() if encoder_in_graphs else features
 
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
