@@ -195,7 +195,8 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
     launches = sum(1 for e in events if "LaunchKernel" in e.name or e.name in ("cudaMemcpyAsync", "cudaMemsetAsync"))
     steps, wall = args.steps, profiler.wall * 1e6
     lines = [
-        f"## {args.variant}, augment_on={args.augment_on}, {args.label}".rstrip(", "),
+        f"## {args.variant}, augment_on={args.augment_on}"
+        + (f", compile_augmentation={args.compile_augmentation!r}" if args.compile_augmentation else "") + f", {args.label}".rstrip(", "),
         "",
         f"{torch.cuda.get_device_name() if CUDA else 'CPU'}, ResNet18, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
         f"N={args.num_masks}; {steps} steps after {args.warmup}, Trainer loop with data, OnlineKNN, OnlineLinearProbe.",
@@ -229,11 +230,15 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile-augmentation", nargs="?", const=True, default=False, metavar="MODE",
+                        help="with --augment-on device: torch.compile the augmentation (in MODE if given)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     pl.seed_everything(0)
-    place = {"augment_on": args.augment_on} if args.augment_on != "host" else {}
+    place: dict[str, Any] = {"augment_on": args.augment_on} if args.augment_on != "host" else {}
+    if args.compile_augmentation:
+        place["compile_augmentation"] = args.compile_augmentation
     datamodule = ImageFolderDataModule(train_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
                                        num_workers=args.num_workers, **place)
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[args.variant]}

@@ -73,6 +73,8 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
         batched_views.PER_VIEW_FUNCTION = False
     if augment_on not in data:  # one DataModule per place, so the device path's decoded cache is reused
         place = {"augment_on": augment_on} if augment_on != "host" else {}  # older versions lack the argument
+        if args.compile_augmentation:
+            place["compile_augmentation"] = args.compile_augmentation
         data[augment_on] = ImageFolderDataModule(
             train_dir=args.data_dir, val_fraction=args.val_fraction, image_size=args.image_size, batch_size=args.batch_size,
             num_workers=args.num_workers, **place,
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     return {
         "variant": variant, "augment_on": augment_on, "device": device, "image_size": args.image_size,
         "batch_size": args.batch_size, "precision": args.precision, "num_masks": settings["num_masks"],
-        "compile": args.compile, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "epochs_measured": len(later),
+        "compile": args.compile, "compile_augmentation": args.compile_augmentation, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "epochs_measured": len(later),
         "images_per_s": round(images / seconds, 1), "first_epoch_images_per_s": round(timer.epochs[0][0] * args.batch_size / timer.epochs[0][1], 1),
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
@@ -130,6 +132,9 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the encoder and a learned mask generator, in MODE if given "
                              "(e.g. reduce-overhead: CUDA graphs)")
+    parser.add_argument("--compile-augmentation", nargs="?", const=True, default=False, metavar="MODE",
+                        help="with --augment-on device: torch.compile the augmentation's image operations, in MODE if "
+                             "given (the DataModule's compile_augmentation)")
     parser.add_argument("--per-view-bn", choices=["function", "cat"], default="function",
                         help="batched views: plain batch norm through the per-view function (default), or its own "
                              "forward per view joined by cat (adios_pl.batched_views.PER_VIEW_FUNCTION)")

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as TF
 from adios_pl.data import ShapesDataModule
 from adios_pl.data.base import CachedImages
 from adios_pl.data.device_augment import (
-    DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
+    DRAW_COLUMNS, DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
 )
 from adios_pl.data.transforms import pretrain_transform
 
@@ -149,32 +149,38 @@ def _jitter_gaps(**device_kw: float) -> dict[str, float]:
     return {name: ks(c, ours[name], QUANTISATION) for name, c in _cpu_jitter_statistics().items()}
 
 
-def _jitter_one_position_at_a_time(aug: DeviceAugmentation, x: torch.Tensor) -> torch.Tensor:
+def _jitter_one_position_at_a_time(aug: DeviceAugmentation, x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """The obvious colour jitter: at each of the four positions, every op on every image, each
-    image keeping the op its order names there. Draws as ``DeviceAugmentation._color_jitter``."""
-    n, gen = x.shape[0], aug.generator
-    draws = [torch.rand(n, generator=gen) for _ in range(4)]
-    jitter = [aug.jitter[k] for k in ("brightness", "contrast", "saturation", "hue")]
-    factors = [d * 2 * s + max(0.0, 1 - s) if i < 3 else d * 2 * s - s for i, (d, s) in enumerate(zip(draws, jitter))]
-    # (the draw above is _uniform's (high - low) * u + low for low = 1 - s, high = 1 + s; -s, s for the hue)
-    order = torch.rand(n, 4, generator=gen).argsort(dim=1)
+    image keeping the op its order names there. Parameters from ``draws`` as documented in
+    ``DeviceAugmentation.jitter_parameters``: uniform in [1 - s, 1 + s] and [-h, h], and the
+    order of the four "order" columns."""
+    n = x.shape[0]
+    u = draws[:, DRAW_COLUMNS["factors"]].tolist()
+    hue = draws[:, DRAW_COLUMNS["hue"]].flatten().tolist()
+    order = draws[:, DRAW_COLUMNS["order"]].tolist()
+    strengths = [aug.jitter[k] for k in ("brightness", "contrast", "saturation", "hue")]
     ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
-    for position in range(4):
-        x = torch.stack([ops[int(order[i, position])](x[i : i + 1], factors[int(order[i, position])][i].view(1, 1, 1, 1))[0]
-                         for i in range(n)])
-    return x
+    images = []
+    for i in range(n):
+        factors = [1 - s + 2 * s * u[i][k] for k, s in enumerate(strengths[:3])] + [2 * strengths[3] * hue[i] - strengths[3]]
+        image = x[i : i + 1]
+        for op in sorted(range(4), key=lambda k: order[i][k]):  # the ops by their draws, smallest first
+            image = ops[op](image, torch.tensor(factors[op]).view(1, 1, 1, 1))
+        images.append(image[0])
+    return torch.stack(images)
 
 
 def test_colour_jitter_equals_one_position_at_a_time() -> None:
     """The jitter applies the hue once, between positions where brightness, contrast and
     saturation act at factor 1 on the images whose op is elsewhere; the result is the same."""
     x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    fast = DeviceAugmentation(8, **PLAIN, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
-    slow = DeviceAugmentation(8, **PLAIN, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
-    expected = _jitter_one_position_at_a_time(slow, x)
-    # the same float ops on each image, and exact identities elsewhere: observed equal; the limit
-    # allows the one-image and the batched kernels to round differently
-    torch.testing.assert_close(fast._color_jitter(x), expected, atol=1e-6, rtol=0)
+    aug = DeviceAugmentation(8, **PLAIN, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    draws = aug.draw(x.shape[0])
+    expected = _jitter_one_position_at_a_time(aug, x, draws)
+    # the same float ops on each image, and exact identities elsewhere. The factors are computed
+    # in float64 here and in float32 there, and one float32 rounding of a factor moves the result
+    # by up to 1.3e-6 (measured); a wrong order or factor range moves it by more than 1e-2
+    torch.testing.assert_close(aug._color_jitter(x, draws), expected, atol=5e-6, rtol=0)
     assert (expected - x).abs().amax(dim=(1, 2, 3)).min() > 1e-3, "some image was not jittered"
 
 
@@ -268,3 +274,43 @@ def test_each_rank_draws_its_own_augmentation() -> None:
 
     assert torch.equal(views(0), views(0)), "a rank's draws are reproducible"
     assert not torch.allclose(views(0), views(1)), "two ranks drew the same augmentation"
+
+
+def test_the_draws_are_all_the_randomness_and_transform_compiles_as_one_graph() -> None:
+    """``augment`` is ``transform`` of one ``draw`` (so compiled and eager augmentations make the same
+    crops, orders and factors), and ``transform`` traces into one graph without breaks, which is what
+    ``compile_augmentation`` compiles (``aot_eager``: traced, run by the same kernels)."""
+    images = (torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    settings = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), solarization_prob=0.3)
+    aug = DeviceAugmentation(8, **settings, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    replay = DeviceAugmentation(8, **settings, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    views = aug.augment(images)
+    assert torch.equal(views, replay.transform(images, replay.draw(16)))
+    draws = aug.draw(16)
+    traced = torch.compile(aug.transform, backend="aot_eager", fullgraph=True, dynamic=False)
+    assert torch.equal(traced(images, draws), aug.transform(images, draws))
+    assert not torch.equal(aug.transform(images, aug.draw(16)), aug.transform(images, draws)), "new draws, new views"
+
+
+def test_compile_augmentation_reaches_the_device_augmentation() -> None:
+    dm = ShapesDataModule(train_size=16, val_size=8, batch_size=8, num_workers=0, augment_on="device", compile_augmentation="reduce-overhead")
+    aug = dm.device_augmentation()
+    assert aug.compile_augmentation == "reduce-overhead"
+    assert not aug._in_cuda_graphs(torch.zeros(1)), "CUDA graphs only on a GPU"
+    assert "compile_augmentation" not in repr(ShapesDataModule(augment_on="device").device_augmentation())
+
+
+@pytest.mark.slow
+def test_compiled_augmentation_matches_eager_on_the_cpu() -> None:
+    """Compiled by inductor (about a minute on a CPU), ``"reduce-overhead"`` mode (on the CPU,
+    without CUDA graphs): the same views as eager, from the same generator, up to rounding."""
+    torch._dynamo.reset()
+    images = (torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    settings = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), blur_prob=0.5)
+    eager = DeviceAugmentation(8, **settings, generator=torch.Generator().manual_seed(3))  # type: ignore[arg-type]
+    compiled = DeviceAugmentation(8, **settings, generator=torch.Generator().manual_seed(3),  # type: ignore[arg-type]
+                                  compile_augmentation="reduce-overhead")
+    for _ in range(2):  # the second call runs the compiled code without compiling
+        # measured 3e-6 to 2e-5 (inductor fuses and reorders float operations; normalised values
+        # up to about 4); a wrong draw or op moves views by more than 0.1
+        torch.testing.assert_close(compiled.augment(images), eager.augment(images), atol=1e-4, rtol=0)

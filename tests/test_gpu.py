@@ -197,6 +197,33 @@ def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> N
         assert gap < KS_LIMIT, f"per-view {name} differs between CUDA and CPU: KS {gap:.3f}"
 
 
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_compiled_augmentation_on_cuda_matches_eager_and_keeps_its_views(mode: bool | str) -> None:
+    """compile_augmentation on CUDA: the views of eager code from the same generator (up to the
+    fused kernels' rounding), no host synchronisation once compiled, and, replayed as CUDA
+    graphs, views that the next batch's replay does not overwrite."""
+    from adios_pl.data.device_augment import DeviceAugmentation
+
+    torch._dynamo.reset()
+    images = torch.randint(0, 256, (64, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).cuda()
+    settings: dict[str, Any] = dict(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), blur_prob=0.5)
+    eager = DeviceAugmentation(32, **settings, generator=torch.Generator("cuda").manual_seed(3))
+    compiled = DeviceAugmentation(32, **settings, generator=torch.Generator("cuda").manual_seed(3), compile_augmentation=mode)
+    for _ in range(2):  # compiled, warmed up and, in reduce-overhead mode, recorded as a graph
+        views, expected = compiled(images), eager(images)
+        for view, reference in zip(views, expected):
+            torch.testing.assert_close(view, reference, atol=1e-4, rtol=0)
+    kept = [v.clone() for v in views]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        later = compiled(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(v, k) for v, k in zip(views, kept)), "a later batch overwrote this batch's views"
+    assert not torch.equal(later[0], views[0]), "new draws, new views"
+
+
 def test_a_training_step_makes_no_host_synchronisation() -> None:
     """Sync debug mode 'error' from the third batch on: any read-back in the step (or the
     callbacks' per-step work) raises. Lightning's logging reads back every log_every_n_steps

@@ -14,10 +14,20 @@ from adios_pl.optim import OPTIMIZERS
 
 MASK_MODES = ("all", "one")
 SCHEDULE_INTERVALS = ("step", "epoch")
-#: ``torch.compile`` modes that ``compile_encoder`` and ``compile_mask_generator`` accept by name.
+#: ``torch.compile`` modes that the ``compile_*`` arguments (``compile_encoder``,
+#: ``compile_mask_generator``, the DataModules' ``compile_augmentation``) accept by name.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The modes among them that replay the compiled code as CUDA graphs on a GPU.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def check_compile_setting(name: str, setting: Any) -> None:
+    """Check a ``compile_*`` argument: ``True``, ``False`` or a ``torch.compile`` mode by name."""
+    if not isinstance(setting, bool) and setting not in COMPILE_MODES:
+        raise ValueError(
+            f"{name}={setting!r} is not supported; accepted: True, False or a torch.compile mode "
+            f"({', '.join(map(repr, COMPILE_MODES))})"
+        )
 
 
 def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
@@ -66,12 +76,7 @@ def check_arguments(**kw: Any) -> None:
     if kw["masked_views"] not in ("sequential", "batched"):
         raise ValueError(f"masked_views={kw['masked_views']!r} is not supported; accepted: 'sequential', 'batched'")
     for name in ("compile_encoder", "compile_mask_generator"):
-        setting = kw[name]
-        if not isinstance(setting, bool) and setting not in COMPILE_MODES:
-            raise ValueError(
-                f"{name}={setting!r} is not supported; accepted: True, False or a torch.compile mode "
-                f"({', '.join(map(repr, COMPILE_MODES))})"
-            )
+        check_compile_setting(name, kw[name])
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:

@@ -24,34 +24,35 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from adios_pl.checks import CUDA_GRAPH_MODES, check_compile_setting
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # the colour jitter's ops, in torchvision's numbering
 
 
-def _uniform(n: int, low: float, high: float, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    return torch.rand(n, device=device, generator=generator) * (high - low) + low
-
-
-def sample_crops(
-    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-    device: torch.device, generator: torch.Generator | None = None, attempts: int = 10,
+def crop_boxes(
+    target: Tensor, aspect: Tensor, top: Tensor, left: Tensor, height: int, width: int,
+    scale: tuple[float, float], ratio: tuple[float, float],
 ) -> Tensor:
-    """``(n, 4)`` crop boxes ``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop.
+    """``(n, 4)`` crop boxes ``(top, left, h, w)`` from uniform draws in [0, 1), as torchvision's
+    RandomResizedCrop picks them.
 
-    Per image: up to ``attempts`` draws of an area fraction in ``scale`` and a log-uniform
-    aspect ratio in ``ratio``; the first that fits is kept, else the centre crop with the
-    ratio clamped. Vectorised: all attempts are drawn at once and the first fit is selected.
+    Per image: ``attempts`` draws (the columns of ``target`` and ``aspect``, ``(n, attempts)``)
+    of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; the first that
+    fits is kept, else the centre crop with the ratio clamped. ``top`` and ``left`` ``(n,)``
+    place the crop. Vectorised: the first fit is selected, nothing is read back.
     """
     area = height * width
-    target = area * (torch.rand(n, attempts, device=device, generator=generator) * (scale[1] - scale[0]) + scale[0])
+    target = area * (target * (scale[1] - scale[0]) + scale[0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(torch.rand(n, attempts, device=device, generator=generator) * (log_hi - log_lo) + log_lo)
+    aspect = torch.exp(aspect * (log_hi - log_lo) + log_lo)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -67,11 +68,36 @@ def sample_crops(
         fw, fh = width, height
     w = torch.where(found, w, float(fw))
     h = torch.where(found, h, float(fh))
-    top = torch.floor(torch.rand(n, device=device, generator=generator) * (height - h + 1))
-    left = torch.floor(torch.rand(n, device=device, generator=generator) * (width - w + 1))
-    top = torch.where(found, top, torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(found, left, torch.div(width - w, 2, rounding_mode="floor"))
+    top = torch.where(found, torch.floor(top * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(left * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
     return torch.stack([top, left, h, w], dim=1)
+
+
+def sample_crops(
+    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+    device: torch.device, generator: torch.Generator | None = None, attempts: int = 10,
+) -> Tensor:
+    """``(n, 4)`` crop boxes ``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop
+    (:func:`crop_boxes` of ``2 * attempts + 2`` uniform draws per image)."""
+    u = torch.rand(n, 2 * attempts + 2, device=device, generator=generator)
+    return crop_boxes(u[:, :attempts], u[:, attempts : 2 * attempts], u[:, -2], u[:, -1], height, width, scale, ratio)
+
+
+#: Columns of the uniform draws :meth:`DeviceAugmentation.draw` makes per image: everything random
+#: in one augmentation (columns of ops that are off go unused).
+CROP_ATTEMPTS = 10
+DRAW_COLUMNS: dict[str, slice] = {}
+for _name, _count in (("target", CROP_ATTEMPTS), ("aspect", CROP_ATTEMPTS), ("top", 1), ("left", 1), ("jitter", 1),
+                      ("factors", 3), ("hue", 1), ("order", 4), ("grayscale", 1), ("sigma", 1), ("blur", 1),
+                      ("solarize", 1), ("flip", 1)):
+    _start = sum(c.stop - c.start for c in DRAW_COLUMNS.values())
+    DRAW_COLUMNS[_name] = slice(_start, _start + _count)
+DRAWS_PER_IMAGE = sum(c.stop - c.start for c in DRAW_COLUMNS.values())
+
+
+def _chance(u: Tensor, p: float) -> Tensor:
+    """Whether each image's op applies, ``(n, 1, 1, 1)``, from its uniform draw ``u`` ``(n, 1)``."""
+    return (u < p).view(-1, 1, 1, 1)
 
 
 def resized_crops(images: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -105,7 +131,11 @@ def _gray_weights(device: torch.device, dtype: torch.dtype) -> Tensor:
 def grayscale(images: Tensor) -> Tensor:
     """Luma ``(B, 1, H, W)`` of RGB images, with torchvision's weights (a product and a sum: a
     1x1 convolution would run in TF32 on recent GPUs)."""
-    return (images * _gray_weights(images.device, images.dtype)).sum(dim=1, keepdim=True)
+    if torch.compiler.is_compiling():  # a constant of the compiled graph
+        weights = torch.tensor(GRAY_WEIGHTS, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    else:
+        weights = _gray_weights(images.device, images.dtype)
+    return (images * weights).sum(dim=1, keepdim=True)
 
 
 def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
@@ -167,6 +197,14 @@ class DeviceAugmentation(nn.Module):
     The arguments are those of :func:`~adios_pl.data.transforms.pretrain_transform` (same
     meaning, same defaults); ``generator`` (a ``torch.Generator`` on the images' device)
     makes the draws reproducible apart from the global seed.
+
+    An augmentation is its random draws (:meth:`draw`: one matrix of uniform numbers, one
+    kernel) and a function of the images and the draws (:meth:`transform`: about 300 small
+    operations, each a kernel launch on a GPU, where the step is limited by the host's
+    launches). ``compile_augmentation`` (``True`` or a ``torch.compile`` mode, as
+    ``ADIOSModule``'s ``compile_encoder``) compiles :meth:`transform` into a few fused kernels, or,
+    in ``"reduce-overhead"`` mode, one CUDA-graph replay. The draws stay eager, from the same
+    generator, so compiled and eager augmentations make the same crops, orders and factors.
     """
 
     def __init__(
@@ -186,8 +224,12 @@ class DeviceAugmentation(nn.Module):
         solarization_prob: float = 0.0,
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         generator: torch.Generator | None = None,
+        compile_augmentation: bool | str = False,
     ) -> None:
         super().__init__()
+        check_compile_setting("compile_augmentation", compile_augmentation)
+        self.compile_augmentation = compile_augmentation
+        self._compiled: Callable[[Tensor, Tensor], Tensor] | None = None
         self.image_size = image_size
         self.scale = (min_scale, 1.0)
         self.ratio = ratio
@@ -200,6 +242,13 @@ class DeviceAugmentation(nn.Module):
         self.std: Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        # brightness, contrast and saturation factors: uniform in [max(0, 1 - s), 1 + s]; 1 at s = 0
+        strengths = [self.jitter[name] for name in JITTER_OPS[:3]]
+        low = torch.tensor([max(0.0, 1 - s) if s > 0 else 1.0 for s in strengths])
+        self.factor_low: Tensor
+        self.factor_span: Tensor
+        self.register_buffer("factor_low", low, persistent=False)
+        self.register_buffer("factor_span", torch.tensor([1 + s if s > 0 else 1.0 for s in strengths]) - low, persistent=False)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(view_1, view_2)``, float ``(B, 3, image_size, image_size)``, normalised."""
@@ -210,30 +259,70 @@ class DeviceAugmentation(nn.Module):
 
     def augment(self, images: Tensor) -> Tensor:
         """One independent draw of the augmentation for every image of ``images``."""
-        n, device, gen = images.shape[0], images.device, self.generator
-        if self.mean.device != device:
-            self.to(device)
+        if self.mean.device != images.device:
+            self.to(images.device)
+        draws = self.draw(images.shape[0])
+        if not self.compile_augmentation:
+            return self.transform(images, draws)
+        if self._compiled is None:  # the shapes are static (whole batches): no dynamic shapes
+            mode = None if self.compile_augmentation is True else self.compile_augmentation
+            self._compiled = torch.compile(self.transform, mode=mode, dynamic=False)
+        views = self._compiled(images, draws)
+        # replayed as CUDA graphs, the views live in the graphs' memory, which the next batch's
+        # replay overwrites while callbacks may still hold this batch
+        return views.clone() if self._in_cuda_graphs(images) else views
+
+    def draw(self, n: int) -> Tensor:
+        """Everything random in the augmentation of ``n`` images: ``(n, DRAWS_PER_IMAGE)`` uniform
+        draws in [0, 1) from :attr:`generator`, one kernel on the device. :data:`DRAW_COLUMNS` names
+        the columns: crop attempts and placement, whether each op applies, the jitter's factors,
+        hue shift and order, the blur's sigma. :meth:`transform` turns them into parameters."""
+        return torch.rand(n, DRAWS_PER_IMAGE, device=self.mean.device, generator=self.generator)
+
+    def transform(self, images: Tensor, draws: Tensor) -> Tensor:
+        """The augmentation of ``images`` (uint8, or float in [0, 1]) under ``draws``
+        (:meth:`draw`): a function of its inputs only, which is what ``compile_augmentation``
+        compiles."""
+        def u(name: str) -> Tensor:
+            return draws[:, DRAW_COLUMNS[name]]
+
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        boxes = sample_crops(n, x.shape[-2], x.shape[-1], self.scale, self.ratio, device, gen)
+        boxes = crop_boxes(u("target"), u("aspect"), u("top")[:, 0], u("left")[:, 0], x.shape[-2], x.shape[-1], self.scale, self.ratio)
         x = resized_crops(x, boxes, self.image_size).clamp(0, 1)
         if self.jitter_prob > 0:
-            x = torch.where(self._chance(n, self.jitter_prob), self._color_jitter(x), x)
+            x = torch.where(_chance(u("jitter"), self.jitter_prob), self._color_jitter(x, draws), x)
         if self.grayscale_prob > 0:
-            x = torch.where(self._chance(n, self.grayscale_prob), grayscale(x).expand_as(x), x)
+            x = torch.where(_chance(u("grayscale"), self.grayscale_prob), grayscale(x).expand_as(x), x)
         if self.blur_prob > 0:
-            sigma = _uniform(n, 0.1, 2.0, device, gen)
-            x = torch.where(self._chance(n, self.blur_prob), gaussian_blur(x, self.blur_kernel, sigma), x)
+            sigma = u("sigma")[:, 0] * 1.9 + 0.1  # uniform in [0.1, 2.0)
+            x = torch.where(_chance(u("blur"), self.blur_prob), gaussian_blur(x, self.blur_kernel, sigma), x)
         if self.solarization_prob > 0:  # the CPU pipeline's threshold 128 of 255
-            x = torch.where(self._chance(n, self.solarization_prob) & (x >= 128 / 255), 1 - x, x)
+            x = torch.where(_chance(u("solarize"), self.solarization_prob) & (x >= 128 / 255), 1 - x, x)
         if self.flip_prob > 0:
-            x = torch.where(self._chance(n, self.flip_prob), x.flip(-1), x)
+            x = torch.where(_chance(u("flip"), self.flip_prob), x.flip(-1), x)
         return (x - self.mean) / self.std
 
-    def _chance(self, n: int, p: float) -> Tensor:
-        return (torch.rand(n, device=self.mean.device, generator=self.generator) < p).view(n, 1, 1, 1)
+    def _in_cuda_graphs(self, images: Tensor) -> bool:
+        return self.compile_augmentation in CUDA_GRAPH_MODES and images.is_cuda
 
-    def _color_jitter(self, x: Tensor) -> Tensor:
-        """torchvision's ColorJitter: factors drawn per image, the four ops in a random order per image.
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned processes) without the compiled function, which is made again on use."""
+        return {**self.__dict__, "_compiled": None}
+
+    def jitter_parameters(self, draws: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The colour jitter's parameters under ``draws`` (:meth:`draw`): each image's brightness,
+        contrast and saturation factors ``(n, 3)``, uniform in ``[max(0, 1 - s), 1 + s]`` (1 for an
+        op of strength 0), hue shift ``(n, 1, 1, 1)``, uniform in ``[-h, h]`` (None at strength 0),
+        and order of the four ops ``(n, 4)``, a uniform permutation (op 3 is the hue)."""
+        factors = torch.addcmul(self.factor_low, draws[:, DRAW_COLUMNS["factors"]], self.factor_span)
+        h = self.jitter["hue"]
+        shift = (draws[:, DRAW_COLUMNS["hue"]] * (2 * h) - h).view(-1, 1, 1, 1) if h > 0 else None
+        order = draws[:, DRAW_COLUMNS["order"]].argsort(dim=1)
+        return factors, shift, order
+
+    def _color_jitter(self, x: Tensor, draws: Tensor) -> Tensor:
+        """torchvision's ColorJitter under ``draws`` (:meth:`jitter_parameters`): factors drawn per
+        image, the four ops in a random order per image.
 
         Without branching per image: brightness, contrast and saturation at factor 1 leave an
         image in [0, 1] unchanged exactly, so each position of the order applies all three, each
@@ -242,23 +331,16 @@ class DeviceAugmentation(nn.Module):
         between the positions before and after its place in the image's order: three positions
         before it, three after, one hue instead of one per position.
         """
-        n, device, gen = x.shape[0], x.device, self.generator
-        factors, present = [], []
-        for name in ("brightness", "contrast", "saturation"):
-            s = self.jitter[name]
-            present.append(s > 0)
-            factors.append(_uniform(n, max(0.0, 1 - s), 1 + s, device, gen) if s > 0 else torch.ones(n, device=device))
-        h = self.jitter["hue"]
-        shift = _uniform(n, -h, h, device, gen).view(n, 1, 1, 1) if h > 0 else None
-        order = torch.rand(n, 4, device=device, generator=gen).argsort(dim=1)  # a uniform permutation per image
+        n, device = x.shape[0], x.device
+        factors, shift, order = self.jitter_parameters(draws)
         # the factor of op k at position p, (n, 4, 3): the image's own where op k is its op at p, 1 elsewhere
         positions = torch.arange(4, device=device)
         hue_at = (order == 3).to(torch.uint8).argmax(dim=1, keepdim=True)  # op 3 is the hue
         at = order.unsqueeze(-1) == torch.arange(3, device=device)
-        factor = torch.stack(factors, dim=1).unsqueeze(1)
+        factor = factors.unsqueeze(1)
         before = torch.where(at & (positions < hue_at).unsqueeze(-1), factor, 1.0)
         after = torch.where(at & (positions > hue_at).unsqueeze(-1), factor, 1.0)
-        ops = [(k, op) for k, op in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)) if present[k]]
+        ops = [(k, op) for k, op in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)) if self.jitter[JITTER_OPS[k]] > 0]
         for position in range(3):  # the positions before the hue's (at most three)
             for k, op in ops:
                 x = op(x, before[:, position, k].view(n, 1, 1, 1))
@@ -274,4 +356,5 @@ class DeviceAugmentation(nn.Module):
             f"image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, jitter={self.jitter}, "
             f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, blur_prob={self.blur_prob}, "
             f"solarization_prob={self.solarization_prob}, flip_prob={self.flip_prob}"
+            + (f", compile_augmentation={self.compile_augmentation!r}" if self.compile_augmentation else "")
         )
