@@ -23,6 +23,7 @@ order of the four ops per batch, not per image.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,7 @@ from torchvision.ops import roi_align
 from adios_pl.checks import CUDA_GRAPH_MODES, check_compile_setting
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many crops before the fallback
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")  # the colour jitter's ops, in torchvision's numbering
 
 
@@ -75,7 +77,7 @@ def crop_boxes(
 
 def sample_crops(
     n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-    device: torch.device, generator: torch.Generator | None = None, attempts: int = 10,
+    device: torch.device, generator: torch.Generator | None = None, attempts: int = CROP_ATTEMPTS,
 ) -> Tensor:
     """``(n, 4)`` crop boxes ``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop
     (:func:`crop_boxes` of ``2 * attempts + 2`` uniform draws per image)."""
@@ -83,16 +85,19 @@ def sample_crops(
     return crop_boxes(u[:, :attempts], u[:, attempts : 2 * attempts], u[:, -2], u[:, -1], height, width, scale, ratio)
 
 
+def _columns(counts: dict[str, int]) -> dict[str, slice]:
+    starts = itertools.accumulate(counts.values(), initial=0)
+    return {name: slice(start, start + count) for (name, count), start in zip(counts.items(), starts)}
+
+
 #: Columns of the uniform draws :meth:`DeviceAugmentation.draw` makes per image: everything random
-#: in one augmentation (columns of ops that are off go unused).
-CROP_ATTEMPTS = 10
-DRAW_COLUMNS: dict[str, slice] = {}
-for _name, _count in (("target", CROP_ATTEMPTS), ("aspect", CROP_ATTEMPTS), ("top", 1), ("left", 1), ("jitter", 1),
-                      ("factors", 3), ("hue", 1), ("order", 4), ("grayscale", 1), ("sigma", 1), ("blur", 1),
-                      ("solarize", 1), ("flip", 1)):
-    _start = sum(c.stop - c.start for c in DRAW_COLUMNS.values())
-    DRAW_COLUMNS[_name] = slice(_start, _start + _count)
-DRAWS_PER_IMAGE = sum(c.stop - c.start for c in DRAW_COLUMNS.values())
+#: in one augmentation (the columns of ops that are off go unused).
+DRAW_COLUMNS = _columns({
+    "target": CROP_ATTEMPTS, "aspect": CROP_ATTEMPTS, "top": 1, "left": 1,  # the crop
+    "jitter": 1, "factors": 3, "hue": 1, "order": 4,  # the colour jitter
+    "grayscale": 1, "sigma": 1, "blur": 1, "solarize": 1, "flip": 1,
+})
+DRAWS_PER_IMAGE = max(columns.stop for columns in DRAW_COLUMNS.values())
 
 
 def _chance(u: Tensor, p: float) -> Tensor:
