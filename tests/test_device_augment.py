@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 
 import pytest
 import torch
@@ -298,6 +299,9 @@ def test_compile_augmentation_reaches_the_device_augmentation() -> None:
     assert aug.compile_augmentation == "reduce-overhead"
     assert not aug._in_cuda_graphs(torch.zeros(1)), "CUDA graphs only on a GPU"
     assert "compile_augmentation" not in repr(ShapesDataModule(augment_on="device").device_augmentation())
+    aug._compiled = aug.transform  # as if compiled: bound to this object
+    copied = pickle.loads(pickle.dumps(aug))  # spawned processes, deepcopy: the copy compiles its own
+    assert copied._compiled is None and copied.compile_augmentation == "reduce-overhead"
 
 
 @pytest.mark.slow
