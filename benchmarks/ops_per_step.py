@@ -104,6 +104,8 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
             return optimizers, schedulers
 
         model.configure_optimizers = with_foreach  # type: ignore[method-assign]
+    if args.log_every > 1:  # as on an accelerator: logs and read-backs every log_every_n_steps batches
+        model._readback_interval = lambda: args.log_every  # type: ignore[method-assign]
     step = OneStep(args.warmup)
     trainer = pl.Trainer(
         accelerator="cpu", precision=args.precision, max_steps=args.warmup + 3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
@@ -114,7 +116,7 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     assert step.result is not None, "the counted batch was not reached: lower --warmup or give more images"
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
-        "foreach": args.foreach, "precision": args.precision, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
+        "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
         "by_place": dict(step.result.places.most_common(args.top)), "by_op": dict(step.result.ops.most_common(args.top)),
         "torch": torch.__version__, "label": args.label,
     }
@@ -131,6 +133,9 @@ def main() -> None:
     parser.add_argument("--no-foreach", dest="foreach", action="store_false", help="keep the CPU optimisers' per-weight loop")
     parser.add_argument("--precision", default="32-true", help="bf16-mixed counts autocast's casts too, as on a GPU")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="batches between the module's logs and read-backs; 1 (default) as on the CPU, where the "
+                             "counted batch logs; on an accelerator it is log_every_n_steps (50), and most batches do not")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append the entries to this JSON list")
