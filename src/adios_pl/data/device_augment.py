@@ -204,9 +204,8 @@ class DeviceAugmentation(nn.Module):
     makes the draws reproducible apart from the global seed.
 
     An augmentation is its random draws (:meth:`draw`: one matrix of uniform numbers, one
-    kernel) and a function of the images and the draws (:meth:`transform`: about 300 small
-    operations, each a kernel launch on a GPU, where the step is limited by the host's
-    launches). ``compile_augmentation`` (``True`` or a ``torch.compile`` mode, as
+    kernel) and a function of the images and the draws (:meth:`transform`: about 210 kernel
+    launches at 32 px, where a GPU step is limited by the host's launches). ``compile_augmentation`` (``True`` or a ``torch.compile`` mode, as
     ``ADIOSModule``'s ``compile_encoder``) compiles :meth:`transform` into a few fused kernels, or,
     in ``"reduce-overhead"`` mode, one CUDA-graph replay. The draws stay eager, from the same
     generator, so compiled and eager augmentations make the same crops, orders and factors.
