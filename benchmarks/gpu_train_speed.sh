@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# End-to-end GPU training speed in one go (about 7 minutes on one H200 without OLD_SRC):
+# End-to-end GPU training speed in one go (about 7 minutes on one H200 without OLD_SRC; 5 to 6 before
+# the compiled-augmentation runs were added):
 #   1. this version, augmentation on the device, batched views, at 32 px: baseline, ADIOS, ADIOS-s,
 #      simultaneous; and ADIOS with sequential views;
-#      and the batched baseline and ADIOS with batch norm per view joined by cat (--per-view-bn cat);
-#      and the batched baseline and ADIOS with the augmentation compiled (--compile-augmentation),
-#      the baseline also in reduce-overhead mode (the augmentation replayed as one CUDA graph);
+#      and batched ADIOS with batch norm per view joined by cat (--per-view-bn cat; the baseline's
+#      two views take that way anyway);
+#      and the batched baseline and ADIOS with the augmentation compiled (--compile-augmentation);
 #   2. with OLD_SRC (an older version's src/ folder), loader augmentation: baseline and ADIOS;
 #   3. 96 px, N=6 (a CIFAR-10 subset upscaled): ADIOS with batched views (and the older version);
 #   4. profiles of the batched ADIOS and baseline steps (and of the older version's ADIOS step)
@@ -14,7 +15,8 @@
 # COMPILE=1 adds baseline and ADIOS, batched views, with the encoder, the mask generator and the
 # augmentation under torch.compile at 32 px (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or
 # another torch.compile mode) compiles in that mode: reduce-overhead replays them as CUDA graphs. Several, space
-# separated ("1 reduce-overhead"), run one after the other, before the rest. ONLY_COMPILE=1 runs
+# separated ("1 reduce-overhead"), run one after the other, before the rest, then the kernel count of the
+# compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs
 # nothing else.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
@@ -69,16 +71,19 @@ for mode in ${COMPILE:-}; do
     [ "$mode" = 1 ] && mode=""
     speed new "$new" 240 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode --variants baseline_batched adios_batched
 done
+if [ -n "${COMPILE:-}" ]; then  # kernels per batch of the augmentation, eager and compiled
+    PYTHONPATH="$new${site:+:$site}" timeout 120 python3 benchmarks/augment_launches.py --device cuda 2>&1 | grep "^{" \
+        | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
+fi
 [ -n "${ONLY_COMPILE:-}" ] && exit 0
 sequential=${SEQUENTIAL:-}
 speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
     simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
-# the same two with batch norm per view the older way (own forward per view, joined by cat):
+# batched ADIOS with batch norm per view the older way (own forward per view, joined by cat):
 # fewer launches against less host time in Python, on the same machine
-speed new "$new" 80 "${c32[@]}" --augment-on device --per-view-bn cat --variants baseline_batched adios_batched
-# the augmentation's image operations compiled (about 200 launches per batch eager): fused kernels, then one CUDA graph
+speed new "$new" 80 "${c32[@]}" --augment-on device --per-view-bn cat --variants adios_batched
+# the augmentation's image operations compiled (about 210 launches per batch eager) into a few fused kernels
 speed new "$new" 150 "${c32[@]}" --augment-on device --compile-augmentation --variants baseline_batched adios_batched
-speed new "$new" 100 "${c32[@]}" --augment-on device --compile-augmentation reduce-overhead --variants baseline_batched
 [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
 [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
 speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}
@@ -90,6 +95,3 @@ for views in batched ${sequential:+sequential}; do
         --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
         --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"
 done
-# kernels per batch of the augmentation, eager and compiled (Triton's fusion, not the CPU's)
-PYTHONPATH="$new${site:+:$site}" timeout 120 python3 benchmarks/augment_launches.py --device cuda 2>&1 | grep "^{" \
-    | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
