@@ -30,6 +30,13 @@ def check_compile_setting(name: str, setting: Any) -> None:
         )
 
 
+def replays_as_cuda_graphs(setting: bool | str, device: torch.device) -> bool:
+    """Whether a part compiled with ``setting`` (a ``compile_*`` argument) replays as CUDA graphs
+    on ``device``: a CUDA-graph mode, on a GPU. Its outputs then live in the graphs' memory,
+    which the next replay overwrites."""
+    return setting in CUDA_GRAPH_MODES and device.type == "cuda"
+
+
 def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: int) -> None:
     """Check a mask generator passed in: it says its ``num_masks`` (equal to ``num_masks``) and maps
     ``(B, 3, S, S)`` to ``(B, N, S, S)`` masks that sum to 1 over N."""

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
-from adios_pl.checks import CUDA_GRAPH_MODES, check_arguments, check_mask_generator, unpack_training_batch
+from adios_pl.checks import check_arguments, check_mask_generator, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masks import MaskGenerator, RandomMasks
@@ -663,14 +663,13 @@ class ADIOSModule(pl.LightningModule):
     def _cuda_graphs(self) -> bool:
         """Whether a compiled part replays as CUDA graphs (a CUDA-graph mode, on a GPU)."""
         modes = (self.hparams["compile_encoder"], self._compile_mask_generator())
-        return any(mode in CUDA_GRAPH_MODES for mode in modes) and self.device.type == "cuda"
+        return any(replays_as_cuda_graphs(mode, self.device) for mode in modes)
 
     def _out_of_graphs(self, features: Tensor) -> Tensor:
         """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
         graphs: a later replay (the mask step's, the next batch's) may overwrite the outputs of
         the last, and callbacks receive and may keep these."""
-        encoder_in_graphs = self.hparams["compile_encoder"] in CUDA_GRAPH_MODES and self.device.type == "cuda"
-        return features.clone() if encoder_in_graphs else features
+        return features.clone() if replays_as_cuda_graphs(self.hparams["compile_encoder"], self.device) else features
 
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:

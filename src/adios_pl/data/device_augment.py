@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from adios_pl.checks import CUDA_GRAPH_MODES, check_compile_setting
+from adios_pl.checks import check_compile_setting, replays_as_cuda_graphs
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many crops before the fallback
@@ -307,7 +307,7 @@ class DeviceAugmentation(nn.Module):
         return (x - self.mean) / self.std
 
     def _in_cuda_graphs(self, images: Tensor) -> bool:
-        return self.compile_augmentation in CUDA_GRAPH_MODES and images.is_cuda
+        return replays_as_cuda_graphs(self.compile_augmentation, images.device)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (spawned processes) without the compiled function, which is made again on use."""
