@@ -11,16 +11,21 @@
 #   4. profiles of the batched ADIOS and baseline steps (and of the older version's ADIOS step)
 #      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
-# SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step 5.
-# COMPILE=1 adds baseline and ADIOS, batched views, with the encoder, the mask generator and the
-# augmentation under torch.compile at 32 px (compilation takes a minute or two of the run); COMPILE=reduce-overhead (or
-# another torch.compile mode) compiles in that mode: reduce-overhead replays them as CUDA graphs. Several, space
-# separated ("1 reduce-overhead"), run one after the other, before the rest, then the kernel count of the
-# compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs
-# nothing else.
+# PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
+# runs), cat, augment (the compiled-augmentation runs), compile, 96, profile, step. SEQUENTIAL=1 adds the
+# sequential-views runs of the other variants, at 96 px and in step "step".
+# COMPILE=1 adds the part "compile" first: baseline and ADIOS, batched views, with the encoder, the mask
+# generator and the augmentation under torch.compile at 32 px (compilation takes a minute or two of each run);
+# COMPILE=reduce-overhead (or another torch.compile mode) compiles in that mode: reduce-overhead replays them as
+# CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other, then the kernel count of
+# the compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs nothing
+# else.
+# BUDGET_S: the seconds the whole script may take (a device lease); each run's time limit is cut to what is left,
+# and a part with under 30 s left is skipped. run.log records when each part starts.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
+#   PARTS="main augment" COMPILE=reduce-overhead BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT ...
 set -uo pipefail
 out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
 archive=${2:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
@@ -32,12 +37,25 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site
 fi
 new="$(pwd)/src"
+t0=$(date +%s)
+parts=${PARTS-main cat augment 96 profile step}
+[ -n "${ONLY_COMPILE:-}" ] && parts=""
+[ -n "${COMPILE:-}" ] && [[ " $parts " != *" compile "* ]] && parts="compile $parts"
+left() { echo $(( ${BUDGET_S:-100000} - ($(date +%s) - t0) )); }
+part() {  # part NAME: whether NAME is asked for and there is time for it; logs its start
+    [[ " $parts " == *" $1 "* ]] || return 1
+    if [ "$(left)" -lt 30 ]; then echo "[$(( $(date +%s) - t0 )) s] $1 skipped: budget spent" | tee -a "$out/run.log"; return 1; fi
+    echo "[$(( $(date +%s) - t0 )) s] $1" | tee -a "$out/run.log"
+}
+limit() { local l; l=$(( $(left) - 5 )); l=$(( $1 < l ? $1 : l )); echo $(( l < 1 ? 1 : l )); }  # limit SECONDS: cut to the budget left
 data=/tmp/speed_data
-mkdir -p "$data/cifar10"
-tar xzf "$archive" -C "$data/cifar10"
+if [ ! -d "$data/cifar10/train" ]; then mkdir -p "$data/cifar10" && tar xzf "$archive" -C "$data/cifar10"; fi
 nvidia-smi -L > "$out/gpu.txt" 2>&1
-python3 - "$data/cifar10/train" "$data/cifar10_96/train" <<'EOF'
-# 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs
+python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
+upscale=""
+if [[ " $parts " == *" 96 "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
+python3 - "$data/cifar10/train" "$data/cifar10_96/tmp" <<'EOF' &
+# 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs; made while other parts run
 import os, sys
 from multiprocessing import Pool
 from PIL import Image
@@ -48,50 +66,69 @@ for c in sorted(os.listdir(src)):
     jobs += [(os.path.join(src, c, f), os.path.join(dst, c, f)) for f in sorted(os.listdir(os.path.join(src, c)))[:1000]]
 def up(job):
     Image.open(job[0]).convert("RGB").resize((96, 96), Image.BICUBIC).save(job[1], quality=90)
-with Pool(16) as pool:
+with Pool(4) as pool:
     pool.map(up, jobs, chunksize=64)
+os.rename(dst, os.path.join(os.path.dirname(dst), "train"))
 print(len(jobs), "images at 96 px")
 EOF
-python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
+upscale=$!
+fi
 
 speed() {  # speed LABEL SRC SECONDS ARGS...
-    local label=$1 src=$2 limit=$3
+    local label=$1 src=$2 seconds
+    seconds=$(limit "$3")
     shift 3
-    PYTHONPATH="$src${site:+:$site}" timeout "$limit" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
+    PYTHONPATH="$src${site:+:$site}" timeout "$seconds" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
         --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
-    PYTHONPATH="$2${site:+:$site}" timeout 45 python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
+    PYTHONPATH="$2${site:+:$site}" timeout "$(limit 45)" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
         --label "$1" --augment-on "$3" --variant "$4" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
-
-for mode in ${COMPILE:-}; do
-    [ "$mode" = 1 ] && mode=""
-    speed new "$new" 240 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode --variants baseline_batched adios_batched
-done
-if [ -n "${COMPILE:-}" ]; then  # kernels per batch of the augmentation, eager and compiled
-    PYTHONPATH="$new${site:+:$site}" timeout 120 python3 benchmarks/augment_launches.py --device cuda 2>&1 | grep "^{" \
-        | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
-fi
-[ -n "${ONLY_COMPILE:-}" ] && exit 0
 sequential=${SEQUENTIAL:-}
-speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
-    simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
-# batched ADIOS with batch norm per view the older way (own forward per view, joined by cat):
-# fewer launches against less host time in Python, on the same machine
-speed new "$new" 80 "${c32[@]}" --augment-on device --per-view-bn cat --variants adios_batched
-# the augmentation's image operations compiled (about 210 launches per batch eager) into a few fused kernels
-speed new "$new" 150 "${c32[@]}" --augment-on device --compile-augmentation --variants baseline_batched adios_batched
-[ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios
-[ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
-speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios}
-profile new "$new" device adios_batched
-profile new "$new" device baseline_batched
-[ -n "$old" ] && profile old "$old" host adios
-for views in batched ${sequential:+sequential}; do
-    PYTHONPATH="$new${site:+:$site}" timeout 45 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 \
-        --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 --precision bf16-mixed \
-        --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 | grep --line-buffered "^|" | tee -a "$out/run.log"
+
+for name in $parts; do
+    case $name in
+    main) part main || continue
+        speed new "$new" 200 "${c32[@]}" --augment-on device --variants baseline_batched adios_batched adios_s_batched \
+            simultaneous_batched adios ${sequential:+baseline adios_s simultaneous}
+        [ -n "$old" ] && speed old "$old" 100 "${c32[@]}" --augment-on host --variants baseline adios ;;
+    cat) part cat || continue
+        # batched ADIOS with batch norm per view the older way (own forward per view, joined by cat):
+        # fewer launches against less host time in Python, on the same machine
+        speed new "$new" 80 "${c32[@]}" --augment-on device --per-view-bn cat --variants adios_batched ;;
+    augment) part augment || continue
+        # the augmentation's image operations compiled (about 210 launches per batch eager) into a few fused kernels
+        speed new "$new" 150 "${c32[@]}" --augment-on device --compile-augmentation --variants baseline_batched adios_batched ;;
+    compile)
+        for mode in ${COMPILE:-1}; do
+            part compile || continue
+            [ "$mode" = 1 ] && mode=""
+            speed new "$new" 300 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
+                --variants baseline_batched adios_batched
+        done
+        if part compile; then  # kernels per batch of the augmentation, eager and compiled
+            PYTHONPATH="$new${site:+:$site}" timeout "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
+                | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
+        fi ;;
+    96) [ -n "$upscale" ] && wait "$upscale"
+        part 96 || continue
+        [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
+        speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios} ;;
+    profile) part profile || continue
+        profile new "$new" device adios_batched
+        profile new "$new" device baseline_batched
+        [ -n "$old" ] && profile old "$old" host adios ;;
+    step) part step || continue
+        for views in batched ${sequential:+sequential}; do
+            PYTHONPATH="$new${site:+:$site}" timeout "$(limit 45)" python3 benchmarks/step_speed.py --device cuda --encoder resnet18 \
+                --image-size 96 --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 \
+                --precision bf16-mixed --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 \
+                | grep --line-buffered "^|" | tee -a "$out/run.log"
+        done ;;
+    *) echo "unknown part $name (main cat augment compile 96 profile step)" >&2; exit 2 ;;
+    esac
 done
+echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"

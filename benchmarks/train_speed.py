@@ -67,6 +67,8 @@ class EpochTimer(pl.Callback):
 
 def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str, ImageFolderDataModule]) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
+    if args.compile or args.compile_augmentation:  # each run compiles its own, as a user's script would (and the
+        torch._dynamo.reset()  # variants' encoder graphs together would pass dynamo's recompilation limit)
     if args.per_view_bn != "function":  # the switch exists from the version that has it on
         import adios_pl.batched_views as batched_views
 
