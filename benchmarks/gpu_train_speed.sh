@@ -21,7 +21,9 @@
 # the compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs nothing
 # else.
 # BUDGET_S: the seconds the whole script may take (a device lease); each run's time limit is cut to what is left,
-# and a part with under 30 s left is skipped. run.log records when each part starts.
+# and a part with under 30 s left is skipped. run.log records when each part starts. Runs are stopped by
+# SIGKILL 5 s after SIGTERM: Lightning catches SIGTERM and only stops at the next batch, so a run that is
+# compiling would outlive a plain timeout.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
@@ -47,7 +49,7 @@ part() {  # part NAME: whether NAME is asked for and there is time for it; logs 
     if [ "$(left)" -lt 30 ]; then echo "[$(( $(date +%s) - t0 )) s] $1 skipped: budget spent" | tee -a "$out/run.log"; return 1; fi
     echo "[$(( $(date +%s) - t0 )) s] $1" | tee -a "$out/run.log"
 }
-limit() { local l; l=$(( $(left) - 5 )); l=$(( $1 < l ? $1 : l )); echo $(( l < 1 ? 1 : l )); }  # limit SECONDS: cut to the budget left
+limit() { local l; l=$(( $(left) - 10 )); l=$(( $1 < l ? $1 : l )); echo $(( l < 1 ? 1 : l )); }  # limit SECONDS: cut to the budget left
 data=/tmp/speed_data
 if [ ! -d "$data/cifar10/train" ]; then mkdir -p "$data/cifar10" && tar xzf "$archive" -C "$data/cifar10"; fi
 nvidia-smi -L > "$out/gpu.txt" 2>&1
@@ -78,11 +80,11 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     local label=$1 src=$2 seconds
     seconds=$(limit "$3")
     shift 3
-    PYTHONPATH="$src${site:+:$site}" timeout "$seconds" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
+    PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
         --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
-    PYTHONPATH="$2${site:+:$site}" timeout "$(limit 45)" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
+    PYTHONPATH="$2${site:+:$site}" timeout -k 5 "$(limit 45)" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
         --label "$1" --augment-on "$3" --variant "$4" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
@@ -110,7 +112,7 @@ for name in $parts; do
                 --variants baseline_batched adios_batched
         done
         if part compile; then  # kernels per batch of the augmentation, eager and compiled
-            PYTHONPATH="$new${site:+:$site}" timeout "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
+            PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
                 | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
         fi ;;
     96) [ -n "$upscale" ] && wait "$upscale"
@@ -123,7 +125,7 @@ for name in $parts; do
         [ -n "$old" ] && profile old "$old" host adios ;;
     step) part step || continue
         for views in batched ${sequential:+sequential}; do
-            PYTHONPATH="$new${site:+:$site}" timeout "$(limit 45)" python3 benchmarks/step_speed.py --device cuda --encoder resnet18 \
+            PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 45)" python3 benchmarks/step_speed.py --device cuda --encoder resnet18 \
                 --image-size 96 --batch-size 128 --mask-width 32 --masks 4 --modes all --objectives simclr --reps 3 --steps 2 \
                 --precision bf16-mixed --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 \
                 | grep --line-buffered "^|" | tee -a "$out/run.log"

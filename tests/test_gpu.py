@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -52,20 +52,6 @@ def test_channels_last_and_compile_match_eager() -> None:
     fast = _updates(_model(channels_last=True, compile_encoder=True), precision="32-true")
     assert _rel(fast["encoder"], eager["encoder"]) < 0.05, _rel(fast["encoder"], eager["encoder"])
     cosine = torch.nn.functional.cosine_similarity(fast["mask_generator"], eager["mask_generator"], dim=0)
-    assert cosine > 0.5, float(cosine)
-
-
-@pytest.mark.parametrize("masked_views", ["sequential", "batched"])
-def test_encoder_replayed_as_cuda_graphs_matches_eager(masked_views: str) -> None:
-    """compile_encoder="reduce-overhead": three steps with the encoder replayed as CUDA graphs;
-    with batched views the mask generator too (compile_mask_generator="reduce-overhead")."""
-    eager = _updates(_model(channels_last=True, masked_views=masked_views), steps=3, precision="32-true")
-    torch._dynamo.reset()
-    mask_generator = "reduce-overhead" if masked_views == "batched" else False
-    graphs = _updates(_model(channels_last=True, masked_views=masked_views, compile_encoder="reduce-overhead",
-                             compile_mask_generator=mask_generator), steps=3, precision="32-true")
-    assert _rel(graphs["encoder"], eager["encoder"]) < 0.05, _rel(graphs["encoder"], eager["encoder"])
-    cosine = torch.nn.functional.cosine_similarity(graphs["mask_generator"], eager["mask_generator"], dim=0)
     assert cosine > 0.5, float(cosine)
 
 
@@ -250,3 +236,41 @@ def test_a_training_step_makes_no_host_synchronisation() -> None:
                 model, make_loader(n=32 * 5, batch_size=32, size=32))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture
+def full_float32() -> Iterator[None]:
+    """Convolutions and matrix products in full float32 (no TF32) for the test's duration, so that
+    kernels that compute the same thing in another order differ by float32 rounding only."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("masked_views", ["sequential", "batched"])
+def test_encoder_replayed_as_cuda_graphs_matches_eager(masked_views: str, full_float32: None) -> None:
+    """compile_encoder="reduce-overhead": three steps with the encoder replayed as CUDA graphs;
+    with batched views the mask generator too (compile_mask_generator="reduce-overhead").
+
+    Three steps amplify rounding: the masks follow the mask generator's tiny, noise-like gradient.
+    On an H100 with TF32 convolutions the encoder's updates differed from eager by 6.3 % (relative)
+    for sequential views, so the tolerance is measured here, in full float32: the same eager steps
+    with contiguous instead of channels-last tensors (other cuDNN kernels, the same arithmetic)
+    give the spread that rounding alone makes, and the graphs must stay within three times it.
+    A replay that read a stale input or overwrote a live output would move the updates by far
+    more than rounding does.
+    """
+    eager = _updates(_model(channels_last=True, masked_views=masked_views), steps=3, precision="32-true")
+    other_kernels = _updates(_model(channels_last=False, masked_views=masked_views), steps=3, precision="32-true")
+    spread = _rel(other_kernels["encoder"], eager["encoder"])
+    torch._dynamo.reset()
+    mask_generator = "reduce-overhead" if masked_views == "batched" else False
+    graphs = _updates(_model(channels_last=True, masked_views=masked_views, compile_encoder="reduce-overhead",
+                             compile_mask_generator=mask_generator), steps=3, precision="32-true")
+    gap = _rel(graphs["encoder"], eager["encoder"])
+    assert gap <= 3 * spread + 1e-3, f"graphs against eager {gap:.2e}, rounding spread {spread:.2e}"
+    cosine = torch.nn.functional.cosine_similarity(graphs["mask_generator"], eager["mask_generator"], dim=0)
+    assert cosine > 0.5, float(cosine)
