@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from adios_pl import ADIOSModule
-from adios_pl.batched_views import batch_norm_per_view, forward_views
+from adios_pl.batched_views import batch_norm_per_view, forward_views, grouped_batch_norm
 from adios_pl.errors import ConfigurationError
 from adios_pl.objectives import SimCLR
 from conftest import make_loader, quiet_trainer
@@ -146,6 +146,95 @@ def test_second_derivatives_equal_one_forward_per_view() -> None:
     for a, b in zip(ours, theirs):
         assert b.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.BatchNorm2d,
+        lambda c: nn.BatchNorm2d(c, track_running_stats=False),
+        lambda c: nn.BatchNorm2d(c, affine=False),
+        lambda c: nn.BatchNorm2d(c, momentum=0.3, eps=1e-3),
+    ],
+    ids=["momentum", "untracked", "not affine", "other momentum and eps"],
+)
+def test_grouped_batch_norm_equals_one_forward_per_view(norm: Any) -> None:
+    """The form the compiler sees (one reduction over all views), called eagerly in float64:
+    outputs, input and parameter gradients, and running statistics after two rounds, against the
+    layer's own forward on each view in turn."""
+    torch.manual_seed(0)
+    grouped = norm(3).double()
+    if grouped.weight is not None:
+        nn.init.normal_(grouped.weight)
+        nn.init.normal_(grouped.bias)
+    separate = copy.deepcopy(grouped)
+    for round in range(2):
+        views = [v.requires_grad_() for v in _views(seed=round)]
+        images = torch.cat(views).detach().requires_grad_()
+        out = grouped_batch_norm(grouped, images, VIEWS)
+        expected = torch.cat([separate(v) for v in views])
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+        for k, v in _buffers(separate).items():
+            torch.testing.assert_close(_buffers(grouped)[k], v, rtol=1e-12, atol=1e-12, msg=k)
+        weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(round))
+        (out * weights).sum().backward()
+        (expected * weights).sum().backward()
+        torch.testing.assert_close(images.grad, torch.cat([v.grad for v in views]), rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(grouped.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_grouped_batch_norm_keeps_half_precision_statistics_in_float32() -> None:
+    """bfloat16 channels-last input with float32 parameters, as under autocast: statistics from the
+    float32 values of the input, as PyTorch's kernels keep them; the output in bfloat16, within its
+    rounding of one forward per view."""
+    torch.manual_seed(0)
+    grouped = nn.BatchNorm2d(3)
+    nn.init.normal_(grouped.weight)
+    separate = copy.deepcopy(grouped)
+    images = (torch.cat(_views()).float() * 3).bfloat16().contiguous(memory_format=torch.channels_last)
+    out = grouped_batch_norm(grouped, images, VIEWS)
+    expected = torch.cat([separate(v) for v in images.chunk(VIEWS)])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2, atol=2e-2)
+    for k, v in _buffers(separate).items():
+        torch.testing.assert_close(_buffers(grouped)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_grouped_batch_norm_refuses_what_it_does_not_compute() -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        grouped_batch_norm(nn.BatchNorm2d(3, momentum=None).double(), torch.cat(_views()), VIEWS)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        grouped_batch_norm(nn.BatchNorm1d(3).double(), torch.randn(VIEWS, 3, dtype=torch.float64), VIEWS)
+
+
+def test_compiled_batched_views_take_the_grouped_form() -> None:
+    """Under ``torch.compile`` plain batch norm of batched views is traced as one ``var_mean``
+    per layer, not one batch norm per view joined by ``cat``, and computes what one forward per
+    view does (float64; dynamo's graph run eagerly, no code generation)."""
+    import torch._dynamo
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm: torch.fx.GraphModule, inputs: Any) -> Any:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _net(nn.BatchNorm2d)
+    separate = copy.deepcopy(net)
+    compiled = torch.compile(net, backend=keep)
+    views = _views()
+    with batch_norm_per_view([net], VIEWS):
+        out = compiled(torch.cat(views))
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, torch.cat([separate(v) for v in views]), rtol=1e-10, atol=1e-12)
+    for k, v in _buffers(separate).items():
+        torch.testing.assert_close(_buffers(net)[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes]
+    assert sum("var_mean" in t for t in targets) == 2, targets  # the two batch-norm layers
+    assert not any("batch_norm" in t or t.endswith("cat") for t in targets), targets
 
 
 def test_without_per_view_statistics_the_result_differs() -> None:

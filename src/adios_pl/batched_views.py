@@ -14,9 +14,11 @@ function that runs the layer's native kernels once per view and writes each view
 its slice of one tensor, so no ``cat`` joins the views in the forward. ``SyncBatchNorm`` across processes goes through
 :class:`~adios_pl.sync_batch_norm.PerViewSyncBatchNorm`: one collective for all views instead of
 one per view, and no host synchronisation (:func:`synchronised_batch_norm` gives the training
-step's single-view forwards the same). Other layers (cumulative averages, evaluation mode, and
-every layer under ``torch.compile``, which fuses the join itself) run their own forward once per
-view and the outputs are joined with ``cat``, as plain batch norm with fewer views does.
+step's single-view forwards the same). Under ``torch.compile`` plain batch norm is written as
+one reduction over a ``(views, batch, ...)`` view of the input (:func:`grouped_batch_norm`): the
+compiler then makes one statistics kernel per layer rather than one per view, and has no join to
+make. Other layers (cumulative averages, evaluation mode) run their own forward once per view
+and the outputs are joined with ``cat``, as plain batch norm with fewer views does.
 """
 
 from __future__ import annotations
@@ -82,9 +84,47 @@ class _PerViewBatchNorm(torch.autograd.Function):
         return grad_x, grad_w if needs_w else None, grad_b if needs_b else None, None, None, None, None, None
 
 
-#: Whether plain batch-norm layers go through :class:`_PerViewBatchNorm` while views are batched
-#: (True), or through their own forward once per view, joined by ``cat`` (False). Both compute
-#: the same. A switch for benchmarks (``benchmarks/train_speed.py --per-view-bn``).
+def grouped_batch_norm(layer: _BatchNorm, x: Tensor, views: int) -> Tensor:
+    """Training-mode batch norm of each of ``views`` equal parts of ``x`` along the batch, with the
+    part's own statistics, as one reduction over ``x`` seen as ``(views, batch, channels, ...)``.
+
+    What a compiler should see: its kernels then compute the statistics of every view at once,
+    where a forward per view gives it one reduction per view and a join. The output and the
+    gradients are those of ``layer`` applied to each part (up to rounding; statistics in float32
+    for half-precision inputs, as PyTorch's kernels keep them), and the running statistics and
+    ``num_batches_tracked`` advance as in ``views`` forwards of the layer, one after the other.
+    The layer must be in training mode with a momentum (not a cumulative average).
+    """
+    if layer.momentum is None or not layer.training:
+        raise ValueError("grouped_batch_norm needs a layer in training mode with a momentum (not None)")
+    parts = x.unflatten(0, (views, -1))
+    per_channel = parts[0].numel() // parts.shape[2]  # values behind each statistic of one view
+    if per_channel <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(parts[0].shape)}")
+    compute = parts.float() if parts.dtype in (torch.float16, torch.bfloat16) else parts
+    var, mean = torch.var_mean(compute, dim=[1, *range(3, parts.dim())], correction=0, keepdim=True)
+    out = (compute - mean) * torch.rsqrt(var + layer.eps)
+    if layer.weight is not None and layer.bias is not None:
+        shape = [1, 1, -1] + [1] * (parts.dim() - 3)
+        out = out * layer.weight.view(shape) + layer.bias.view(shape)
+    if layer.track_running_stats and layer.running_mean is not None and layer.running_var is not None:
+        # the views' updates one after the other, r <- (1 - m) r + m s_v, in closed form:
+        # (1 - m)^V r + sum_v m (1 - m)^(V - 1 - v) s_v (a product and a sum, no matrix product:
+        # that could round in TF32)
+        momentum = layer.momentum
+        weights = torch.tensor([momentum * (1 - momentum) ** (views - 1 - v) for v in range(views)], dtype=mean.dtype, device=x.device)
+        with torch.no_grad():
+            for running, stat in ((layer.running_mean, mean), (layer.running_var, var * (per_channel / (per_channel - 1)))):
+                running.mul_((1 - momentum) ** views).add_((weights[:, None] * stat.view(views, -1)).sum(0).to(running.dtype))
+            if layer.num_batches_tracked is not None:
+                layer.num_batches_tracked.add_(views)
+    return out.to(x.dtype).flatten(0, 1)
+
+
+#: Whether plain batch-norm layers go through :class:`_PerViewBatchNorm` (under ``torch.compile``,
+#: :func:`grouped_batch_norm`) while views are batched (True), or through their own forward once
+#: per view, joined by ``cat`` (False). Both compute the same. A switch for benchmarks
+#: (``benchmarks/train_speed.py --per-view-bn``).
 PER_VIEW_FUNCTION = True
 
 #: The function saves launches that grow with the views (the forward's join, the per-view
@@ -105,6 +145,16 @@ def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
         type(layer).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and layer.training
         and layer.momentum is not None and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
         and (layer.weight is None) == (layer.bias is None)
+    )
+
+
+def _groupable(layer: _BatchNorm, x: Tensor) -> bool:
+    """Whether :func:`grouped_batch_norm` serves the layer: under ``torch.compile`` (eagerly, the
+    autograd functions here run PyTorch's own kernels), plain batch norm or ``SyncBatchNorm`` that
+    does not synchronise, in training mode with a momentum."""
+    return (
+        torch.compiler.is_compiling() and type(layer).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+        and layer.training and layer.momentum is not None and (layer.weight is None) == (layer.bias is None)
     )
 
 
@@ -132,6 +182,9 @@ class _PerViewForward:
         assert layer is not None, "called after its layer was freed"
         forward = type(layer).forward
         group = _sync_group(layer)
+        if group is None and self.views > 1 and PER_VIEW_FUNCTION and _groupable(layer, x):
+            layer._check_input_dim(x)
+            return grouped_batch_norm(layer, x, self.views)
         plain = group is None and not (PER_VIEW_FUNCTION and self.views >= MIN_VIEWS_FOR_FUNCTION)
         if not _fast_path(layer, x) or plain:
             return forward(layer, x) if self.views == 1 else torch.cat([forward(layer, part) for part in x.chunk(self.views)])
