@@ -2,7 +2,8 @@
 # GPU checks in one go: the CUDA tests, then the step benchmark at ResNet18 / 96 px. Writes gpu.txt,
 # gpu_tests.log, gpu_tests_compiled.log, step_speed_gpu.json and step_speed_gpu_bf16.json into $1.
 #   bash benchmarks/gpu_check.sh OUT
-# The tests run in two groups, each under its own time limit (TESTS_S, COMPILED_TESTS_S seconds):
+# The tests run in two groups (TEST_GROUPS, default "eager compiled"), each under its own time limit
+# (TESTS_S, COMPILED_TESTS_S seconds); ONLY_TESTS=1 skips the step benchmark:
 # first those that run eagerly (about a minute and a half on an H200), then those that compile
 # (torch.compile of ResNet18 and the U-Net, cold: minutes; on the CPU the batched CUDA-graph test's
 # compiled half took 354 s, the sequential one's 110 s). A test still running after FAULTHANDLER_S
@@ -28,8 +29,9 @@ tests() {  # tests SECONDS LOG -k EXPRESSION
         > "$out/$log" 2>&1
     echo "$log: exit $?"; tail -n 12 "$out/$log"
 }
-tests "${TESTS_S:-180}" gpu_tests.log -k "not ($compiled)"
-tests "${COMPILED_TESTS_S:-420}" gpu_tests_compiled.log -k "$compiled"
+groups=" ${TEST_GROUPS:-eager compiled} "
+[[ $groups == *" eager "* ]] && tests "${TESTS_S:-180}" gpu_tests.log -k "not ($compiled)"
+[[ $groups == *" compiled "* ]] && tests "${COMPILED_TESTS_S:-420}" gpu_tests_compiled.log -k "$compiled"
 [ -n "${ONLY_TESTS:-}" ] && exit 0
 timeout -k 5 120 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 --batch-size 128 --mask-width 32 \
     --reps 5 --steps 2 --simultaneous --out "$out/step_speed_gpu.json" 2>&1 | grep -v -i "warn" | tee "$out/step_speed_gpu.log"

@@ -12,7 +12,9 @@
 #      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
-# runs), cat, augment (the compiled-augmentation runs), compile, 96, profile, step. SEQUENTIAL=1 adds the
+# runs), cat, augment (the compiled-augmentation runs), compile, 96, profile, step; and, on request,
+# tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log) and
+# compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
 # COMPILE=1 adds the part "compile" first: baseline and ADIOS, batched views, with the encoder, the mask
 # generator and the augmentation under torch.compile at 32 px (compilation takes a minute or two of each run);
@@ -130,7 +132,12 @@ for name in $parts; do
                 --precision bf16-mixed --channels-last --masked-views "$views" --out "$out/step_speed_gpu_n4_$views.json" 2>&1 \
                 | grep --line-buffered "^|" | tee -a "$out/run.log"
         done ;;
-    *) echo "unknown part $name (main cat augment compile 96 profile step)" >&2; exit 2 ;;
+    tests) part tests || continue
+        TEST_GROUPS=eager ONLY_TESTS=1 TESTS_S="$(limit 150)" bash benchmarks/gpu_check.sh "$out" | tee -a "$out/run.log" ;;
+    compile-bn) part compile-bn || continue
+        PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
+            --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
+    *) echo "unknown part $name (main cat augment compile 96 profile step tests compile-bn)" >&2; exit 2 ;;
     esac
 done
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"
