@@ -148,7 +148,7 @@ def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
     )
 
 
-def _groupable(layer: _BatchNorm, x: Tensor) -> bool:
+def _groupable(layer: _BatchNorm) -> bool:
     """Whether :func:`grouped_batch_norm` serves the layer: under ``torch.compile`` (eagerly, the
     autograd functions here run PyTorch's own kernels), plain batch norm or ``SyncBatchNorm`` that
     does not synchronise, in training mode with a momentum."""
@@ -182,7 +182,7 @@ class _PerViewForward:
         assert layer is not None, "called after its layer was freed"
         forward = type(layer).forward
         group = _sync_group(layer)
-        if group is None and self.views > 1 and PER_VIEW_FUNCTION and _groupable(layer, x):
+        if group is None and self.views > 1 and PER_VIEW_FUNCTION and _groupable(layer):
             layer._check_input_dim(x)
             return grouped_batch_norm(layer, x, self.views)
         plain = group is None and not (PER_VIEW_FUNCTION and self.views >= MIN_VIEWS_FOR_FUNCTION)
