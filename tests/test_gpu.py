@@ -154,7 +154,7 @@ def test_offline_evaluation_on_the_gpu_matches_the_cpu() -> None:
     y = torch.randint(0, 5, (600,), generator=generator)
     x = centres[y] + torch.randn(600, 32, generator=generator)
     split = (x[:500], y[:500], x[500:], y[500:])
-    on_gpu = tuple(t.cuda() for t in split)
+    on_gpu = (split[0].cuda(), split[1].cuda(), split[2].cuda(), split[3].cuda())
     assert abs(linear_probe(*on_gpu, 5, epochs=10) - linear_probe(*split, 5, epochs=10)) <= 0.01
     assert knn_accuracy(*on_gpu, 5, k=20) == knn_accuracy(*split, 5, k=20)
 
