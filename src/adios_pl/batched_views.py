@@ -136,26 +136,26 @@ PER_VIEW_FUNCTION = True
 MIN_VIEWS_FOR_FUNCTION = 4
 
 
-def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
-    """Whether the autograd functions here compute what the layer's own forward would, part by
-    part: plain batch norm or ``SyncBatchNorm`` (their classes' forward) in training mode with a
-    fixed momentum, on the CPU or CUDA, eagerly (under ``torch.compile`` the compiler fuses the
-    parts and their ``cat`` itself)."""
+def _per_view_form(layer: _BatchNorm) -> bool:
+    """Whether the per-view forms here compute what the layer's own forward would, part by part:
+    plain batch norm or ``SyncBatchNorm`` (their classes' forward) in training mode with a fixed
+    momentum, with both affine parameters or neither."""
     return (
         type(layer).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and layer.training
-        and layer.momentum is not None and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
-        and (layer.weight is None) == (layer.bias is None)
+        and layer.momentum is not None and (layer.weight is None) == (layer.bias is None)
     )
+
+
+def _fast_path(layer: _BatchNorm, x: Tensor) -> bool:
+    """Whether the autograd functions here serve the layer: a per-view form, eagerly, on the CPU
+    or CUDA (they run PyTorch's own kernels)."""
+    return _per_view_form(layer) and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
 
 
 def _groupable(layer: _BatchNorm) -> bool:
-    """Whether :func:`grouped_batch_norm` serves the layer: under ``torch.compile`` (eagerly, the
-    autograd functions here run PyTorch's own kernels), plain batch norm or ``SyncBatchNorm`` that
-    does not synchronise, in training mode with a momentum."""
-    return (
-        torch.compiler.is_compiling() and type(layer).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-        and layer.training and layer.momentum is not None and (layer.weight is None) == (layer.bias is None)
-    )
+    """Whether :func:`grouped_batch_norm` serves the layer: a per-view form under ``torch.compile``
+    (plain batch norm, or ``SyncBatchNorm`` where it does not synchronise)."""
+    return torch.compiler.is_compiling() and _per_view_form(layer)
 
 
 def _sync_group(layer: _BatchNorm) -> Any:
