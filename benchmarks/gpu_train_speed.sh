@@ -46,10 +46,11 @@ parts=${PARTS-main cat augment 96 profile step}
 [ -n "${ONLY_COMPILE:-}" ] && parts=""
 [ -n "${COMPILE:-}" ] && [[ " $parts " != *" compile "* ]] && parts="compile $parts"
 left() { echo $(( ${BUDGET_S:-100000} - ($(date +%s) - t0) )); }
-part() {  # part NAME: whether NAME is asked for and there is time for it; logs its start
+part() {  # part NAME [WHAT]: whether NAME is asked for and there is time for it; logs "NAME WHAT" starting
     [[ " $parts " == *" $1 "* ]] || return 1
-    if [ "$(left)" -lt 30 ]; then echo "[$(( $(date +%s) - t0 )) s] $1 skipped: budget spent" | tee -a "$out/run.log"; return 1; fi
-    echo "[$(( $(date +%s) - t0 )) s] $1" | tee -a "$out/run.log"
+    local name="$1${2:+ $2}"
+    if [ "$(left)" -lt 30 ]; then echo "[$(( $(date +%s) - t0 )) s] $name skipped: budget spent" | tee -a "$out/run.log"; return 1; fi
+    echo "[$(( $(date +%s) - t0 )) s] $name" | tee -a "$out/run.log"
 }
 limit() { local l; l=$(( $(left) - 10 )); l=$(( $1 < l ? $1 : l )); echo $(( l < 1 ? 1 : l )); }  # limit SECONDS: cut to the budget left
 data=/tmp/speed_data
@@ -108,12 +109,12 @@ for name in $parts; do
         speed new "$new" 150 "${c32[@]}" --augment-on device --compile-augmentation --variants baseline_batched adios_batched ;;
     compile)
         for mode in ${COMPILE:-1}; do
-            part compile || continue
+            part compile "(mode $mode)" || continue
             [ "$mode" = 1 ] && mode=""
             speed new "$new" 300 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
                 --variants baseline_batched adios_batched
         done
-        if part compile; then  # kernels per batch of the augmentation, eager and compiled
+        if part compile "(kernels of the augmentation)"; then  # kernels per batch of the augmentation, eager and compiled
             PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
                 | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
         fi ;;
