@@ -97,4 +97,3 @@ def _momentum_update(encoder: nn.Module, objective: Objective, step: int, total_
             for online, target in pairs:
                 for p, q in zip(online.parameters(), target.parameters()):
                     q.copy_(tau * q + (1 - tau) * p)
-

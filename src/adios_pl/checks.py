@@ -94,6 +94,7 @@ def check_arguments(**kw: Any) -> None:
     size = kw["image_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {size!r}")
+
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -9,26 +9,23 @@ import math
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 
-from pytorch_lightning.utilities import rank_zero_warn
-
-
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.checks import check_arguments, check_mask_generator, replays_as_cuda_graphs, unpack_training_batch
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
+from adios_pl.masking import masked_view, reverse_gradient, sample_slots
 from adios_pl.masks import MaskGenerator, RandomMasks
+from adios_pl.nonfinite import FirstFailure, StateSnapshot, all_finite, gradient_norm
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
 from adios_pl.optim import build_optimizer, schedule_factor
-from adios_pl.resume import apply_configured_rates, check_identity
-from adios_pl.nonfinite import FirstFailure, StateSnapshot, all_finite, gradient_norm
-from adios_pl.step_counting import count_batches_only
-from adios_pl.masking import masked_view, reverse_gradient, sample_slots
 from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
-
+from adios_pl.resume import apply_configured_rates, check_identity
+from adios_pl.step_counting import count_batches_only
 
 
 def _leaf_copies(outputs: ViewOutput) -> ViewOutput:

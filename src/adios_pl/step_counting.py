@@ -34,4 +34,3 @@ def count_batches_only(optimizers: list[Any]) -> None:
             raise _unsupported("LightningOptimizer._on_before_step/_on_after_step")
         opt._on_before_step = _no_op
         opt._on_after_step = _no_op
-
