@@ -23,6 +23,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch._dynamo.utils import counters
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     )
     if args.accelerator == "gpu":
         torch.cuda.reset_peak_memory_stats()
+    counters.clear()  # the compiler's counts of this run only
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     later = timer.epochs[1:] or timer.epochs
@@ -112,6 +114,18 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if args.accelerator == "gpu" else None,
+        **(compiler_counts() if args.compile or args.compile_augmentation else {}),
+    }
+
+
+def compiler_counts() -> dict[str, int]:
+    """What the compiler did in the run: graphs compiled, graph breaks, and compiled graphs that
+    were not replayed as CUDA graphs in a CUDA-graph mode (each logs why; 0 when every compiled
+    graph replays). Without them a compiled run's speed cannot be read."""
+    return {
+        "compiled_graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
     }
 
 
