@@ -5,8 +5,9 @@
 # The tests run in two groups (TEST_GROUPS, default "eager compiled"), each under its own time limit
 # (TESTS_S, COMPILED_TESTS_S seconds); ONLY_TESTS=1 skips the step benchmark:
 # first those that run eagerly (about a minute and a half on an H200), then those that compile
-# (torch.compile of ResNet18 and the U-Net, cold: minutes; on the CPU the batched CUDA-graph test's
-# compiled half took 354 s, the sequential one's 110 s). A test still running after FAULTHANDLER_S
+# (from a cold cache: ResNet18 once, in the channels-last test; small_cnn and the U-Net in the CUDA-graph
+# tests, in two modes each; the augmentation). With ResNet18 at 96 px the batched CUDA-graph test's compiled
+# half took 354 s on the CPU, which is why those tests use small_cnn at 32 px now. A test still running after FAULTHANDLER_S
 # seconds prints every thread's stack, so a run cut short shows where it was. Each group is
 # stopped by SIGKILL 5 s after SIGTERM: Lightning catches SIGTERM and stops only at its next batch.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
