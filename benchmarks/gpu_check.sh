@@ -32,7 +32,8 @@ tests() {  # tests SECONDS LOG -k EXPRESSION
 }
 groups=" ${TEST_GROUPS:-eager compiled} "
 [[ $groups == *" eager "* ]] && tests "${TESTS_S:-180}" gpu_tests.log -k "not ($compiled)"
-[[ $groups == *" compiled "* ]] && tests "${COMPILED_TESTS_S:-420}" gpu_tests_compiled.log -k "$compiled"
+# TORCH_LOGS=cudagraphs: a graph that does not replay as a CUDA graph says why (in a failing test's output)
+[[ $groups == *" compiled "* ]] && TORCH_LOGS=cudagraphs tests "${COMPILED_TESTS_S:-420}" gpu_tests_compiled.log -k "$compiled"
 [ -n "${ONLY_TESTS:-}" ] && exit 0
 timeout -k 5 120 python3 benchmarks/step_speed.py --device cuda --encoder resnet18 --image-size 96 --batch-size 128 --mask-width 32 \
     --reps 5 --steps 2 --simultaneous --out "$out/step_speed_gpu.json" 2>&1 | grep -v -i "warn" | tee "$out/step_speed_gpu.log"

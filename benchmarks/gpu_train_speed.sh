@@ -83,8 +83,10 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     local label=$1 src=$2 seconds
     seconds=$(limit "$3")
     shift 3
-    PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" --num-workers 14 \
-        --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log"
+    # TORCH_LOGS=cudagraphs: a compiled graph that does not replay as a CUDA graph says why
+    TORCH_LOGS=cudagraphs PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" \
+        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs' \
+        | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
     PYTHONPATH="$2${site:+:$site}" timeout -k 5 "$(limit 45)" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \

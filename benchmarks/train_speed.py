@@ -120,8 +120,9 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
 
 def compiler_counts() -> dict[str, int]:
     """What the compiler did in the run: graphs compiled, graph breaks, and compiled graphs that
-    were not replayed as CUDA graphs in a CUDA-graph mode (each logs why; 0 when every compiled
-    graph replays). Without them a compiled run's speed cannot be read."""
+    were not replayed as CUDA graphs in a CUDA-graph mode (0 when every compiled graph replays;
+    ``TORCH_LOGS=cudagraphs`` prints why one does not). Without them a compiled run's speed
+    cannot be read."""
     return {
         "compiled_graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
