@@ -21,7 +21,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch._inductor import output_code
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from adios_pl import ADIOSModule
 
@@ -56,11 +56,10 @@ def main() -> None:
     args = parser.parse_args()
     records = record_compiled_graphs()
     pl.seed_everything(0)
-    n = args.batch_size * args.steps
-    views = torch.rand(2, n, 3, args.image_size, args.image_size)
-    loader = DataLoader(TensorDataset(views[0], views[1], torch.zeros(n, dtype=torch.long)), batch_size=args.batch_size,
-                        collate_fn=lambda items: ([torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])],
-                                                  torch.stack([i[2] for i in items])))
+    views = torch.rand(args.batch_size * args.steps, 2, 3, args.image_size, args.image_size)
+    # ((view_1, view_2), target) per image, which the default collation turns into training batches
+    samples = [((v[0], v[1]), -1) for v in views]  # a list serves as a map-style dataset
+    loader: DataLoader[Any] = DataLoader(samples, batch_size=args.batch_size)  # type: ignore[arg-type]
     model = ADIOSModule(encoder=args.encoder, image_size=args.image_size, num_masks=4, mask_width=16, warmup_epochs=0,
                         masked_views=args.masked_views, compile_encoder="reduce-overhead", compile_mask_generator="reduce-overhead")
     pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,

@@ -168,15 +168,15 @@ def test_grouped_batch_norm_equals_one_forward_per_view(norm: Any) -> None:
         nn.init.normal_(grouped.weight)
         nn.init.normal_(grouped.bias)
     separate = copy.deepcopy(grouped)
-    for round in range(2):
-        views = [v.requires_grad_() for v in _views(seed=round)]
+    for step in range(2):
+        views = [v.requires_grad_() for v in _views(seed=step)]
         images = torch.cat(views).detach().requires_grad_()
         out = grouped_batch_norm(grouped, images, VIEWS)
         expected = torch.cat([separate(v) for v in views])
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
         for k, v in _buffers(separate).items():
             torch.testing.assert_close(_buffers(grouped)[k], v, rtol=1e-12, atol=1e-12, msg=k)
-        weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(round))
+        weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
         (out * weights).sum().backward()
         (expected * weights).sum().backward()
         torch.testing.assert_close(images.grad, torch.cat([v.grad for v in views]), rtol=1e-10, atol=1e-12)
