@@ -120,7 +120,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, 
     trainer.validate(model, data, verbose=False)
     online = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     after = measure(model, data, probe_epochs=5 if tiny else 30)
-    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt", weights_only=False)  # a full checkpoint, to resume from
     picture = out_dir / "masks.png"
     if visualizer.last_path is not None:
         shutil.copyfile(visualizer.last_path, picture)
