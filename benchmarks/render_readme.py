@@ -1,8 +1,9 @@
-"""Insert the benchmark tables from benchmarks/results/*.json into README.md (between markers).
+"""Insert the benchmark tables from benchmarks/results/*.json into README.md and
+benchmarks/README.md, between ``<!-- name:start -->`` and ``<!-- name:end -->`` markers.
 
     python benchmarks/render_readme.py
 
-Tables in the README are produced here from the result files, never typed by hand.
+Tables in the READMEs are produced here from the result files, never typed by hand.
 """
 
 from __future__ import annotations
@@ -106,12 +107,18 @@ def quality_table() -> str:
     return path.read_text().strip() if path.exists() else "_no quality benchmark results yet_"
 
 
+#: The files whose markers are filled in; a table goes wherever its markers are.
+READMES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
+
+
 def main() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for name, render in (("step", step_tables), ("data", data_table), ("train", train_table), ("ops", ops_table), ("views", views_table), ("quality", quality_table)):
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-        readme = pattern.sub(lambda m: m.group(1) + render() + "\n" + m.group(2), readme)
-    (ROOT / "README.md").write_text(readme)
+    tables = {"step": step_tables, "data": data_table, "train": train_table, "ops": ops_table, "views": views_table, "quality": quality_table}
+    for path in READMES:
+        readme = path.read_text()
+        for name, render in tables.items():
+            pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+            readme = pattern.sub(lambda m: m.group(1) + render() + "\n" + m.group(2), readme)
+        path.write_text(readme)
 
 
 if __name__ == "__main__":
