@@ -9,16 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from typing import Any
 
 import torch
 
-from adios_pl.data import ImageFolderDataModule, ShapesDataModule
+from adios_pl.data import ImageFolderDataModule, ShapesDataModule, SSLDataModule
 
 
-def loader_speed(datamodule: object, batches: int) -> dict[str, float]:
+def loader_speed(datamodule: SSLDataModule, batches: int) -> dict[str, Any]:
     """Images/s over ``batches`` training batches, after the first (worker start-up) one."""
-    datamodule.setup("fit")  # type: ignore[attr-defined]
-    loader = datamodule.train_dataloader()  # type: ignore[attr-defined]
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
     it = iter(loader)
     (x1, x2), y = next(it)
     start, images = time.perf_counter(), 0
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.data == "shapes":
-        dm: object = ShapesDataModule(train_size=args.batch_size * (args.batches + 2), batch_size=args.batch_size, num_workers=args.workers, pin_memory=False)
+        dm: SSLDataModule = ShapesDataModule(train_size=args.batch_size * (args.batches + 2), batch_size=args.batch_size, num_workers=args.workers, pin_memory=False)
     else:
         dm = ImageFolderDataModule(args.data_dir, val_fraction=0.0, image_size=32, batch_size=args.batch_size, num_workers=args.workers, pin_memory=False, blur_prob=0.0)
     result = {"command": "python benchmarks/data_speed.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),

@@ -21,7 +21,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 import traceback
 from typing import Any
 
@@ -153,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

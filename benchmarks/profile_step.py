@@ -123,7 +123,7 @@ def phase_table(events: Any, wall_us: float, busy_us: float, steps: int) -> list
         (e.time_range.start, e.time_range.end, e.name[len("phase: "):])
         for e in events if e.name.startswith("phase: ") and e.device_type == DeviceType.CPU  # not their GPU-side copies
     )
-    host: collections.Counter[str] = collections.Counter()
+    host: dict[str, float] = collections.defaultdict(float)
     open_ranges: list[list[Any]] = []  # [end, name, length, time in inner ranges]; the ranges nest (one thread)
 
     def close() -> None:

@@ -42,7 +42,7 @@ from adios_pl.demo import TrainSpeed, demo_model, measure
 from adios_pl.objectives import BYOL, Objective, SimCLR
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": dict(num_masks=0),
     "adios": dict(num_masks=4, mask_mode="all"),
     "adios_s": dict(num_masks=4, mask_mode="one"),
@@ -166,6 +166,7 @@ def result_name(args: argparse.Namespace) -> str:
 def save_mask_picture(model: ADIOSModule, data: Any, path: Path, rows: int = 4) -> None:
     """The masks of the first evaluation images (see MaskVisualizer for the layout)."""
     images = next(iter(data.val_dataloader()[0]))[0][:rows]
+    assert model.mask_generator is not None, "only variants with masks have a mask picture"
     model.eval()
     masks = model.mask_generator(images.to(model.device)).float().cpu()
     grid = mask_grid(images, masks, data.mean, data.std, scale=2)
@@ -263,7 +264,7 @@ def main() -> None:
             kept = [r for r in old["runs"] if (r["variant"], r["seed"]) not in new]
             command = old["command"] + "; then " + command
         title = ", ".join([data_name(args), args.encoder, args.objective] + ([args.tag] if args.tag else []))
-        result = {"data": data_name(args), "title": title, "command": command, "git_revision": revision, "machine": machine, "runs": kept}
+        result: dict[str, Any] = {"data": data_name(args), "title": title, "command": command, "git_revision": revision, "machine": machine, "runs": kept}
         for seed in args.seeds:
             for variant in args.variants:
                 result["runs"].append(run(args, variant, seed))

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -53,8 +53,8 @@ def build(args: argparse.Namespace, objective: str, num_masks: int, mode: str, u
     obj = SimCLR() if objective == "simclr" else BYOL()
     kwargs = {"width": 16} if args.encoder == "small_cnn" else {}
     return ADIOSModule(
-        encoder=args.encoder, encoder_kwargs=kwargs, objective=obj, num_masks=num_masks, mask_mode=mode, image_size=args.image_size,
-        mask_width=args.mask_width, lr=1e-3, mask_lr=1e-3, warmup_epochs=0, update=update, channels_last=args.channels_last,
+        encoder=args.encoder, encoder_kwargs=kwargs, objective=obj, num_masks=num_masks, mask_mode=cast(Any, mode), image_size=args.image_size,
+        mask_width=args.mask_width, lr=1e-3, mask_lr=1e-3, warmup_epochs=0, update=cast(Any, update), channels_last=args.channels_last,
         **({"masked_views": args.masked_views} if args.masked_views != "sequential" else {}),  # older versions lack it
     )
 

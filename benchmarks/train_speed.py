@@ -29,7 +29,7 @@ from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": dict(num_masks=0),
     "adios": dict(mask_mode="all"),
     "adios_s": dict(mask_mode="one"),
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
 
         batched_views.PER_VIEW_FUNCTION = False
     if augment_on not in data:  # one DataModule per place, so the device path's decoded cache is reused
-        place = {"augment_on": augment_on} if augment_on != "host" else {}  # older versions lack the argument
+        place: dict[str, Any] = {"augment_on": augment_on} if augment_on != "host" else {}  # older versions lack the argument
         if args.compile_augmentation:
             place["compile_augmentation"] = args.compile_augmentation
         data[augment_on] = ImageFolderDataModule(
