@@ -8,7 +8,9 @@ with the Python line that caused each. The phases of a step (the device augmenta
 generator's forward, each player's forward and backward, the optimiser steps, the end of the
 batch, each callback) are marked with ``record_function``; each kernel is counted in the phase
 during which the host launched it (the autograd engine's launches included), so the phase table
-gives host time and GPU time side by side. Writes a Markdown summary to ``--out``.
+gives host time and GPU time side by side. A table of copies by the operation that asked for
+each shows layout changes (channels-last to contiguous and back) and casts. Writes a Markdown
+summary to ``--out``.
 
     python benchmarks/profile_step.py --data-dir /data/cifar10/train --augment-on device --out profile.md
 """
@@ -170,6 +172,28 @@ def device_events(events: Any) -> list[Any]:
     ]
 
 
+#: Operations that only pass a copy on: the row of a copy is the first ancestor not among them.
+COPY_WRAPPERS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::to", "aten::_to_copy", "aten::empty_like"}
+
+
+def copies_by_caller(events: Any) -> dict[str, tuple[int, float]]:
+    """Every ``aten::copy_`` (a layout change, a cast, a join's staging) by the operation that
+    asked for it, the first ancestor that is not a copy's wrapper (``contiguous``, ``clone``,
+    ``to``): how many and their kernels' time in microseconds. Shows, for instance, whether
+    ``native_group_norm`` turns channels-last input into contiguous memory on the GPU and back."""
+    table: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.name != "aten::copy_" or e.device_type != DeviceType.CPU or (CUDA and not e.kernels):
+            continue  # (on a GPU, copies without a kernel: of host scalars)
+        caller = e.cpu_parent
+        while caller is not None and caller.name in COPY_WRAPPERS:
+            caller = caller.cpu_parent
+        row = table[caller.name if caller is not None else "(top level)"]
+        row[0] += 1
+        row[1] += sum(k.duration for k in e.kernels)
+    return {name: (int(n), us) for name, (n, us) in table.items()}
+
+
 def covered(intervals: list[tuple[float, float]]) -> float:
     """The length of the union of ``intervals`` (kernels of several streams may overlap)."""
     total, reach = 0.0, float("-inf")
@@ -210,6 +234,10 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
         lines.append(f"  - {count / steps:.1f} per step at {where}")
     lines.append(f"- kernel launches (and asynchronous copies/memsets) per step: {launches / steps:.0f}")
     lines += phase_table(events, wall, sum(by_kernel.values()), steps)
+    copies = copies_by_caller(events)
+    lines += ["", "| copies (`aten::copy_`) asked for by | per step | GPU ms per step |", "|---|---|---|"]
+    for name, (n, us) in sorted(copies.items(), key=lambda item: (-item[1][1], -item[1][0]))[:12]:
+        lines.append(f"| `{name[:90]}` | {n / steps:.1f} | {us / 1e3 / steps:.2f} |")
     for title, table in (("kernel", by_kernel), ("operation (the kernels it launched)", by_op)):
         total = sum(table.values())
         lines += ["", f"| {title} | GPU ms per step | share |", "|---|---|---|"]
