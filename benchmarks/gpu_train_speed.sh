@@ -16,8 +16,9 @@
 # tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log) and
 # compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
-# COMPILE=1 adds the part "compile" first: baseline and ADIOS, batched views, with the encoder, the mask
-# generator and the augmentation under torch.compile at 32 px (compilation takes a minute or two of each run);
+# COMPILE=1 adds the part "compile" first: ADIOS and the baseline, batched views, with the encoder, the mask
+# generator and the augmentation under torch.compile at 32 px, without validation (compilation takes a minute
+# or more of each run);
 # COMPILE=reduce-overhead (or another torch.compile mode) compiles in that mode: reduce-overhead replays them as
 # CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other, then the kernel count of
 # the compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs nothing
@@ -113,8 +114,10 @@ for name in $parts; do
         for mode in ${COMPILE:-1}; do
             part compile "(mode $mode)" || continue
             [ "$mode" = 1 ] && mode=""
-            speed new "$new" 300 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
-                --variants baseline_batched adios_batched
+            # ADIOS first (the launch-bound step), and no validation: its eval-mode graphs would be compiled too,
+            # minutes that the training figures do not need
+            speed new "$new" 330 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
+                --val-batches 0 --variants adios_batched baseline_batched
         done
         if part compile "(kernels of the augmentation)"; then  # kernels per batch of the augmentation, eager and compiled
             PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
