@@ -180,3 +180,71 @@ def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
     assert not torch.allclose(views[0]["v1"], views[1]["v1"]), "both ranks trained on the same views"
     for key, value in states[0]["model"].items():
         assert torch.equal(value, states[1]["model"][key]), f"replicas differ in {key}"
+
+
+def _sync_worker(rank: int, port: int) -> None:
+    """One rank of :func:`test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives`."""
+    import os
+
+    import torch.distributed as dist
+
+    from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # each rank's gradients and buffers differ
+        params = [
+            torch.nn.Parameter(torch.randn(8, 5)),  # contiguous
+            torch.nn.Parameter(torch.randn(6, 4, 3, 3).to(memory_format=torch.channels_last)),  # a conv weight
+            torch.nn.Parameter(torch.randn(2, 3, 2, 2, 2).to(memory_format=torch.channels_last_3d)),
+            torch.nn.Parameter(torch.randn(5, 7)),  # its gradient is transposed: not one block in memory order
+            torch.nn.Parameter(torch.randn(4, dtype=torch.float64)),  # another dtype
+            torch.nn.Parameter(torch.randn(3)),  # no gradient on rank 1
+        ]
+        grads = [torch.randn_like(params[0]), torch.randn_like(params[1]), torch.randn_like(params[2]),
+                 torch.randn(7, 5).t(), torch.randn_like(params[4]), torch.randn(3)]
+        if rank == 1:  # a gradient laid out unlike its channels-last parameter, on one rank only
+            grads[1] = torch.randn(6, 4, 3, 3)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if rank == 1:
+            params[5].grad = None
+        # the slow version: one collective per gradient, each in the logical order (a collective
+        # reduces memory as it lies, and one gradient's layout differs between the ranks)
+        expected = [torch.zeros(3) if (rank == 1 and i == 5) else g.contiguous() for i, g in enumerate(grads)]
+        for e in expected:
+            dist.all_reduce(e)
+            e.div_(2)
+        strides = [p.grad.stride() if p.grad is not None else None for p in params]
+        all_reduce_gradients(params)
+        for i, (p, e) in enumerate(zip(params, expected)):
+            assert p.grad is not None and torch.equal(p.grad, e), f"rank {rank}: gradient {i} differs from the per-tensor average"
+            assert strides[i] is None or p.grad.stride() == strides[i], f"rank {rank}: gradient {i} changed its layout"
+
+        buffers = [torch.randn(6), torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last),
+                   torch.randn(4, dtype=torch.float16), torch.randn(6, 4).t(), torch.tensor(rank + 5)]
+        expected = [b.contiguous() for b in buffers[:4]]
+        for e in expected:
+            dist.broadcast(e, src=0)
+        broadcast_buffers(buffers)
+        for i, (b, e) in enumerate(zip(buffers, expected)):
+            assert torch.equal(b, e), f"rank {rank}: buffer {i} differs from rank 0's"
+        assert buffers[4].item() == rank + 5, "an integer buffer (a counter) was broadcast"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives() -> None:
+    """The one-buffer gradient average and buffer broadcast give, bit for bit, what one collective
+    per tensor gives: contiguous, channels-last (2-D and 3-D) and transposed tensors, two dtypes, a
+    gradient missing on one rank (averaged as zeros), a gradient whose layout differs between the
+    ranks; the gradients keep their layouts."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_worker, args=(port,), nprocs=2)

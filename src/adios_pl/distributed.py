@@ -8,7 +8,7 @@ flat collective.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,29 +34,26 @@ def disable_ddp_grad_sync(model: nn.Module | None) -> bool:
 
 
 def all_reduce_gradients(params: Sequence[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over all ranks in one flat all-reduce.
+    """Average the gradients of ``params`` over all ranks in one flat all-reduce per dtype.
 
     Parameters without a gradient take part with zeros, so every rank sends the same layout.
     A no-op outside a multi-rank process group.
     """
     if not is_distributed() or not params:
         return
+    pairs = []  # (gradient, its parameter)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        pairs.append((p.grad, p))
     world = dist.get_world_size()
-    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)  # type: ignore[union-attr]
-    for group in by_dtype.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in group])  # type: ignore[union-attr]
+
+    def average(flat: Tensor) -> None:
         dist.all_reduce(flat)
         flat.div_(world)
-        offset = 0
-        for p in group:
-            n = p.numel()
-            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
-            offset += n
+
+    for group in _by_dtype(pairs):
+        _through_flat(group, average)
 
 
 def broadcast_buffers(buffers: Iterable[Tensor], src: int = 0) -> None:
@@ -67,16 +64,54 @@ def broadcast_buffers(buffers: Iterable[Tensor], src: int = 0) -> None:
     """
     if not is_distributed():
         return
-    tensors = [b for b in buffers if b.is_floating_point()]
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.broadcast(flat, src=src)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+
+    def from_src(flat: Tensor) -> None:
+        dist.broadcast(flat, src=src)
+
+    for group in _by_dtype((b, b) for b in buffers if b.is_floating_point()):
+        _through_flat(group, from_src)
+
+
+def _by_dtype(pairs: Iterable[tuple[Tensor, Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """``(tensor, like)`` pairs grouped by the tensor's dtype."""
+    groups: dict[torch.dtype, list[tuple[Tensor, Tensor]]] = {}
+    for pair in pairs:
+        groups.setdefault(pair[0].dtype, []).append(pair)
+    return list(groups.values())
+
+
+def _memory_order(like: Tensor) -> tuple[int, ...] | None:
+    """The order of dimensions in which ``like``'s elements lie in memory when it is channels-last
+    (2-D or 3-D images); None for the logical order."""
+    if not like.is_contiguous():
+        if like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last):
+            return (0, 2, 3, 1)
+        if like.dim() == 5 and like.is_contiguous(memory_format=torch.channels_last_3d):
+            return (0, 2, 3, 4, 1)
+    return None
+
+
+def _through_flat(pairs: Sequence[tuple[Tensor, Tensor]], collective: Callable[[Tensor], None]) -> None:
+    """Apply ``collective`` (in place) to the tensors of ``(tensor, like)`` pairs, all of one
+    dtype, through one flat buffer.
+
+    Each tensor enters the buffer in the memory order of its ``like`` (for a gradient, its
+    parameter: the same on every rank, so every rank lays the buffer out alike). A tensor laid out
+    that way, as gradients and buffers are, joins through a view, so channels-last weights are
+    not copied on the way in, and all such tensors come back in one multi-tensor copy: a handful
+    of kernel launches per step instead of one or two per tensor. Others are copied both ways.
+    """
+    ordered = [t if (order := _memory_order(like)) is None else t.permute(order) for t, like in pairs]
+    views = [o.view(-1) if o.is_contiguous() else None for o in ordered]  # writable 1-D views
+    flat = torch.cat([o.reshape(-1) if v is None else v for o, v in zip(ordered, views)])
+    collective(flat)
+    pieces = flat.split([o.numel() for o in ordered])
+    direct = [(v, piece) for v, piece in zip(views, pieces) if v is not None]
+    if direct:
+        torch._foreach_copy_([v for v, _ in direct], [piece for _, piece in direct])
+    for o, v, piece in zip(ordered, views, pieces):
+        if v is None:  # joined through a copy: back through the (permuted) tensor itself
+            o.copy_(piece.view(o.shape))
 
 
 def gather_in_order(tensor: Tensor, dataset_length: int | None) -> Tensor:
