@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny two-view batches and quiet CPU trainers."""
+"""Shared fixtures: tiny two-view batches, quiet CPU trainers, a free port for process groups."""
 
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -49,6 +50,13 @@ def quiet_trainer(**kw: Any) -> pl.Trainer:
     )
     args.update(kw)
     return pl.Trainer(**args)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago: the address of a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture

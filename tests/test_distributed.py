@@ -1,20 +1,25 @@
-"""Two CPU processes (gloo, ddp_spawn) give what one process gives on the concatenated batch."""
+"""Two CPU processes (gloo, ddp_spawn) give what one process gives on the concatenated batch; the
+step's own gradient average and buffer broadcast equal one collective per tensor."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
 from adios_pl.objectives import BYOL, SimCLR
-from conftest import TwoViewTensors, quiet_trainer
+from conftest import TwoViewTensors, free_port, quiet_trainer
 
 PER_RANK = 4
 STEPS = 2
@@ -184,12 +189,6 @@ def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
 
 def _sync_worker(rank: int, port: int) -> None:
     """One rank of :func:`test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives`."""
-    import os
-
-    import torch.distributed as dist
-
-    from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -240,11 +239,4 @@ def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives
     per tensor gives: contiguous, channels-last (2-D and 3-D) and transposed tensors, two dtypes, a
     gradient missing on one rank (averaged as zeros), a gradient whose layout differs between the
     ranks; the gradients keep their layouts."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sync_worker, args=(port,), nprocs=2)
+    mp.spawn(_sync_worker, args=(free_port(),), nprocs=2)

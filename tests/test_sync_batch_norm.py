@@ -5,7 +5,6 @@ statistics; with one collective per direction for all views."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adios_pl.batched_views import batch_norm_per_view, synchronised_batch_norm
+from conftest import free_port
 
 WORLD, VIEWS, PER_RANK, CHANNELS = 2, 3, 4, 5
 
@@ -79,17 +79,11 @@ def _rank(rank: int, port: int, shape: tuple[int, ...], views: int, channels_las
     }, os.path.join(out, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("shape, views, channels_last", [
     ((CHANNELS, 3, 3), VIEWS, False), ((CHANNELS, 3, 3), VIEWS, True), ((CHANNELS,), VIEWS, False), ((CHANNELS, 3, 3), 1, False),
 ], ids=["nchw", "channels_last", "1d", "one_view"])
 def test_two_processes_equal_plain_batch_norm_of_the_whole_batch(tmp_path: Path, shape: tuple[int, ...], views: int, channels_last: bool) -> None:
-    mp.spawn(_rank, args=(_free_port(), shape, views, channels_last, str(tmp_path)), nprocs=WORLD)
+    mp.spawn(_rank, args=(free_port(), shape, views, channels_last, str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref = _reference(shape, views)
     for r, got in enumerate(ranks):
