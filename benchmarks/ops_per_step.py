@@ -66,25 +66,27 @@ class CountOps(TorchDispatchMode):
 
 
 class OneStep(pl.Callback):
-    """Counts from the end of batch ``warmup - 1`` to the end of batch ``warmup``: the next batch's
-    transfer and augmentation, its training step and the callbacks' work on it."""
+    """Holds ``mode`` active from the end of batch ``warmup - 1`` to the end of batch ``warmup``:
+    over the next batch's transfer and augmentation, its training step and the callbacks' work
+    on it."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.mode: CountOps | None = None
-        self.result: CountOps | None = None
+    def __init__(self, warmup: int, mode: Any) -> None:
+        self.warmup, self.mode = warmup, mode
+        self.active = self.done = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.warmup and self.mode is None and self.result is None:
-            self.mode = CountOps()
+        if trainer.global_step == self.warmup and not (self.active or self.done):
             self.mode.__enter__()
-        elif self.mode is not None:
+            self.active = True
+        elif self.active:
             self.mode.__exit__(None, None, None)
-            self.result, self.mode = self.mode, None
+            self.active, self.done = False, True
             trainer.should_stop = True
 
 
-def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
+    """Train ResNet18 (``args``: data, image size, masks, batch, optimiser, precision) in the
+    real loop, with the two callbacks, and hold ``mode`` (a dispatch mode) over one batch."""
     pl.seed_everything(0)
     datamodule = ImageFolderDataModule(train_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
                                        num_workers=0, augment_on="device")
@@ -105,18 +107,24 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
         model.configure_optimizers = with_foreach  # type: ignore[method-assign]
     if args.log_every > 1:  # as on an accelerator: logs and read-backs every log_every_n_steps batches
         model._readback_interval = lambda: args.log_every  # type: ignore[method-assign]
-    step = OneStep(args.warmup)
+    step = OneStep(args.warmup, mode)
     trainer = pl.Trainer(
         accelerator="cpu", precision=args.precision, max_steps=args.warmup + 3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[OnlineKNN(), OnlineLinearProbe(num_classes=10), step],
     )
     trainer.fit(model, datamodule=datamodule)
-    assert step.result is not None, "the counted batch was not reached: lower --warmup or give more images"
+    assert step.done, "the measured batch was not reached: lower --warmup or give more images"
+
+
+def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """The operations of one batch of ``variant``."""
+    result = CountOps()
+    one_batch(args, variant, result)
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
-        "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(step.result.ops.values()), "kernel_ops_per_step": step.result.kernels,
-        "by_place": dict(step.result.places.most_common(args.top)), "by_op": dict(step.result.ops.most_common(args.top)),
+        "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(result.ops.values()), "kernel_ops_per_step": result.kernels,
+        "by_place": dict(result.places.most_common(args.top)), "by_op": dict(result.ops.most_common(args.top)),
         "torch": torch.__version__, "label": args.label,
     }
 
