@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 from typing import Any, Dict, Mapping
 
 import torch
@@ -43,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ops_per_step import NO_KERNEL, one_batch  # benchmarks/ops_per_step.py
+from ops_per_step import NO_KERNEL, append_entries, one_batch  # benchmarks/ops_per_step.py
 from train_speed import VARIANTS  # benchmarks/train_speed.py
 
 
@@ -186,9 +184,7 @@ def main() -> None:
               f"({result['floor_ms_at_peak']:.1f} ms at {args.peak_tflops:g} TFLOP/s), {result['gb_moved_per_step']:.1f} GB moved "
               f"({result['floor_ms_at_bandwidth']} ms); top: {result['gb_by_op']}", flush=True)
     if args.out:
-        existing = json.load(open(args.out)) if os.path.exists(args.out) else []
-        with open(args.out, "w") as f:
-            json.dump(existing + entries, f, indent=1)
+        append_entries(args.out, entries)
 
 
 if __name__ == "__main__":

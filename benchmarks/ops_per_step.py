@@ -84,6 +84,13 @@ class OneStep(pl.Callback):
             trainer.should_stop = True
 
 
+def append_entries(path: str, entries: list[dict[str, Any]]) -> None:
+    """Add ``entries`` to the JSON list in ``path`` (created if missing)."""
+    existing = json.load(open(path)) if os.path.exists(path) else []
+    with open(path, "w") as f:
+        json.dump(existing + entries, f, indent=1)
+
+
 def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
     """Train ResNet18 (``args``: data, image size, masks, batch, optimiser, precision) in the
     real loop, with the two callbacks, and hold ``mode`` (a dispatch mode) over one batch."""
@@ -154,9 +161,7 @@ def main() -> None:
         print(f"{variant:>22}: {entry['ops_per_step']:6d} operations per step, {entry['kernel_ops_per_step']:6d} of them "
               "kernels (not views or allocations)", flush=True)
     if args.out:
-        existing = json.load(open(args.out)) if os.path.exists(args.out) else []
-        with open(args.out, "w") as f:
-            json.dump(existing + entries, f, indent=1)
+        append_entries(args.out, entries)
 
 
 if __name__ == "__main__":
