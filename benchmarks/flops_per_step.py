@@ -17,7 +17,8 @@ augmentation, OnlineKNN, OnlineLinearProbe, the optimisers):
   eager step's floor, not the compiled one's.
 
 Both depend on shapes and dtypes only, so they are measured on the CPU, at the GPU runs'
-precision (``--precision bf16-mixed``: autocast's dtypes) and batch size (NT-Xent's
+precision (``--precision bf16-mixed``: the CPU's autocast, which gives convolutions, batch norm
+and the element-wise operations between them CUDA's dtypes) and batch size (NT-Xent's
 similarities grow with its square, the optimisers' traffic not at all). bf16 runs slowly on a
 CPU without bf16 instructions, so ``--fit-batches`` measures two small batches and gives the
 figures on the straight line through them: in float32, ResNet18 ADIOS at 32 px, the line
