@@ -8,11 +8,16 @@ OnlineLinearProbe, the two optimisers) trains ResNet18 on an image folder, and e
 that reaches a kernel (forward, backward, optimiser, augmentation, callbacks) between the end of
 batch ``--warmup - 1`` and the end of batch ``--warmup`` is counted, by variant and by the code
 that issued it. The CPU optimisers loop over weights where CUDA ones use multi-tensor kernels
-(``foreach``), so ``--foreach`` (default) switches them to the CUDA setting.
+(``foreach``), so ``--foreach`` (default) switches them to the CUDA setting. Each entry also
+gives the kernels issued outside the parts that ``compile_encoder``, ``compile_mask_generator``
+and ``compile_augmentation`` compile (``kernel_ops_outside_compilable_parts``): what would stay
+eager, and launch one by one, with those parts compiled.
 
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --label after --out benchmarks/results/ops_per_step.json
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --precision bf16-mixed --label "after, bf16-mixed" \
         --variants baseline_batched adios_batched adios_s_batched simultaneous_batched --out benchmarks/results/ops_per_step.json
+    python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --log-every 50 --variants baseline_batched adios_batched \
+        adios_s_batched simultaneous_batched --out benchmarks/results/ops_outside_compiled.json
 """
 
 from __future__ import annotations
@@ -26,11 +31,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torchvision.models import ResNet
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
+from adios_pl.data.device_augment import DeviceAugmentation
+from adios_pl.masks import MaskGenerator
 from train_speed import VARIANTS  # benchmarks/train_speed.py
 
 #: Where an operation is attributed: the innermost frame in one of these, else "other".
@@ -43,25 +53,74 @@ NO_KERNEL = {torch.ops.aten.empty, torch.ops.aten.empty_strided, torch.ops.aten.
              torch.ops.aten.lift_fresh, torch.ops.aten._local_scalar_dense}
 
 
+#: The parts that ``compile_encoder``, ``compile_mask_generator`` and the DataModule's
+#: ``compile_augmentation`` compile (the augmentation's one-kernel draw, which stays eager, counts with it).
+COMPILABLE = (ResNet, MaskGenerator, DeviceAugmentation)
+
+
 class CountOps(TorchDispatchMode):
-    """Counts the operations that reach a kernel, by name and by the code that issued them."""
+    """Counts the operations that reach a kernel, by name and by the code that issued them, and
+    how many of the kernels are the compilable parts' (:data:`COMPILABLE`): issued in their
+    forward, or in the backward of the autograd nodes their forward made."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
         self.places: collections.Counter[str] = collections.Counter()
         self.kernels = 0
+        self.part_kernels = 0
+        self.outside: collections.Counter[str] = collections.Counter()  # the other kernels, by place (and backward node)
+        self._depth = 0  # inside a compilable part's forward
+        self._inputs: list[set[int]] = []  # the autograd nodes of each open part's inputs
+        self._nodes: list[Any] = []  # the parts' autograd nodes, held so that their ids stay theirs
+        self._node_ids: set[int] = set()
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "CountOps":
+        self._hooks = [nn.modules.module.register_module_forward_pre_hook(self._part_starts),
+                       nn.modules.module.register_module_forward_hook(self._part_ends)]
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._nodes, self._node_ids = [], set()
+        super().__exit__(*exc)
+
+    def _part_starts(self, module: nn.Module, args: Any) -> None:
+        if isinstance(module, COMPILABLE):
+            self._depth += 1
+            self._inputs.append({id(t.grad_fn) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.grad_fn})
+
+    def _part_ends(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not isinstance(module, COMPILABLE):
+            return
+        self._depth -= 1
+        stop = self._inputs.pop()  # the graph before the part; parameters' AccumulateGrad stays eager too
+        todo = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn]
+        while todo:
+            node = todo.pop()
+            if id(node) in stop or id(node) in self._node_ids or type(node).__name__ == "AccumulateGrad":
+                continue
+            self._nodes.append(node)
+            self._node_ids.add(id(node))
+            todo += [f for f, _ in node.next_functions if f is not None]
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops[str(func.overloadpacket)] += 1
-        if not (func.is_view or func.overloadpacket in NO_KERNEL):
-            self.kernels += 1
         place = "other"
         for frame in reversed(traceback.extract_stack()[:-1]):
             if any(p in frame.filename for p in PLACES):
                 place = f"{frame.filename.split('/site-packages/')[-1].split('/src/')[-1]}:{frame.name}"
                 break
         self.places[place] += 1
+        if not (func.is_view or func.overloadpacket in NO_KERNEL):
+            self.kernels += 1
+            if self._depth > 0 or id(torch._C._current_autograd_node()) in self._node_ids:
+                self.part_kernels += 1
+            else:
+                node = torch._C._current_autograd_node()
+                self.outside[f"{place} ({type(node).__name__})" if node is not None else place] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -131,6 +190,8 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
         "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(result.ops.values()), "kernel_ops_per_step": result.kernels,
+        "kernel_ops_outside_compilable_parts": result.kernels - result.part_kernels,
+        "outside_compilable_parts_by_place": dict(result.outside.most_common(args.top)),
         "by_place": dict(result.places.most_common(args.top)), "by_op": dict(result.ops.most_common(args.top)),
         "torch": torch.__version__, "label": args.label,
     }
@@ -159,7 +220,8 @@ def main() -> None:
         entry = count(args, variant)
         entries.append(entry)
         print(f"{variant:>22}: {entry['ops_per_step']:6d} operations per step, {entry['kernel_ops_per_step']:6d} of them "
-              "kernels (not views or allocations)", flush=True)
+              f"kernels (not views or allocations), {entry['kernel_ops_outside_compilable_parts']} of those outside the "
+              "encoder, the mask generator and the augmentation", flush=True)
     if args.out:
         append_entries(args.out, entries)
 
