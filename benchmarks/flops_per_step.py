@@ -42,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ops_per_step import NO_KERNEL, append_entries, one_batch  # benchmarks/ops_per_step.py
-from train_speed import VARIANTS  # benchmarks/train_speed.py
+from ops_per_step import NO_KERNEL, one_batch  # benchmarks/ops_per_step.py
+from train_speed import VARIANTS, append_entries  # benchmarks/train_speed.py
 
 
 def extent(t: torch.Tensor) -> int:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import traceback
 from typing import Any
 
@@ -41,7 +39,7 @@ from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
 from adios_pl.data.device_augment import DeviceAugmentation
 from adios_pl.masks import MaskGenerator
-from train_speed import VARIANTS  # benchmarks/train_speed.py
+from train_speed import VARIANTS, append_entries  # benchmarks/train_speed.py
 
 #: Where an operation is attributed: the innermost frame in one of these, else "other".
 PLACES = ("adios_pl", "pytorch_lightning", "lightning_fabric", "torch/optim", "torch/autograd", "torchvision", "lightly")
@@ -116,10 +114,10 @@ class CountOps(TorchDispatchMode):
         self.places[place] += 1
         if not (func.is_view or func.overloadpacket in NO_KERNEL):
             self.kernels += 1
-            if self._depth > 0 or id(torch._C._current_autograd_node()) in self._node_ids:
+            node = torch._C._current_autograd_node()  # in a backward: the node being evaluated
+            if self._depth > 0 or id(node) in self._node_ids:
                 self.part_kernels += 1
             else:
-                node = torch._C._current_autograd_node()
                 self.outside[f"{place} ({type(node).__name__})" if node is not None else place] += 1
         return func(*args, **(kwargs or {}))
 
@@ -141,13 +139,6 @@ class OneStep(pl.Callback):
             self.mode.__exit__(None, None, None)
             self.active, self.done = False, True
             trainer.should_stop = True
-
-
-def append_entries(path: str, entries: list[dict[str, Any]]) -> None:
-    """Add ``entries`` to the JSON list in ``path`` (created if missing)."""
-    existing = json.load(open(path)) if os.path.exists(path) else []
-    with open(path, "w") as f:
-        json.dump(existing + entries, f, indent=1)
 
 
 def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:

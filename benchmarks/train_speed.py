@@ -118,6 +118,13 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     }
 
 
+def append_entries(path: str, entries: list[dict[str, Any]]) -> None:
+    """Add ``entries`` to the JSON list in ``path`` (created if missing)."""
+    existing = json.load(open(path)) if os.path.exists(path) else []
+    with open(path, "w") as f:
+        json.dump(existing + entries, f, indent=1)
+
+
 def compiler_counts() -> dict[str, int]:
     """What the compiler did in the run: graphs compiled, graph breaks, and compiled graphs that
     were not replayed as CUDA graphs in a CUDA-graph mode (0 when every compiled graph replays;
@@ -164,9 +171,7 @@ def main() -> None:
             entry = run(args, variant, augment_on, data)
             print(json.dumps(entry), flush=True)
             if args.out:  # after every run, so a run cut short by a time limit keeps what it finished
-                existing = json.load(open(args.out)) if os.path.exists(args.out) else []
-                with open(args.out, "w") as f:
-                    json.dump(existing + [entry], f, indent=1)
+                append_entries(args.out, [entry])
 
 
 if __name__ == "__main__":
