@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-from typing import Any, Dict, Mapping
+import contextlib
+from typing import Any, Dict, Iterator, Mapping
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -90,19 +91,11 @@ class CountBytes(TorchDispatchMode):
         return out
 
 
-class _Both:
+@contextlib.contextmanager
+def _both(first: Any, second: Any) -> Iterator[None]:
     """Two dispatch modes entered and left together (as one for ``one_batch``)."""
-
-    def __init__(self, *modes: Any) -> None:
-        self.modes = modes
-
-    def __enter__(self) -> None:
-        for mode in self.modes:
-            mode.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        for mode in reversed(self.modes):
-            mode.__exit__(*exc)
+    with first, second:
+        yield
 
 
 #: Memory bandwidth of the cards the GPU runs used, TB/s (NVIDIA's data sheets, SXM).
@@ -115,7 +108,7 @@ def measure(args: argparse.Namespace, variant: str, batch: int) -> Counts:
     """The floating-point operations, bytes read and bytes written, by operation, of one batch of
     ``batch`` images of ``variant``."""
     mode, traffic = FlopCounterMode(display=False), CountBytes()
-    one_batch(argparse.Namespace(**{**vars(args), "batch_size": batch}), variant, _Both(mode, traffic))
+    one_batch(argparse.Namespace(**{**vars(args), "batch_size": batch}), variant, _both(mode, traffic))
     # by operation only: the counter's attribution to modules misplaces backward work
     flops = {str(op): float(n) for op, n in mode.get_flop_counts()["Global"].items()}
     return {"flop": flops, "read": dict(traffic.read), "written": dict(traffic.written)}
