@@ -12,7 +12,7 @@
 #      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
-# runs), cat, augment (the compiled-augmentation runs), compile, 96, profile, step; and, on request,
+# runs), cat, augment (the compiled-augmentation runs), compile, kernels, 96, profile, step; and, on request,
 # tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log) and
 # compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
@@ -20,9 +20,9 @@
 # generator and the augmentation under torch.compile at 32 px, without validation (compilation takes a minute
 # or more of each run);
 # COMPILE=reduce-overhead (or another torch.compile mode) compiles in that mode: reduce-overhead replays them as
-# CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other, then the kernel count of
-# the compiled augmentation (augment_launches.py: Triton's fusion, not the CPU's). ONLY_COMPILE=1 runs nothing
-# else.
+# CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other. ONLY_COMPILE=1 runs nothing
+# else. The part "kernels" counts the kernels per batch of the augmentation, eager and compiled (augment_launches.py:
+# Triton's fusion, not the CPU's).
 # BUDGET_S: the seconds the whole script may take (a device lease); each run's time limit is cut to what is left,
 # and a part with under 30 s left is skipped. run.log records when each part starts. Runs are stopped by
 # SIGKILL 5 s after SIGTERM: Lightning catches SIGTERM and only stops at the next batch, so a run that is
@@ -86,7 +86,7 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     shift 3
     # TORCH_LOGS=cudagraphs: a compiled graph that does not replay as a CUDA graph says why
     TORCH_LOGS=cudagraphs PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" \
-        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs' \
+        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
         | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
@@ -118,11 +118,10 @@ for name in $parts; do
             # minutes that the training figures do not need
             speed new "$new" 330 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
                 --val-batches 0 --variants adios_batched baseline_batched
-        done
-        if part compile "(kernels of the augmentation)"; then  # kernels per batch of the augmentation, eager and compiled
-            PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
-                | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log"
-        fi ;;
+        done ;;
+    kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
+        PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
+            | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log" ;;
     96) [ -n "$upscale" ] && wait "$upscale"
         part 96 || continue
         [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
@@ -143,7 +142,7 @@ for name in $parts; do
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
-    *) echo "unknown part $name (main cat augment compile 96 profile step tests compile-bn)" >&2; exit 2 ;;
+    *) echo "unknown part $name (main cat augment compile kernels 96 profile step tests compile-bn)" >&2; exit 2 ;;
     esac
 done
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"
