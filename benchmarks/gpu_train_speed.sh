@@ -42,6 +42,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site
 fi
 new="$(pwd)/src"
+# Inductor's mix-order reduction (a GPU-only fusion of reductions over different dimensions) fails on the batched
+# encoder's batch norm in torch 2.11 ("AssertionError: 512 v.s. 2560", pytorch/pytorch#177419, fixed later)
+export TORCHINDUCTOR_MIX_ORDER_REDUCTION=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-0}
 t0=$(date +%s)
 parts=${PARTS-main cat augment 96 profile step}
 [ -n "${ONLY_COMPILE:-}" ] && parts=""
@@ -86,7 +89,7 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     shift 3
     # TORCH_LOGS=cudagraphs: a compiled graph that does not replay as a CUDA graph says why
     TORCH_LOGS=cudagraphs PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" \
-        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
+        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | tee -a "$out/train_speed_full.log" | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
         | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
