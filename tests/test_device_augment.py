@@ -308,6 +308,22 @@ def test_compile_augmentation_reaches_the_device_augmentation() -> None:
     assert copied._compiled is None and copied.compile_augmentation == "reduce-overhead"
 
 
+def test_compile_augmentation_takes_its_mode_with_mix_order_reduction_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The augmentation compiles with its mode's Inductor options and mix-order reduction off, as
+    the encoder does, and with static shapes."""
+    from torch._inductor import config
+
+    if not hasattr(config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
+    calls: list[dict] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    aug = DeviceAugmentation(8, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2), generator=torch.Generator().manual_seed(0),
+                             compile_augmentation="reduce-overhead")
+    aug.augment(torch.zeros(4, 3, 12, 12, dtype=torch.uint8))
+    aug.augment(torch.zeros(4, 3, 12, 12, dtype=torch.uint8))
+    assert calls == [{"options": {"triton.cudagraphs": True, "triton.mix_order_reduction": False}, "dynamic": False}]
+
+
 @pytest.mark.slow
 def test_compiled_augmentation_matches_eager_on_the_cpu() -> None:
     """Compiled by inductor (about a minute on a CPU), ``"reduce-overhead"`` mode (on the CPU,

@@ -110,6 +110,23 @@ def test_compile_options_keep_parameter_names() -> None:
     assert random_masks.mask_generator._compiled_call_impl is None and random_masks.encoder._compiled_call_impl is None
 
 
+def test_compiled_parts_get_their_mode_with_mix_order_reduction_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each compiled part gets its mode's Inductor options with mix-order reduction off (torch 2.11
+    fails on the batched encoder's batch norm with it on a GPU, pytorch/pytorch#177419)."""
+    from torch._inductor import config
+
+    if not hasattr(config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
+    calls: list[tuple[torch.nn.Module, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: calls.append((self, {**kwargs, "args": args})))
+    model = _model(compile_encoder=True, compile_mask_generator="reduce-overhead")
+    model.configure_model()
+    assert calls == [
+        (model.encoder, {"options": {"triton.mix_order_reduction": False}, "args": ()}),
+        (model.mask_generator, {"options": {"triton.cudagraphs": True, "triton.mix_order_reduction": False}, "args": ()}),
+    ]
+
+
 @pytest.mark.slow
 def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
     """compile_encoder and compile_mask_generator="reduce-overhead" with batched views: three steps

@@ -30,6 +30,21 @@ def check_compile_setting(name: str, setting: Any) -> None:
         )
 
 
+def compile_options(setting: bool | str) -> dict[str, Any]:
+    """The Inductor options for a part compiled with ``setting`` (a ``compile_*`` argument):
+    the mode's own options (``torch._inductor.list_mode_options``), with Inductor's mix-order
+    reduction off where this torch has it. That GPU-only fusion of reductions over different
+    dimensions fails on the batched encoder's batch norm in torch 2.11 ("AssertionError: 512 v.s.
+    2560", pytorch/pytorch#177419); with it off, ResNet18 ADIOS compiled in "reduce-overhead"
+    trained at 5,875 images/s on an H100 (benchmarks/results/train_speed_gpu.json)."""
+    from torch._inductor import config, list_mode_options
+
+    options: dict[str, Any] = dict(list_mode_options("default" if setting is True else str(setting)))
+    if hasattr(config.triton, "mix_order_reduction"):
+        options["triton.mix_order_reduction"] = False
+    return options
+
+
 def replays_as_cuda_graphs(setting: bool | str, device: torch.device) -> bool:
     """Whether a part compiled with ``setting`` (a ``compile_*`` argument) replays as CUDA graphs
     on ``device``: a CUDA-graph mode, on a GPU. Its outputs then live in the graphs' memory,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
-from adios_pl.checks import check_arguments, check_mask_generator, replays_as_cuda_graphs, unpack_training_batch
+from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
@@ -310,7 +310,7 @@ class ADIOSModule(pl.LightningModule):
         if not getattr(self, "_compiled", False):
             for setting, part in ((self.hparams["compile_encoder"], self.encoder), (self._compile_mask_generator(), self.mask_generator)):
                 if setting and part is not None:
-                    part.compile(mode=None if setting is True else setting)
+                    part.compile(options=compile_options(setting))
             self._compiled = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from adios_pl.checks import check_compile_setting, replays_as_cuda_graphs
+from adios_pl.checks import check_compile_setting, compile_options, replays_as_cuda_graphs
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many crops before the fallback
@@ -269,8 +269,7 @@ class DeviceAugmentation(nn.Module):
         if not self.compile_augmentation:
             return self.transform(images, draws)
         if self._compiled is None:  # the shapes are static (whole batches): no dynamic shapes
-            mode = None if self.compile_augmentation is True else self.compile_augmentation
-            self._compiled = torch.compile(self.transform, mode=mode, dynamic=False)
+            self._compiled = torch.compile(self.transform, options=compile_options(self.compile_augmentation), dynamic=False)
         views = self._compiled(images, draws)
         # replayed as CUDA graphs, the views live in the graphs' memory, which the next batch's
         # replay overwrites while callbacks may still hold this batch
