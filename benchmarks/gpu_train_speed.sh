@@ -17,8 +17,9 @@
 # compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
 # COMPILE=1 adds the part "compile" first: ADIOS and the baseline, batched views, with the encoder, the mask
-# generator and the augmentation under torch.compile at 32 px, without validation (compilation takes a minute
-# or more of each run);
+# generator and the augmentation under torch.compile at 32 px, without validation (compiling took about 3 minutes
+# of ADIOS's run and 40 s of the baseline's on an H100); COMPILE_VARIANTS names other variants for it
+# (e.g. "adios_s_batched simultaneous_batched");
 # COMPILE=reduce-overhead (or another torch.compile mode) compiles in that mode: reduce-overhead replays them as
 # CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other. ONLY_COMPILE=1 runs nothing
 # else. The part "kernels" counts the kernels per batch of the augmentation, eager and compiled (augment_launches.py:
@@ -42,9 +43,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && site=/tmp/site
 fi
 new="$(pwd)/src"
-# Inductor's mix-order reduction (a GPU-only fusion of reductions over different dimensions) fails on the batched
-# encoder's batch norm in torch 2.11 ("AssertionError: 512 v.s. 2560", pytorch/pytorch#177419, fixed later)
-export TORCHINDUCTOR_MIX_ORDER_REDUCTION=${TORCHINDUCTOR_MIX_ORDER_REDUCTION:-0}
 t0=$(date +%s)
 parts=${PARTS-main cat augment 96 profile step}
 [ -n "${ONLY_COMPILE:-}" ] && parts=""
@@ -120,7 +118,7 @@ for name in $parts; do
             # ADIOS first (the launch-bound step), and no validation: its eval-mode graphs would be compiled too,
             # minutes that the training figures do not need
             speed new "$new" 330 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
-                --val-batches 0 --variants adios_batched baseline_batched
+                --val-batches 0 --variants ${COMPILE_VARIANTS:-adios_batched baseline_batched}
         done ;;
     kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
