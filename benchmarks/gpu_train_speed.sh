@@ -12,7 +12,8 @@
 #      (profile_step.py: host and GPU time per phase, top kernels);
 #   5. the exact step against the reference step at N=4 (step_speed.py), batched views.
 # PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
-# runs), cat, augment (the compiled-augmentation runs), compile, kernels, 96, profile, step; and, on request,
+# runs), cat, augment (the compiled-augmentation runs), compile, kernels, 96, compile-96 (ADIOS at 96 px, N=6,
+# compiled in reduce-overhead mode), profile, step; and, on request,
 # tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log) and
 # compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
@@ -60,7 +61,7 @@ if [ ! -d "$data/cifar10/train" ]; then mkdir -p "$data/cifar10" && tar xzf "$ar
 nvidia-smi -L > "$out/gpu.txt" 2>&1
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
 upscale=""
-if [[ " $parts " == *" 96 "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
+if [[ " $parts " == *" 96 "* || " $parts " == *" compile-96 "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
 python3 - "$data/cifar10/train" "$data/cifar10_96/tmp" <<'EOF' &
 # 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs; made while other parts run
 import os, sys
@@ -123,10 +124,15 @@ for name in $parts; do
     kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
             | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log" ;;
-    96) [ -n "$upscale" ] && wait "$upscale"
+    96) [ -n "$upscale" ] && wait "$upscale" && upscale=""
         part 96 || continue
         [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
         speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios} ;;
+    compile-96) [ -n "$upscale" ] && wait "$upscale" && upscale=""
+        part compile-96 || continue
+        # the 96 px target on the compiled path: the first epoch compiles, the second is measured
+        speed new "$new" 330 "${c96[@]}" --augment-on device --compile reduce-overhead \
+            --compile-augmentation reduce-overhead --val-batches 0 --variants adios_batched ;;
     profile) part profile || continue
         profile new "$new" device adios_batched
         profile new "$new" device baseline_batched
@@ -143,7 +149,7 @@ for name in $parts; do
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
-    *) echo "unknown part $name (main cat augment compile kernels 96 profile step tests compile-bn)" >&2; exit 2 ;;
+    *) echo "unknown part $name (main cat augment compile kernels 96 compile-96 profile step tests compile-bn)" >&2; exit 2 ;;
     esac
 done
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"
