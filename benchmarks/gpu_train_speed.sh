@@ -98,6 +98,7 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 sequential=${SEQUENTIAL:-}
+upscaled() { [ -z "$upscale" ] || wait "$upscale"; upscale=""; }  # the 96 px images are ready
 
 for name in $parts; do
     case $name in
@@ -124,11 +125,11 @@ for name in $parts; do
     kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
             | grep "^{" | tee -a "$out/augment_launches.json" | tee -a "$out/run.log" ;;
-    96) [ -n "$upscale" ] && wait "$upscale" && upscale=""
+    96) upscaled
         part 96 || continue
         [ -n "$old" ] && speed old "$old" 60 "${c96[@]}" --augment-on host --variants adios
         speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios} ;;
-    compile-96) [ -n "$upscale" ] && wait "$upscale" && upscale=""
+    compile-96) upscaled
         part compile-96 || continue
         # the 96 px target on the compiled path: the first epoch compiles, the second is measured
         speed new "$new" 330 "${c96[@]}" --augment-on device --compile reduce-overhead \

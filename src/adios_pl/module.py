@@ -93,7 +93,8 @@ class ADIOSModule(pl.LightningModule):
             ``True`` in its default mode, or a mode by name (``adios_pl.checks.COMPILE_MODES``).
             ``"reduce-overhead"`` (and ``"max-autotune"``) replay the compiled encoder as CUDA
             graphs on a GPU; the step then marks each batch as a new graph step and copies the
-            features it hands on (to the callbacks) out of the graphs' memory.
+            features it hands on (to the callbacks) out of the graphs' memory. The mode's options
+            go with Inductor's mix-order reduction off (:func:`adios_pl.checks.compile_options`).
         masked_views: How the N masked views of a step go through the encoder and heads:
             ``"sequential"`` (one at a time, each back-propagated before the next, so activation
             memory does not grow with N) or ``"batched"`` (all N as one batch of ``N * B``: a
