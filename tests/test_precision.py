@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch._dynamo
 from pytorch_lightning.plugins.precision import MixedPrecision
 
 from adios_pl import ADIOSModule
+from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe
+from adios_pl.data import ShapesDataModule
 from adios_pl.objectives import SimCLR
 from conftest import make_loader, quiet_trainer
 
@@ -139,3 +144,42 @@ def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
     # generator's gradient is tiny and noise-like (1e-3 apart with the encoder alone compiled)
     assert _rel(compiled["encoder"], eager["encoder"]) < 1e-2
     assert _rel(compiled["mask_generator"], eager["mask_generator"]) < 0.1
+
+
+@pytest.mark.parametrize("variant", [{}, {"mask_mode": "one"}, {"update": "simultaneous"}])
+def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU fast path (device augmentation, batched views, the three compile options) through
+    a fit with validation and the evaluation callbacks, a partial last evaluation batch included:
+    every graph is made in the first epoch, none after, and no part nears dynamo's recompile
+    limit (past it, a part would silently run eager). dynamo's guards decide this, not the code
+    generator, so the graphs are made by a backend that counts them and runs them eagerly."""
+    real_compile = torch.compile
+    graphs: Counter[str] = Counter()
+
+    def counting_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        part = type(getattr(fn, "__self__", fn)).__name__  # the module (or augmentation) compiled
+
+        def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+            graphs[part] += 1
+            return gm.forward
+
+        return real_compile(fn, backend=backend, dynamic=kwargs.get("dynamic"))
+
+    per_epoch: list[dict[str, int]] = []
+
+    class Graphs(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            per_epoch.append(dict(graphs))
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    data = ShapesDataModule(train_size=32, val_size=20, image_size=16, batch_size=8, num_workers=0, pin_memory=False,
+                            augment_on="device", compile_augmentation="reduce-overhead")
+    mode = "reduce-overhead"
+    model = _model(masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, **variant)
+    callbacks = [OnlineKNN(), OnlineLinearProbe(num_classes=data.num_classes), MaskQuality(), Graphs()]
+    quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=callbacks).fit(model, datamodule=data)
+    torch._dynamo.reset()
+    assert set(graphs) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs
+    assert per_epoch[0] == per_epoch[-1] == dict(graphs), per_epoch  # epoch 0's end follows its validation
+    assert max(graphs.values()) < torch._dynamo.config.recompile_limit, graphs
