@@ -14,7 +14,9 @@
 # PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
 # runs), cat, augment (the compiled-augmentation runs), compile, kernels, 96, compile-96 (ADIOS at 96 px, N=6,
 # compiled in reduce-overhead mode), profile, step; and, on request,
-# tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log) and
+# tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log),
+# compile-cache (compile_cache.sh: batched ADIOS compiled from an empty Inductor cache, then again from the
+# cache it filled; about 5 minutes) and
 # compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
 # sequential-views runs of the other variants, at 96 px and in step "step".
 # COMPILE=1 adds the part "compile" first: ADIOS and the baseline, batched views, with the encoder, the mask
@@ -147,10 +149,16 @@ for name in $parts; do
         done ;;
     tests) part tests || continue
         TEST_GROUPS=eager ONLY_TESTS=1 TESTS_S="$(limit 150)" bash benchmarks/gpu_check.sh "$out" | tee -a "$out/run.log" ;;
+    compile-cache) part compile-cache || continue
+        # batched exact ADIOS compiled in reduce-overhead mode twice over one new Inductor cache: what a second
+        # run of a configuration on the same machine pays for compiling
+        PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 400)" bash benchmarks/compile_cache.sh "$out/train_speed_gpu.json" \
+            "${c32[@]}" --num-workers 14 --augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead \
+            --val-batches 0 --variants adios_batched 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
-    *) echo "unknown part $name (main cat augment compile kernels 96 compile-96 profile step tests compile-bn)" >&2; exit 2 ;;
+    *) echo "unknown part $name (main cat augment compile kernels 96 compile-96 profile step tests compile-cache compile-bn)" >&2; exit 2 ;;
     esac
 done
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"

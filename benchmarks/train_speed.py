@@ -128,12 +128,17 @@ def append_entries(path: str, entries: list[dict[str, Any]]) -> None:
 def compiler_counts() -> dict[str, int]:
     """What the compiler did in the run: graphs compiled, graph breaks, and compiled graphs that
     were not replayed as CUDA graphs in a CUDA-graph mode (0 when every compiled graph replays;
-    ``TORCH_LOGS=cudagraphs`` prints why one does not). Without them a compiled run's speed
-    cannot be read."""
+    ``TORCH_LOGS=cudagraphs`` prints why one does not); and how many of the graphs' generated
+    code Inductor found in its on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) or had to generate.
+    Without them a compiled run's speed cannot be read."""
     return {
         "compiled_graphs": int(counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+        "inductor_cache_hits": int(counters["inductor"]["fxgraph_cache_hit"]),
+        "inductor_cache_misses": int(counters["inductor"]["fxgraph_cache_miss"]),
+        "autograd_cache_hits": int(counters["aot_autograd"]["autograd_cache_hit"]),
+        "autograd_cache_misses": int(counters["aot_autograd"]["autograd_cache_miss"]),
     }
 
 
