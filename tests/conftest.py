@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch._dynamo
 from torch.utils.data import DataLoader, Dataset
 
 from adios_pl.checkpoint import AtomicCheckpointIO
@@ -62,3 +65,27 @@ def free_port() -> int:
 @pytest.fixture
 def loader() -> DataLoader:
     return make_loader()
+
+
+@pytest.fixture
+def graphs_per_part(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
+    """``torch.compile`` made quick: dynamo traces as usual, and a backend counts each compiled
+    part's graphs and runs them eagerly, with no code generated. What dynamo's guards decide
+    (which graphs, when it recompiles) is then checked in seconds. A part is named by the class
+    of the module (or object) whose method is compiled."""
+    real_compile = torch.compile
+    graphs: Counter[str] = Counter()
+
+    def counting_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        part = type(getattr(fn, "__self__", fn)).__name__
+
+        def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
+            graphs[part] += 1
+            return gm.forward
+
+        return real_compile(fn, backend=backend, dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()

@@ -147,39 +147,24 @@ def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
 
 
 @pytest.mark.parametrize("variant", [{}, {"mask_mode": "one"}, {"update": "simultaneous"}])
-def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], graphs_per_part: Counter[str]) -> None:
     """The GPU fast path (device augmentation, batched views, the three compile options) through
     a fit with validation and the evaluation callbacks, a partial last evaluation batch included:
     every graph is made in the first epoch, none after, and no part nears dynamo's recompile
     limit (past it, a part would silently run eager). dynamo's guards decide this, not the code
-    generator, so the graphs are made by a backend that counts them and runs them eagerly."""
-    real_compile = torch.compile
-    graphs: Counter[str] = Counter()
-
-    def counting_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        part = type(getattr(fn, "__self__", fn)).__name__  # the module (or augmentation) compiled
-
-        def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
-            graphs[part] += 1
-            return gm.forward
-
-        return real_compile(fn, backend=backend, dynamic=kwargs.get("dynamic"))
-
+    generator, so the graphs are counted, not generated (``graphs_per_part``)."""
     per_epoch: list[dict[str, int]] = []
 
     class Graphs(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            per_epoch.append(dict(graphs))
+            per_epoch.append(dict(graphs_per_part))
 
-    monkeypatch.setattr(torch, "compile", counting_compile)
-    torch._dynamo.reset()
     data = ShapesDataModule(train_size=32, val_size=20, image_size=16, batch_size=8, num_workers=0, pin_memory=False,
                             augment_on="device", compile_augmentation="reduce-overhead")
     mode = "reduce-overhead"
     model = _model(masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, **variant)
     callbacks = [OnlineKNN(), OnlineLinearProbe(num_classes=data.num_classes), MaskQuality(), Graphs()]
     quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=callbacks).fit(model, datamodule=data)
-    torch._dynamo.reset()
-    assert set(graphs) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs
-    assert per_epoch[0] == per_epoch[-1] == dict(graphs), per_epoch  # epoch 0's end follows its validation
-    assert max(graphs.values()) < torch._dynamo.config.recompile_limit, graphs
+    assert set(graphs_per_part) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs_per_part
+    assert per_epoch[0] == per_epoch[-1] == dict(graphs_per_part), per_epoch  # epoch 0's end follows its validation
+    assert max(graphs_per_part.values()) < torch._dynamo.config.recompile_limit, graphs_per_part
