@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch._dynamo
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -130,8 +131,9 @@ def test_more_devices_than_available_is_one_line(capsys: pytest.CaptureFixture, 
 
 
 def test_readme_fast_path_command_runs(stubbed_data: None, graphs_per_part: Counter[str]) -> None:
-    """The README's GPU fast-path command parses and trains a step, its three parts compiled (on
-    the CPU, by dynamo with graphs run eagerly, ``graphs_per_part``, so that it takes seconds)."""
+    """The README's GPU fast-path command parses and trains a step, its three parts compiled
+    without graph breaks (on the CPU, by dynamo with graphs run eagerly, ``graphs_per_part``, so
+    that it takes seconds)."""
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```", 2)[1].replace("\\\n", " ")
     (command,) = [line for line in block.splitlines() if "augment_on device" in line]
@@ -140,3 +142,4 @@ def test_readme_fast_path_command_runs(stubbed_data: None, graphs_per_part: Coun
     args[3] = str(ROOT / args[3])  # relative to the repository (the test runs in a temporary folder)
     assert main([*args[1:], "--trainer.fast_dev_run=1", *CPU]) == 0
     assert set(graphs_per_part) == {"DeviceAugmentation", "MaskGenerator", "ResNet"}, graphs_per_part
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -150,8 +150,8 @@ def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
 def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], graphs_per_part: Counter[str]) -> None:
     """The GPU fast path (device augmentation, batched views, the three compile options) through
     a fit with validation and the evaluation callbacks, a partial last evaluation batch included:
-    every graph is made in the first epoch, none after, and no part nears dynamo's recompile
-    limit (past it, a part would silently run eager). dynamo's guards decide this, not the code
+    every graph is made in the first epoch, none after, no part nears dynamo's recompile limit
+    (past it, a part would silently run eager), and no graph breaks. dynamo's guards decide this, not the code
     generator, so the graphs are counted, not generated (``graphs_per_part``)."""
     per_epoch: list[dict[str, int]] = []
 
@@ -168,3 +168,4 @@ def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], 
     assert set(graphs_per_part) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs_per_part
     assert per_epoch[0] == per_epoch[-1] == dict(graphs_per_part), per_epoch  # epoch 0's end follows its validation
     assert max(graphs_per_part.values()) < torch._dynamo.config.recompile_limit, graphs_per_part
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
