@@ -99,6 +99,8 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
+# the three parts replayed as CUDA graphs, without validation (its eval-mode graphs would be compiled too)
+graphed=(--augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead --val-batches 0)
 sequential=${SEQUENTIAL:-}
 upscaled() { [ -z "$upscale" ] || wait "$upscale"; upscale=""; }  # the 96 px images are ready
 
@@ -134,8 +136,7 @@ for name in $parts; do
     compile-96) upscaled
         part compile-96 || continue
         # the 96 px target on the compiled path: the first epoch compiles, the second is measured
-        speed new "$new" 330 "${c96[@]}" --augment-on device --compile reduce-overhead \
-            --compile-augmentation reduce-overhead --val-batches 0 --variants adios_batched ;;
+        speed new "$new" 330 "${c96[@]}" "${graphed[@]}" --variants adios_batched ;;
     profile) part profile || continue
         profile new "$new" device adios_batched
         profile new "$new" device baseline_batched
@@ -153,8 +154,7 @@ for name in $parts; do
         # batched exact ADIOS compiled in reduce-overhead mode twice over one new Inductor cache: what a second
         # run of a configuration on the same machine pays for compiling
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 400)" bash benchmarks/compile_cache.sh "$out/train_speed_gpu.json" \
-            "${c32[@]}" --num-workers 14 --augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead \
-            --val-batches 0 --variants adios_batched 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
+            "${c32[@]}" "${graphed[@]}" --num-workers 14 --variants adios_batched 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
