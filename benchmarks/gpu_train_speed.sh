@@ -14,6 +14,9 @@
 # PARTS picks and orders what runs (default "main cat augment 96 profile step"): main (step 1's five
 # runs), cat, augment (the compiled-augmentation runs), compile, kernels, 96, compile-96 (ADIOS at 96 px, N=6,
 # compiled in reduce-overhead mode), profile, step; and, on request,
+# warm (always first: the runs of the parts compile and compile-96 side by side, one process per variant, for
+# one short epoch each, to fill Inductor's on-disk cache, so that the timed runs after them load their compiled
+# code in seconds instead of compiling it one run after another for minutes; their figures are not kept),
 # tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log),
 # compile-cache (compile_cache.sh: batched ADIOS compiled from an empty Inductor cache, then again from the
 # cache it filled; about 5 minutes) and
@@ -32,8 +35,12 @@
 # SIGKILL 5 s after SIGTERM: Lightning catches SIGTERM and only stops at the next batch, so a run that is
 # compiling would outlive a plain timeout.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
-# Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site).
+# Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site). SPEED_ARGS adds
+# train_speed.py arguments to each of its runs (e.g. "--accelerator cpu --precision 32 --batch-size 16" to try
+# parts on a CPU).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
+#   COMPILE=reduce-overhead COMPILE_VARIANTS="adios_s_batched simultaneous_batched" PARTS="warm compile compile-96 tests" \
+#       BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT .data/cifar10_train.tar.gz
 #   PARTS="main augment" COMPILE=reduce-overhead BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT ...
 set -uo pipefail
 out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
@@ -50,6 +57,7 @@ t0=$(date +%s)
 parts=${PARTS-main cat augment 96 profile step}
 [ -n "${ONLY_COMPILE:-}" ] && parts=""
 [ -n "${COMPILE:-}" ] && [[ " $parts " != *" compile "* ]] && parts="compile $parts"
+[[ " $parts " == *" warm "* ]] && parts="warm $(echo " $parts " | sed 's/ warm / /')"
 left() { echo $(( ${BUDGET_S:-100000} - ($(date +%s) - t0) )); }
 part() {  # part NAME [WHAT]: whether NAME is asked for and there is time for it; logs "NAME WHAT" starting
     [[ " $parts " == *" $1 "* ]] || return 1
@@ -90,7 +98,7 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
     shift 3
     # TORCH_LOGS=cudagraphs: a compiled graph that does not replay as a CUDA graph says why
     TORCH_LOGS=cudagraphs PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$seconds" python3 benchmarks/train_speed.py --label "$label" \
-        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" 2>&1 | tee -a "$out/train_speed_full.log" | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
+        --num-workers 14 --out "$out/train_speed_gpu.json" "$@" "${extra[@]}" 2>&1 | tee -a "$out/train_speed_full.log" | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
         | tee -a "$out/train_speed.log"
 }
 profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
@@ -101,6 +109,20 @@ c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
 # the three parts replayed as CUDA graphs, without validation (its eval-mode graphs would be compiled too)
 graphed=(--augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead --val-batches 0)
+read -r -a extra <<< "${SPEED_ARGS:-}"
+compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
+    case $1 in
+    compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
+        # ADIOS first (the launch-bound step), and no validation: its eval-mode graphs would be compiled too,
+        # minutes that the training figures do not need
+        args=("${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode --val-batches 0 --variants "$@") ;;
+    compile-96) args=("${c96[@]}" "${graphed[@]}" --variants adios_batched) ;;  # the first epoch compiles, the second is measured
+    esac
+}
+warm() {  # warm ARGS...: one short run that compiles what a timed run with ARGS will (same graphs, few batches)
+    PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 420)" python3 benchmarks/train_speed.py --label warm "$@" \
+        "${extra[@]}" --num-workers 4 --epochs 1 --batches 3 >> "$out/warm.log" 2>&1
+}
 sequential=${SEQUENTIAL:-}
 upscaled() { [ -z "$upscale" ] || wait "$upscale"; upscale=""; }  # the 96 px images are ready
 
@@ -117,14 +139,27 @@ for name in $parts; do
     augment) part augment || continue
         # the augmentation's image operations compiled (about 210 launches per batch eager) into a few fused kernels
         speed new "$new" 150 "${c32[@]}" --augment-on device --compile-augmentation --variants baseline_batched adios_batched ;;
+    warm) upscaled
+        part warm || continue
+        if [[ " $parts " == *" compile "* ]]; then
+            for mode in ${COMPILE:-1}; do
+                for variant in ${COMPILE_VARIANTS:-adios_batched baseline_batched}; do
+                    compiled compile "$mode" "$variant"; warm "${args[@]}" &
+                done
+            done
+        fi
+        if [[ " $parts " == *" compile-96 "* ]]; then compiled compile-96; warm "${args[@]}" & fi
+        wait
+        grep -h '^{' "$out/warm.log" | python3 -c "import json, sys
+for line in sys.stdin:
+    e = json.loads(line); print('warm', e['variant'], e['image_size'], 'px:', e['run_seconds'], 's,', e.get('compiled_graphs'), 'graphs')" \
+            | tee -a "$out/run.log"
+        grep -E "Error|error:" "$out/warm.log" | tail -n 5 | tee -a "$out/run.log" ;;
     compile)
         for mode in ${COMPILE:-1}; do
             part compile "(mode $mode)" || continue
-            [ "$mode" = 1 ] && mode=""
-            # ADIOS first (the launch-bound step), and no validation: its eval-mode graphs would be compiled too,
-            # minutes that the training figures do not need
-            speed new "$new" 330 "${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode \
-                --val-batches 0 --variants ${COMPILE_VARIANTS:-adios_batched baseline_batched}
+            compiled compile "$mode" ${COMPILE_VARIANTS:-adios_batched baseline_batched}
+            speed new "$new" 330 "${args[@]}"
         done ;;
     kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 120)" python3 benchmarks/augment_launches.py --device cuda 2>&1 \
@@ -135,8 +170,8 @@ for name in $parts; do
         speed new "$new" 75 "${c96[@]}" --augment-on device --variants adios_batched ${sequential:+adios} ;;
     compile-96) upscaled
         part compile-96 || continue
-        # the 96 px target on the compiled path: the first epoch compiles, the second is measured
-        speed new "$new" 330 "${c96[@]}" "${graphed[@]}" --variants adios_batched ;;
+        compiled compile-96
+        speed new "$new" 330 "${args[@]}" ;;
     profile) part profile || continue
         profile new "$new" device adios_batched
         profile new "$new" device baseline_batched
@@ -154,11 +189,11 @@ for name in $parts; do
         # batched exact ADIOS compiled in reduce-overhead mode twice over one new Inductor cache: what a second
         # run of a configuration on the same machine pays for compiling
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 400)" bash benchmarks/compile_cache.sh "$out/train_speed_gpu.json" \
-            "${c32[@]}" "${graphed[@]}" --num-workers 14 --variants adios_batched 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
+            "${c32[@]}" "${graphed[@]}" --num-workers 14 --variants adios_batched "${extra[@]}" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
-    *) echo "unknown part $name (main cat augment compile kernels 96 compile-96 profile step tests compile-cache compile-bn)" >&2; exit 2 ;;
+    *) echo "unknown part $name (warm main cat augment compile kernels 96 compile-96 profile step tests compile-cache compile-bn)" >&2; exit 2 ;;
     esac
 done
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"
