@@ -110,6 +110,7 @@ c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 
 # the three parts replayed as CUDA graphs, without validation (its eval-mode graphs would be compiled too)
 graphed=(--augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead --val-batches 0)
 read -r -a extra <<< "${SPEED_ARGS:-}"
+compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
     case $1 in
     compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
@@ -143,7 +144,7 @@ for name in $parts; do
         part warm || continue
         if [[ " $parts " == *" compile "* ]]; then
             for mode in ${COMPILE:-1}; do
-                for variant in ${COMPILE_VARIANTS:-adios_batched baseline_batched}; do
+                for variant in $compile_variants; do
                     compiled compile "$mode" "$variant"; warm "${args[@]}" &
                 done
             done
@@ -158,7 +159,7 @@ for line in sys.stdin:
     compile)
         for mode in ${COMPILE:-1}; do
             part compile "(mode $mode)" || continue
-            compiled compile "$mode" ${COMPILE_VARIANTS:-adios_batched baseline_batched}
+            compiled compile "$mode" $compile_variants
             speed new "$new" 330 "${args[@]}"
         done ;;
     kernels) part kernels || continue  # kernels per batch of the augmentation, eager and compiled
