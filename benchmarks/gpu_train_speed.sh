@@ -107,17 +107,17 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
-# the three parts replayed as CUDA graphs, without validation (its eval-mode graphs would be compiled too)
-graphed=(--augment-on device --compile reduce-overhead --compile-augmentation reduce-overhead --val-batches 0)
+# fast MODE: sets fast_args to the device path with its three parts compiled in MODE ("" for torch.compile's
+# default mode), and no validation: its eval-mode graphs would be compiled too, minutes that the training
+# figures do not need
+fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 --val-batches 0); }
 read -r -a extra <<< "${SPEED_ARGS:-}"
 compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
     case $1 in
     compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
-        # ADIOS first (the launch-bound step), and no validation: its eval-mode graphs would be compiled too,
-        # minutes that the training figures do not need
-        args=("${c32[@]}" --augment-on device --compile $mode --compile-augmentation $mode --val-batches 0 --variants "$@") ;;
-    compile-96) args=("${c96[@]}" "${graphed[@]}" --variants adios_batched) ;;  # the first epoch compiles, the second is measured
+        fast "$mode"; args=("${c32[@]}" "${fast_args[@]}" --variants "$@") ;;  # ADIOS first (the launch-bound step)
+    compile-96) fast reduce-overhead; args=("${c96[@]}" "${fast_args[@]}" --variants adios_batched) ;;  # the first epoch compiles, the second is measured
     esac
 }
 warm() {  # warm ARGS...: one short run that compiles what a timed run with ARGS will (same graphs, few batches)
@@ -187,10 +187,11 @@ for line in sys.stdin:
     tests) part tests || continue
         TEST_GROUPS=eager ONLY_TESTS=1 TESTS_S="$(limit 150)" bash benchmarks/gpu_check.sh "$out" | tee -a "$out/run.log" ;;
     compile-cache) part compile-cache || continue
+        fast reduce-overhead
         # batched exact ADIOS compiled in reduce-overhead mode twice over one new Inductor cache: what a second
         # run of a configuration on the same machine pays for compiling
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 400)" bash benchmarks/compile_cache.sh "$out/train_speed_gpu.json" \
-            "${c32[@]}" "${graphed[@]}" --num-workers 14 --variants adios_batched "${extra[@]}" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
+            "${c32[@]}" "${fast_args[@]}" --num-workers 14 --variants adios_batched "${extra[@]}" 2>&1 | grep --line-buffered -E '^\{|Error|error:' | tee -a "$out/train_speed.log" ;;
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
