@@ -74,6 +74,13 @@ def train_table() -> str:
     return header + "\n".join(rows)
 
 
+def break_even_table() -> str:
+    from compile_break_even import format_table
+
+    path = RESULTS / "train_speed_gpu.json"
+    return format_table(json.loads(path.read_text())) if path.exists() else "_no end-to-end training results yet_"
+
+
 def views_table() -> str:
     runs = {mv: RESULTS / f"step_speed_cpu_n4_{mv}.json" for mv in ("sequential", "batched")}
     if not all(path.exists() for path in runs.values()):
@@ -117,7 +124,7 @@ READMES = (ROOT / "README.md", ROOT / "benchmarks" / "README.md")
 
 
 def main() -> None:
-    tables = {"step": step_tables, "data": data_table, "train": train_table, "ops": ops_table, "views": views_table, "quality": quality_table}
+    tables = {"step": step_tables, "data": data_table, "train": train_table, "ops": ops_table, "views": views_table, "quality": quality_table, "break_even": break_even_table}
     for path in READMES:
         readme = path.read_text()
         for name, render in tables.items():

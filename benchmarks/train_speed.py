@@ -109,7 +109,7 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     return {
         "variant": variant, "augment_on": augment_on, "device": device, "image_size": args.image_size,
         "batch_size": args.batch_size, "precision": args.precision, "num_masks": settings["num_masks"],
-        "compile": args.compile, "compile_augmentation": args.compile_augmentation, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "epochs_measured": len(later),
+        "compile": args.compile, "compile_augmentation": args.compile_augmentation, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "batches": timer.epochs[0][0], "epochs": len(timer.epochs), "epochs_measured": len(later),
         "images_per_s": round(images / seconds, 1), "first_epoch_images_per_s": round(timer.epochs[0][0] * args.batch_size / timer.epochs[0][1], 1),
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
