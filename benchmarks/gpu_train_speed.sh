@@ -35,12 +35,14 @@
 # SIGKILL 5 s after SIGTERM: Lightning catches SIGTERM and only stops at the next batch, so a run that is
 # compiling would outlive a plain timeout.
 # ResNet18, bf16-mixed, batch 256, CIFAR-10 JPEGs, 14 loader workers, OnlineKNN + OnlineLinearProbe.
+# CACHE_OUT=1 packs the Inductor cache the runs filled into OUT/inductor_cache.tar.gz; CACHE_IN=FILE (such a
+# file, carried) starts the runs from it, so a later call on the same kind of card skips most of the compiling.
 # Python packages missing on the machine travel as wheels in .whl/ (installed to /tmp/site). SPEED_ARGS adds
 # train_speed.py arguments to each of its runs (e.g. "--accelerator cpu --precision 32 --batch-size 16" to try
 # parts on a CPU).
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
 #   COMPILE=reduce-overhead COMPILE_VARIANTS="adios_s_batched simultaneous_batched" PARTS="warm compile compile-96 tests" \
-#       BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT .data/cifar10_train.tar.gz
+#       BUDGET_S=560 CACHE_OUT=1 bash benchmarks/gpu_train_speed.sh OUT .data/cifar10_train.tar.gz
 #   PARTS="main augment" COMPILE=reduce-overhead BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT ...
 set -uo pipefail
 out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
@@ -68,6 +70,14 @@ part() {  # part NAME [WHAT]: whether NAME is asked for and there is time for it
 limit() { local l; l=$(( $(left) - 10 )); l=$(( $1 < l ? $1 : l )); echo $(( l < 1 ? 1 : l )); }  # limit SECONDS: cut to the budget left
 data=/tmp/speed_data
 if [ ! -d "$data/cifar10/train" ]; then mkdir -p "$data/cifar10" && tar xzf "$archive" -C "$data/cifar10"; fi
+# One Inductor cache for every run (compile-cache's runs keep their own). CACHE_IN: a cache packed by an earlier
+# call (CACHE_OUT=1), carried in and unpacked first, so that graphs compiled then are loaded instead of compiled
+# again; its entries serve only the same torch version and card (both are in their keys).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+if [ -n "${CACHE_IN:-}" ]; then
+    tar xzf "$CACHE_IN" -C "$TORCHINDUCTOR_CACHE_DIR" && echo "Inductor cache from $CACHE_IN: $(du -sh "$TORCHINDUCTOR_CACHE_DIR" | cut -f1)" | tee -a "$out/run.log"
+fi
 nvidia-smi -L > "$out/gpu.txt" 2>&1
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
 upscale=""
@@ -198,4 +208,10 @@ for line in sys.stdin:
     *) echo "unknown part $name (warm main cat augment compile kernels 96 compile-96 profile step tests compile-cache compile-bn)" >&2; exit 2 ;;
     esac
 done
+if [ -n "${CACHE_OUT:-}" ]; then  # the cache packed for a later call's CACHE_IN, when it can come back (16 MiB a file)
+    tar czf "$out/inductor_cache.tar.gz" -C "$TORCHINDUCTOR_CACHE_DIR" .
+    size=$(stat -c %s "$out/inductor_cache.tar.gz")
+    echo "Inductor cache packed: $(( size / 1024 )) KiB" | tee -a "$out/run.log"
+    [ "$size" -le $(( 16 * 1024 * 1024 )) ] || { rm "$out/inductor_cache.tar.gz"; echo "too large to come back; not kept" | tee -a "$out/run.log"; }
+fi
 echo "[$(( $(date +%s) - t0 )) s] done" | tee -a "$out/run.log"
