@@ -10,6 +10,7 @@ inputs, the inputs it mutates and those of them that are not static (none, for t
 replay). The records are inductor's own (``CompiledFxGraph``), which is private and may change.
 
     python benchmarks/graph_mutations.py --encoder small_cnn --masked-views batched
+    python benchmarks/graph_mutations.py --mask-mode one        # ADIOS-s; --update simultaneous likewise
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--mask-mode", default="all", choices=["all", "one"], help="ADIOS (all) or ADIOS-s (one)")
+    parser.add_argument("--update", default="alternating", choices=["alternating", "simultaneous"])
     args = parser.parse_args()
     records = record_compiled_graphs()
     pl.seed_everything(0)
@@ -61,7 +64,8 @@ def main() -> None:
     samples = [((v[0], v[1]), -1) for v in views]  # a list serves as a map-style dataset
     loader: DataLoader[Any] = DataLoader(samples, batch_size=args.batch_size)  # type: ignore[arg-type]
     model = ADIOSModule(encoder=args.encoder, image_size=args.image_size, num_masks=4, mask_width=16, warmup_epochs=0,
-                        masked_views=args.masked_views, compile_encoder="reduce-overhead", compile_mask_generator="reduce-overhead")
+                        masked_views=args.masked_views, mask_mode=args.mask_mode, update=args.update,
+                        compile_encoder="reduce-overhead", compile_mask_generator="reduce-overhead")
     pl.Trainer(accelerator=args.accelerator, devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(model, loader)
     for i, record in enumerate(records):
