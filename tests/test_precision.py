@@ -146,6 +146,29 @@ def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
     assert _rel(compiled["mask_generator"], eager["mask_generator"]) < 0.1
 
 
+def _fast_data(image_size: int, train_size: int, val_size: int, batch_size: int) -> ShapesDataModule:
+    """Shapes with the augmentation on the device, compiled in ``"reduce-overhead"`` mode."""
+    return ShapesDataModule(train_size=train_size, val_size=val_size, image_size=image_size, batch_size=batch_size, num_workers=0,
+                            pin_memory=False, augment_on="device", compile_augmentation="reduce-overhead")
+
+
+def _compiled_fit(graphs: Counter[str], data: ShapesDataModule, epochs: int, callbacks: list[pl.Callback], **model: Any) -> list[dict[str, int]]:
+    """Fit on the GPU fast path (``data`` from :func:`_fast_data`, batched views, the encoder and the
+    mask generator compiled in ``"reduce-overhead"`` mode); returns the graphs made by each epoch's
+    end, counted by ``graphs`` (the ``graphs_per_part`` fixture)."""
+    per_epoch: list[dict[str, int]] = []
+
+    class Graphs(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            per_epoch.append(dict(graphs))
+
+    mode = "reduce-overhead"
+    fit_model = _model(image_size=data.image_size, masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, **model)
+    trainer = {} if any(isinstance(c, OnlineKNN) for c in callbacks) else {"limit_val_batches": 0}
+    quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0, callbacks=[*callbacks, Graphs()], **trainer).fit(fit_model, datamodule=data)
+    return per_epoch
+
+
 @pytest.mark.parametrize("variant", [{}, {"mask_mode": "one"}, {"update": "simultaneous"}])
 def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], graphs_per_part: Counter[str]) -> None:
     """The GPU fast path (device augmentation, batched views, the three compile options) through
@@ -153,18 +176,9 @@ def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], 
     every graph is made in the first epoch, none after, no part nears dynamo's recompile limit
     (past it, a part would silently run eager), and no graph breaks. dynamo's guards decide this, not the code
     generator, so the graphs are counted, not generated (``graphs_per_part``)."""
-    per_epoch: list[dict[str, int]] = []
-
-    class Graphs(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            per_epoch.append(dict(graphs_per_part))
-
-    data = ShapesDataModule(train_size=32, val_size=20, image_size=16, batch_size=8, num_workers=0, pin_memory=False,
-                            augment_on="device", compile_augmentation="reduce-overhead")
-    mode = "reduce-overhead"
-    model = _model(masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, **variant)
-    callbacks = [OnlineKNN(), OnlineLinearProbe(num_classes=data.num_classes), MaskQuality(), Graphs()]
-    quiet_trainer(max_epochs=3, num_sanity_val_steps=0, callbacks=callbacks).fit(model, datamodule=data)
+    data = _fast_data(image_size=16, train_size=32, val_size=20, batch_size=8)
+    callbacks = [OnlineKNN(), OnlineLinearProbe(num_classes=data.num_classes), MaskQuality()]
+    per_epoch = _compiled_fit(graphs_per_part, data, epochs=3, callbacks=callbacks, **variant)
     assert set(graphs_per_part) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs_per_part
     assert per_epoch[0] == per_epoch[-1] == dict(graphs_per_part), per_epoch  # epoch 0's end follows its validation
     assert max(graphs_per_part.values()) < torch._dynamo.config.recompile_limit, graphs_per_part
@@ -178,17 +192,7 @@ def test_compiled_resnet18_at_96_px_makes_the_graphs_of_a_32_px_run(graphs_per_p
     ``no_grad`` and the masked views), all in the first epoch, with no graph break. It fails on a
     graph break in the stem's max-pool, which the 32 px stem does not have (tried with a hook that
     breaks the graph there: 9 encoder graphs)."""
-    per_epoch: list[dict[str, int]] = []
-
-    class Graphs(pl.Callback):
-        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-            per_epoch.append(dict(graphs_per_part))
-
-    data = ShapesDataModule(train_size=8, val_size=4, image_size=96, batch_size=4, num_workers=0, pin_memory=False,
-                            augment_on="device", compile_augmentation="reduce-overhead")
-    mode = "reduce-overhead"
-    model = _model(encoder="resnet18", encoder_kwargs={}, num_masks=6, image_size=96, masked_views="batched",
-                   compile_encoder=mode, compile_mask_generator=mode)
-    quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[Graphs()]).fit(model, datamodule=data)
+    data = _fast_data(image_size=96, train_size=8, val_size=4, batch_size=4)
+    per_epoch = _compiled_fit(graphs_per_part, data, epochs=2, callbacks=[], encoder="resnet18", encoder_kwargs={}, num_masks=6)
     assert per_epoch[0] == per_epoch[-1] == {"DeviceAugmentation": 1, "MaskGenerator": 1, "ResNet": 3}, per_epoch
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
