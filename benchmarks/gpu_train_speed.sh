@@ -20,8 +20,10 @@
 # tests (the CUDA tests that do not compile: gpu_check.sh's eager group, logged to gpu_tests.log),
 # compile-cache (compile_cache.sh: batched ADIOS compiled from an empty Inductor cache, then again from the
 # cache it filled; about 5 minutes) and
-# compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph). SEQUENTIAL=1 adds the
-# sequential-views runs of the other variants, at 96 px and in step "step".
+# compile-bn (compile_batched.py on CUDA: kernels and compile time of the batched encoder's graph) and
+# profile-compile (profiles of batched exact ADIOS compiled in reduce-overhead mode, at 32 px and at 96 px, N=6, or
+# at the sizes PROFILE_COMPILE_SIZES names, e.g. "96"; part warm compiles them first where no timed run does).
+# SEQUENTIAL=1 adds the sequential-views runs of the other variants, at 96 px and in step "step".
 # COMPILE=1 adds the part "compile" first: ADIOS and the baseline, batched views, with the encoder, the mask
 # generator and the augmentation under torch.compile at 32 px, without validation (compiling took about 3 minutes
 # of ADIOS's run and 40 s of the baseline's on an H100); COMPILE_VARIANTS names other variants for it
@@ -43,6 +45,7 @@
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
 #   COMPILE=reduce-overhead COMPILE_VARIANTS="adios_s_batched simultaneous_batched" PARTS="warm compile compile-96 tests" \
 #       BUDGET_S=560 CACHE_OUT=1 bash benchmarks/gpu_train_speed.sh OUT .data/cifar10_train.tar.gz
+#   (with PARTS="... tests profile-compile" PROFILE_COMPILE_SIZES=96, the compiled 96 px profile if time is left)
 #   PARTS="main augment" COMPILE=reduce-overhead BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT ...
 set -uo pipefail
 out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
@@ -81,7 +84,7 @@ fi
 nvidia-smi -L > "$out/gpu.txt" 2>&1
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
 upscale=""
-if [[ " $parts " == *" 96 "* || " $parts " == *" compile-96 "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
+if [[ " $parts " == *" 96 "* || " $parts " == *" compile-96 "* || " $parts " == *" profile-compile "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
 python3 - "$data/cifar10/train" "$data/cifar10_96/tmp" <<'EOF' &
 # 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs; made while other parts run
 import os, sys
@@ -111,9 +114,12 @@ speed() {  # speed LABEL SRC SECONDS ARGS...
         --num-workers 14 --out "$out/train_speed_gpu.json" "$@" "${extra[@]}" 2>&1 | tee -a "$out/train_speed_full.log" | grep --line-buffered -E '^\{|Error|error:|skipping cudagraphs|recompil' \
         | tee -a "$out/train_speed.log"
 }
-profile() {  # profile LABEL SRC AUGMENT_ON VARIANT
-    PYTHONPATH="$2${site:+:$site}" timeout -k 5 "$(limit 45)" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
-        --label "$1" --augment-on "$3" --variant "$4" --out "$out/profile_gpu.md" 2>&1 | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
+profile() {  # profile LABEL SRC AUGMENT_ON VARIANT [SECONDS [ARGS...]]: ARGS go to profile_step.py after the 32 px data
+    local label=$1 src=$2 place=$3 variant=$4 seconds=${5:-45}
+    shift $(( $# < 5 ? $# : 5 ))
+    PYTHONPATH="$src${site:+:$site}" timeout -k 5 "$(limit "$seconds")" python3 benchmarks/profile_step.py --data-dir "$data/cifar10/train" \
+        --label "$label" --augment-on "$place" --variant "$variant" "$@" --out "$out/profile_gpu.md" 2>&1 \
+        | grep --line-buffered -E '^(##|-|  -)|Error' | tee -a "$out/run.log"
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
@@ -123,6 +129,7 @@ c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 
 fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 --val-batches 0); }
 read -r -a extra <<< "${SPEED_ARGS:-}"
 compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
+profile_sizes=" ${PROFILE_COMPILE_SIZES:-32 96} "  # the image sizes part profile-compile profiles
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
     case $1 in
     compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
@@ -160,6 +167,11 @@ for name in $parts; do
             done
         fi
         if [[ " $parts " == *" compile-96 "* ]]; then compiled compile-96; warm "${args[@]}" & fi
+        if [[ " $parts " == *" profile-compile "* ]]; then  # the graphs of its runs, where no timed run compiles them
+            [[ " $profile_sizes " != *" 32 "* || ( " $parts " == *" compile "* && " ${COMPILE:-1} " == *" reduce-overhead "* \
+                && " $compile_variants " == *" adios_batched "* ) ]] || { compiled compile reduce-overhead adios_batched; warm "${args[@]}" & }
+            [[ " $profile_sizes " != *" 96 "* || " $parts " == *" compile-96 "* ]] || { compiled compile-96; warm "${args[@]}" & }
+        fi
         wait
         grep -h '^{' "$out/warm.log" | python3 -c "import json, sys
 for line in sys.stdin:
@@ -187,6 +199,15 @@ for line in sys.stdin:
         profile new "$new" device adios_batched
         profile new "$new" device baseline_batched
         [ -n "$old" ] && profile old "$old" host adios ;;
+    profile-compile) upscaled
+        part profile-compile || continue
+        # batched exact ADIOS with the three parts compiled in reduce-overhead mode, at 32 px and at 96 px N=6: what
+        # the eager rest of the step (heads, losses, optimisers, callbacks) costs around the graph replays; the
+        # warmup covers the graphs' recording, and their code comes from the cache the warm or timed runs filled
+        compiled_profile=(--compile reduce-overhead --compile-augmentation reduce-overhead --warmup 12)
+        [[ " $profile_sizes " == *" 32 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}"
+        [[ " $profile_sizes " == *" 96 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}" \
+            --data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 ;;
     step) part step || continue
         for views in batched ${sequential:+sequential}; do
             PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 45)" python3 benchmarks/step_speed.py --device cuda --encoder resnet18 \
@@ -205,7 +226,8 @@ for line in sys.stdin:
     compile-bn) part compile-bn || continue
         PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 300)" python3 benchmarks/compile_batched.py --device cuda \
             --out "$out/compile_batched_gpu.json" 2>&1 | grep "^{" | tee -a "$out/run.log" ;;
-    *) echo "unknown part $name (warm main cat augment compile kernels 96 compile-96 profile step tests compile-cache compile-bn)" >&2; exit 2 ;;
+    *) echo "unknown part $name (warm main cat augment compile kernels 96 compile-96 profile profile-compile step tests compile-cache" \
+        "compile-bn)" >&2; exit 2 ;;
     esac
 done
 if [ -n "${CACHE_OUT:-}" ]; then  # the cache packed for a later call's CACHE_IN, when it can come back (16 MiB a file)
