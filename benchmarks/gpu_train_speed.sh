@@ -45,7 +45,8 @@
 #   bash benchmarks/gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]
 #   COMPILE=reduce-overhead COMPILE_VARIANTS="adios_s_batched simultaneous_batched" PARTS="warm compile compile-96 tests" \
 #       BUDGET_S=560 CACHE_OUT=1 bash benchmarks/gpu_train_speed.sh OUT .data/cifar10_train.tar.gz
-#   (with PARTS="... tests profile-compile" PROFILE_COMPILE_SIZES=96, the compiled 96 px profile if time is left)
+#   (with PARTS="... tests profile-compile" PROFILE_COMPILE_SIZES=96, the compiled 96 px profile if time is left, and
+#   PACK_LOGS=1, which packs warm.log and train_speed_full.log into logs.tar.gz: a call brings back 8 files at most)
 #   PARTS="main augment" COMPILE=reduce-overhead BUDGET_S=560 bash benchmarks/gpu_train_speed.sh OUT ...
 set -uo pipefail
 out=${1:?usage: gpu_train_speed.sh OUT CIFAR10_TRAIN_TAR_GZ [OLD_SRC]}
@@ -230,6 +231,10 @@ for line in sys.stdin:
         "compile-bn)" >&2; exit 2 ;;
     esac
 done
+if [ -n "${PACK_LOGS:-}" ]; then  # the full logs in one file: a call brings back 8 files at most
+    logs=$(cd "$out" && ls warm.log train_speed_full.log 2>/dev/null)
+    [ -n "$logs" ] && tar czf "$out/logs.tar.gz" -C "$out" $logs && (cd "$out" && rm $logs)
+fi
 if [ -n "${CACHE_OUT:-}" ]; then  # the cache packed for a later call's CACHE_IN, when it can come back (16 MiB a file)
     tar czf "$out/inductor_cache.tar.gz" -C "$TORCHINDUCTOR_CACHE_DIR" .
     size=$(stat -c %s "$out/inductor_cache.tar.gz")
