@@ -53,6 +53,11 @@ def pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, An
     return found
 
 
+def seconds_saved_per_image(eager: dict[str, Any], compiled: dict[str, Any]) -> float:
+    """Training seconds per image the compiled run saves at its steady rate."""
+    return 1 / eager["images_per_s"] - 1 / compiled["images_per_s"]
+
+
 def format_table(rows: list[dict[str, Any]], epoch_images: tuple[int, ...] = (40_000, 50_000)) -> str:
     """A markdown table of the break-even of every compiled run in ``rows`` that has an eager partner;
     ``epoch_images``: dataset sizes to give it in epochs of (quality.py's CIFAR-10 split, all of CIFAR-10)."""
@@ -63,7 +68,7 @@ def format_table(rows: list[dict[str, Any]], epoch_images: tuple[int, ...] = (40
              + " | ".join(f"epochs of {n:,}" for n in epoch_images) + " |", "|---|---|---|---|---|" + "---|" * len(epoch_images)]
     for eager, compiled in found:
         s_e, s_c = startup_seconds(eager), startup_seconds(compiled)
-        gain = 1 / eager["images_per_s"] - 1 / compiled["images_per_s"]  # seconds saved per image
+        gain = seconds_saved_per_image(eager, compiled)
         images = (s_c - s_e) / gain if gain > 0 else float("inf")
         lines.append(f"| {compiled['variant']} | {compiled['device']}, {compiled.get('label', '')} | {eager['images_per_s']:,.0f}, {s_e:.1f} | "
                      f"{compiled['images_per_s']:,.0f}, {s_c:.1f} | {images:,.0f} | " + " | ".join(f"{images / n:.1f}" for n in epoch_images) + " |")
@@ -83,7 +88,7 @@ def main() -> None:
     if args.run_images:
         for eager, compiled in pairs(rows):
             more = startup_seconds(compiled) - startup_seconds(eager)
-            saved = args.run_images * (1 / eager["images_per_s"] - 1 / compiled["images_per_s"])
+            saved = args.run_images * seconds_saved_per_image(eager, compiled)
             print(f"{compiled['variant']}, {args.run_images:,} images: start-up {more:.0f} s longer, training {saved:.0f} s shorter")
 
 

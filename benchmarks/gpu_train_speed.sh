@@ -130,7 +130,7 @@ c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 
 fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 --val-batches 0); }
 read -r -a extra <<< "${SPEED_ARGS:-}"
 compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
-profile_sizes=" ${PROFILE_COMPILE_SIZES:-32 96} "  # the image sizes part profile-compile profiles
+profile_sizes=" ${PROFILE_COMPILE_SIZES:-32 96} "  # the image sizes part profile-compile profiles, space-delimited
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
     case $1 in
     compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
@@ -141,6 +141,13 @@ compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py
 warm() {  # warm ARGS...: one short run that compiles what a timed run with ARGS will (same graphs, few batches)
     PYTHONPATH="$new${site:+:$site}" timeout -k 5 "$(limit 420)" python3 benchmarks/train_speed.py --label warm "$@" \
         "${extra[@]}" --num-workers 4 --epochs 1 --batches 3 >> "$out/warm.log" 2>&1
+}
+warmed=()
+warm_once() {  # warm_once: start warm, in the background, for the run compiled() set up last, unless it is already started
+    local key="${args[*]}" started
+    for started in "${warmed[@]}"; do [ "$started" = "$key" ] && return; done
+    warmed+=("$key")
+    warm "${args[@]}" &
 }
 sequential=${SEQUENTIAL:-}
 upscaled() { [ -z "$upscale" ] || wait "$upscale"; upscale=""; }  # the 96 px images are ready
@@ -163,15 +170,14 @@ for name in $parts; do
         if [[ " $parts " == *" compile "* ]]; then
             for mode in ${COMPILE:-1}; do
                 for variant in $compile_variants; do
-                    compiled compile "$mode" "$variant"; warm "${args[@]}" &
+                    compiled compile "$mode" "$variant"; warm_once
                 done
             done
         fi
-        if [[ " $parts " == *" compile-96 "* ]]; then compiled compile-96; warm "${args[@]}" & fi
-        if [[ " $parts " == *" profile-compile "* ]]; then  # the graphs of its runs, where no timed run compiles them
-            [[ " $profile_sizes " != *" 32 "* || ( " $parts " == *" compile "* && " ${COMPILE:-1} " == *" reduce-overhead "* \
-                && " $compile_variants " == *" adios_batched "* ) ]] || { compiled compile reduce-overhead adios_batched; warm "${args[@]}" & }
-            [[ " $profile_sizes " != *" 96 "* || " $parts " == *" compile-96 "* ]] || { compiled compile-96; warm "${args[@]}" & }
+        if [[ " $parts " == *" compile-96 "* ]]; then compiled compile-96; warm_once; fi
+        if [[ " $parts " == *" profile-compile "* ]]; then  # the graphs of its runs (the timed runs' own if the same)
+            if [[ $profile_sizes == *" 32 "* ]]; then compiled compile reduce-overhead adios_batched; warm_once; fi
+            if [[ $profile_sizes == *" 96 "* ]]; then compiled compile-96; warm_once; fi
         fi
         wait
         grep -h '^{' "$out/warm.log" | python3 -c "import json, sys
@@ -206,8 +212,8 @@ for line in sys.stdin:
         # the eager rest of the step (heads, losses, optimisers, callbacks) costs around the graph replays; the
         # warmup covers the graphs' recording, and their code comes from the cache the warm or timed runs filled
         compiled_profile=(--compile reduce-overhead --compile-augmentation reduce-overhead --warmup 12)
-        [[ " $profile_sizes " == *" 32 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}"
-        [[ " $profile_sizes " == *" 96 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}" \
+        [[ $profile_sizes == *" 32 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}"
+        [[ $profile_sizes == *" 96 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}" \
             --data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 ;;
     step) part step || continue
         for views in batched ${sequential:+sequential}; do
