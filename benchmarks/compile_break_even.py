@@ -26,6 +26,10 @@ SCRIPT_RUNS = {32: (40, 3), 96: (20, 2)}
 SAME = ("variant", "augment_on", "device", "image_size", "batch_size", "precision", "num_masks", "per_view_bn")
 
 
+#: Dataset sizes the break-even is also given in epochs of: quality.py's CIFAR-10 split, all of CIFAR-10.
+EPOCH_IMAGES = (40_000, 50_000)
+
+
 def startup_seconds(row: dict[str, Any]) -> float:
     """The run's seconds beyond its training images at its steady rate."""
     batches, epochs = row.get("batches"), row.get("epochs")
@@ -58,9 +62,9 @@ def seconds_saved_per_image(eager: dict[str, Any], compiled: dict[str, Any]) -> 
     return 1 / eager["images_per_s"] - 1 / compiled["images_per_s"]
 
 
-def format_table(rows: list[dict[str, Any]], epoch_images: tuple[int, ...] = (40_000, 50_000)) -> str:
+def format_table(rows: list[dict[str, Any]], epoch_images: tuple[int, ...] = EPOCH_IMAGES) -> str:
     """A markdown table of the break-even of every compiled run in ``rows`` that has an eager partner;
-    ``epoch_images``: dataset sizes to give it in epochs of (quality.py's CIFAR-10 split, all of CIFAR-10)."""
+    ``epoch_images``: dataset sizes to give it in epochs of."""
     found = pairs(rows)
     if not found:
         return "_no compiled run with an eager partner yet_"
@@ -78,7 +82,7 @@ def format_table(rows: list[dict[str, Any]], epoch_images: tuple[int, ...] = (40
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--epoch-images", type=int, nargs="+", default=[40_000, 50_000],
+    parser.add_argument("--epoch-images", type=int, nargs="+", default=list(EPOCH_IMAGES),
                         help="dataset sizes to give the break-even in epochs of (default: quality.py's CIFAR-10 split, all of CIFAR-10)")
     parser.add_argument("--run-images", type=int, default=None,
                         help="also say what compiling would cost and save in a run of this many training images")

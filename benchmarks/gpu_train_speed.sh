@@ -84,8 +84,9 @@ if [ -n "${CACHE_IN:-}" ]; then
 fi
 nvidia-smi -L > "$out/gpu.txt" 2>&1
 python3 -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)" >> "$out/gpu.txt"
+profile_sizes=" ${PROFILE_COMPILE_SIZES:-32 96} "  # the image sizes part profile-compile profiles, space-delimited
 upscale=""
-if [[ " $parts " == *" 96 "* || " $parts " == *" compile-96 "* || " $parts " == *" profile-compile "* ]] && [ ! -d "$data/cifar10_96/train" ]; then
+if [[ " $parts " == *" 96 "* || " $parts " == *" compile-96 "* || ( " $parts " == *" profile-compile "* && $profile_sizes == *" 96 "* ) ]] && [ ! -d "$data/cifar10_96/train" ]; then
 python3 - "$data/cifar10/train" "$data/cifar10_96/tmp" <<'EOF' &
 # 96 px images: the first 1,000 of each CIFAR-10 class, upscaled (bicubic), as JPEGs; made while other parts run
 import os, sys
@@ -130,7 +131,6 @@ c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 
 fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 --val-batches 0); }
 read -r -a extra <<< "${SPEED_ARGS:-}"
 compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
-profile_sizes=" ${PROFILE_COMPILE_SIZES:-32 96} "  # the image sizes part profile-compile profiles, space-delimited
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
     case $1 in
     compile) local mode=$2; shift 2; [ "$mode" = 1 ] && mode=""
