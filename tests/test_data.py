@@ -15,7 +15,7 @@ from adios_pl.data import (
     CIFAR10DataModule, CIFAR100DataModule, CorruptImageError, ImageFolderDataModule, ImageNet100DataModule,
     STL10DataModule, ShapesDataModule, ShapesDataset, imagenet100_classes, load_rgb,
 )
-from adios_pl.data.transforms import IMAGENET_STD
+from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 
 LOADER = dict(batch_size=4, num_workers=0, pin_memory=False)
 
@@ -217,3 +217,30 @@ def test_shapes_datamodule_batches() -> None:
     raw = ShapesDataset(16, seed=1)[0]
     assert torch.equal(seg[0], raw[2]) and y[0] == raw[1]
     assert abs(float(torch.cat([b[0] for b in bank]).mean())) < 0.3
+
+
+def test_pretraining_crop_is_the_published_bicubic_random_resized_crop() -> None:
+    """ADIOS.md, "Data": RandomResizedCrop with scale (min_scale, 1) and bicubic interpolation."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2 as T
+
+    steps = pretrain_transform(96, IMAGENET_MEAN, IMAGENET_STD, min_scale=0.2).transforms  # type: ignore[attr-defined]
+    crop = next(step for step in steps if isinstance(step, T.RandomResizedCrop))
+    assert crop.size == (96, 96) and crop.scale == (0.2, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
+    assert crop.interpolation == InterpolationMode.BICUBIC
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_evaluation_images_are_centre_cropped_from_96_px(size: int) -> None:
+    """Images of 96 px and more: the short side resized to size / 0.875, then the centre crop;
+    smaller ones: resized to size x size. Written out with torchvision's functional ops."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    image = torch.randint(0, 256, (3, 70, 140), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if size >= 96:
+        geometry = TF.center_crop(TF.resize(image, [round(size / 0.875)], InterpolationMode.BICUBIC, antialias=True), [size, size])
+    else:
+        geometry = TF.resize(image, [size, size], InterpolationMode.BICUBIC, antialias=True)
+    expected = TF.normalize(TF.to_dtype(geometry, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert torch.equal(eval_transform(size, IMAGENET_MEAN, IMAGENET_STD)(image), expected)

@@ -67,6 +67,21 @@ def test_both_pipelines_take_the_same_settings_with_the_same_defaults() -> None:
         assert device[name].default == parameter.default, f"{name}: {device[name].default} vs {parameter.default}"
 
 
+
+def test_both_pipelines_normalise_with_the_given_mean_and_std() -> None:
+    """With every random op off and the whole image kept (scale 1), a view of either pipeline is
+    ``(image / 255 - mean) / std``."""
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    expected = (image / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    settings = dict(mean=mean, std=std, min_scale=1.0, **NO_COLOUR)
+    cpu = pretrain_transform(16, **settings)(image)  # type: ignore[arg-type]
+    device = DeviceAugmentation(16, **settings).augment(image[None])[0]  # type: ignore[arg-type]
+    # float32 rounding of the scaling and normalisation (values up to 5): observed 7e-7 on the CPU
+    # pipeline, 0 on the device one (its bicubic weights at the pixel centres are 0, 1, 0, 0)
+    torch.testing.assert_close(cpu, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(device, expected, atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize("name,ours,theirs", [
     ("brightness", adjust_brightness, TF.adjust_brightness),
     ("contrast", adjust_contrast, TF.adjust_contrast),

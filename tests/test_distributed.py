@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
+from adios_pl.masking import sample_slots
 from adios_pl.objectives import BYOL, SimCLR
 from conftest import TwoViewTensors, free_port, quiet_trainer
 
@@ -169,10 +170,11 @@ class SaveFirstViews(pl.Callback):
 def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
     """augment_on="device" under DDP: each rank trains on its own views of its shard of the cached
     images, and the replicas stay identical (that each rank draws its own crops is checked in
-    tests/test_device_augment.py)."""
+    tests/test_device_augment.py). The encoder has plain batch norm, whose running statistics
+    each rank computes from its own views: they agree only through the broadcast from rank 0."""
     from adios_pl.data import ShapesDataModule
 
-    model = _model(SimCLR(proj_hidden_dim=32, proj_output_dim=16))
+    model = _model(SimCLR(proj_hidden_dim=32, proj_output_dim=16), norm="bn")
     data = ShapesDataModule(train_size=64, val_size=8, image_size=16, batch_size=8, num_workers=0, augment_on="device")
     trainer = quiet_trainer(
         max_steps=STEPS, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
@@ -185,6 +187,23 @@ def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
     assert not torch.allclose(views[0]["v1"], views[1]["v1"]), "both ranks trained on the same views"
     for key, value in states[0]["model"].items():
         assert torch.equal(value, states[1]["model"][key]), f"replicas differ in {key}"
+
+
+def test_adios_s_ranks_draw_their_own_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank seeds its ADIOS-s slot sampler from the run's seed and its rank: the same slots
+    on a rank every time, other slots on another rank (so the ranks' shards are not masked in
+    step)."""
+
+    def slots(rank: int) -> torch.Tensor:
+        model = _model(SimCLR(proj_hidden_dim=32, proj_output_dim=16), mask_mode="one")
+        monkeypatch.setattr(ADIOSModule, "global_rank", property(lambda self: rank))
+        torch.manual_seed(0)
+        model.on_train_start()
+        assert model._slot_generator is not None
+        return sample_slots(256, 3, model._slot_generator)
+
+    assert torch.equal(slots(1), slots(1))
+    assert not torch.equal(slots(0), slots(1)), "two ranks draw the same slots"
 
 
 def _sync_worker(rank: int, port: int) -> None:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adios_pl.masks import MaskGenerator, default_num_blocks
 from adios_pl.masking import masked_view, sample_slots
@@ -49,6 +50,50 @@ def test_layout_matches_reference(size: int, down: list, up: list) -> None:
     f = size // 2 ** (len(down) - 1)
     assert gen.bottleneck[1].in_features == 2 * c * f * f and gen.bottleneck[1].out_features == 128
     assert gen.head.out_channels == 3
+
+
+def spec_mask_generator(gen: MaskGenerator, images: torch.Tensor, norm: str) -> torch.Tensor:
+    """The U-Net of ADIOS.md ("The masking network") written out with functional operations on
+    ``gen``'s weights: each block a 3x3 conv, its norm and a ReLU; nearest x0.5 (every other
+    pixel) after each down block but the last, the skip taken before it; the bottleneck MLP; on
+    the way up the upsampled features concatenated with their skip (in the reference's order:
+    features first, ``src/utils/unet.py``), a block, nearest x2 (each pixel repeated) but after
+    the last; a 1x1 conv and a softmax over the slots. For sizes divisible by 2**(blocks - 1)."""
+
+    def block(layers: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        conv = layers[0]
+        x = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        if norm == "gn":
+            x = F.group_norm(x, 8, layers[1].weight, layers[1].bias, layers[1].eps)
+        elif norm == "in":
+            x = F.instance_norm(x, weight=layers[1].weight, bias=layers[1].bias, eps=layers[1].eps)
+        return F.relu(x)
+
+    x, skips = images, []
+    for i, layers in enumerate(gen.down):
+        x = block(layers, x)
+        skips.append(x)
+        if i < len(gen.down) - 1:
+            x = x[:, :, ::2, ::2]
+    first, second, third = [m for m in gen.bottleneck if isinstance(m, torch.nn.Linear)]
+    h = F.relu(F.linear(x.flatten(1), first.weight, first.bias))
+    h = F.relu(F.linear(h, second.weight, second.bias))
+    x = F.relu(F.linear(h, third.weight, third.bias)).view(x.shape)
+    for i, layers in enumerate(gen.up):
+        x = block(layers, torch.cat([x, skips[-1 - i]], dim=1))
+        if i < len(gen.up) - 1:
+            x = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    return F.conv2d(x, gen.head.weight, gen.head.bias).softmax(dim=1)
+
+
+@pytest.mark.parametrize(("size", "norm"), [(32, "gn"), (32, "in"), (32, "none"), (64, "gn"), (128, "in")])
+def test_mask_generator_equals_the_spec_written_out(size: int, norm: str) -> None:
+    torch.manual_seed(0)
+    gen = MaskGenerator(num_masks=3, image_size=size, width=8, norm=norm).double()
+    for p in gen.parameters():  # away from the initial values (norm weights 1, biases 0)
+        p.data.add_(0.1 * torch.randn_like(p))
+    images = torch.randn(2, 3, size, size, dtype=torch.float64)
+    assert torch.allclose(gen(images), spec_mask_generator(gen, images, norm), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("norm", ["gn", "in", "none"])

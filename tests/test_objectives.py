@@ -71,6 +71,21 @@ def test_byol_tau_schedule() -> None:
     assert abs(momentum_tau(26, 100, 0.99, 1.0) - (1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)) < 1e-12
 
 
+def test_simsiam_loss_of_one_pair_is_the_papers_symmetric_loss() -> None:
+    """``(D(p_c, z_m) + D(p_m, z_c)) / 2`` with ``D(p, z) = -cos(p, stopgrad(z))`` (SimSiam,
+    Algorithm 1), one sample at a time: the loss when only ``views[1]`` is masked."""
+    p_c, z_c, p_m, z_m = (torch.randn(5, 8, dtype=torch.float64, requires_grad=True) for _ in range(4))
+
+    def d(p: torch.Tensor, z: torch.Tensor) -> float:
+        return -float(p @ z) / float(p.norm() * z.norm())
+
+    naive = sum(d(p_c[i], z_m[i]) / 2 + d(p_m[i], z_c[i]) / 2 for i in range(5)) / 5
+    loss = SimSiam().loss({"p": p_c, "z": z_c}, {"p": p_m, "z": z_m})
+    assert math.isclose(loss.item(), naive, rel_tol=1e-12)
+    loss.backward()
+    assert p_c.grad is not None and p_m.grad is not None and z_c.grad is None and z_m.grad is None
+
+
 def test_simsiam_heads() -> None:
     obj = SimSiam(proj_hidden_dim=64, proj_output_dim=32, pred_hidden_dim=8)
     obj.build(SmallConvNet(width=8))

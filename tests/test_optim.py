@@ -32,6 +32,7 @@ def test_lars_equals_reference_formula() -> None:
     bufs: list = [None] * 3
     for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
+        grads[0] *= 1e-3  # |p| >> |g|: the trust ratio is clipped to 1
         for p, g in zip(mine, grads):
             p.grad = g.clone()
         opt.step()
@@ -60,7 +61,8 @@ def test_warmup_cosine() -> None:
 @pytest.mark.parametrize("dtype,clip_lr", [(torch.float64, True), (torch.float32, True), (torch.float64, False)])
 def test_foreach_lars_equals_the_weight_by_weight_update(dtype: torch.dtype, clip_lr: bool) -> None:
     """The multi-tensor update (default on CUDA) against the loop, over steps that include a
-    zero weight (no scaling, no decay), zero gradients and the first momentum step."""
+    clipped trust ratio, a zero weight (no scaling, no decay), zero gradients and the first
+    momentum step."""
 
     def params() -> list[torch.nn.Parameter]:
         g = torch.Generator().manual_seed(0)
@@ -77,6 +79,7 @@ def test_foreach_lars_equals_the_weight_by_weight_update(dtype: torch.dtype, cli
         grads = [torch.randn(p.shape, generator=g, dtype=dtype) for p in loop]
         if step % 2 == 0:
             grads[3] = torch.zeros_like(grads[3])
+        grads[0] *= 1e-3  # |p| >> |g|: with clip_lr the trust ratio is clipped to 1
         for ps in (loop, multi):
             for p, grad in zip(ps, grads):
                 p.grad = grad.clone()

@@ -268,3 +268,24 @@ def test_mask_collapse_is_warned_once() -> None:
     with pytest.warns(UserWarning, match="mask collapse.*sparsity_weight") as record:
         quiet_trainer(max_epochs=2, limit_val_batches=0).fit(model, make_loader(n=16, size=16))
     assert sum("mask collapse" in str(w.message) for w in record) == 1
+
+
+class ConstantMasks(torch.nn.Module):
+    """Soft masks that give slot ``n`` the share ``shares[n]`` of every pixel: areas exactly ``shares``."""
+
+    def __init__(self, shares: tuple[float, ...]) -> None:
+        super().__init__()
+        self.num_masks = len(shares)
+        self.logits = torch.nn.Parameter(torch.tensor(shares).log())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits.softmax(0).view(1, -1, 1, 1).expand(images.shape[0], -1, *images.shape[-2:])
+
+
+@pytest.mark.parametrize(("shares", "collapsed"), [((0.96, 0.03, 0.01), 0.0), ((0.98, 0.015, 0.005), 1.0)])
+@pytest.mark.filterwarnings("ignore:mask collapse")
+def test_an_image_counts_as_collapsed_when_its_second_largest_mask_covers_under_2_percent(shares: tuple[float, ...], collapsed: float) -> None:
+    model = _model(mask_generator=ConstantMasks(shares), mask_lr=1e-9)
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(model, make_loader(n=8, size=16))
+    assert float(trainer.callback_metrics["train/mask_collapsed_fraction"]) == collapsed
