@@ -1,0 +1,243 @@
+"""Inject faults into the library one at a time and check that the test suite catches each.
+
+A suite that passes says little unless it fails when the code is wrong. Each fault in
+:data:`FAULTS` is a small, plausible bug: a sign, a factor, an order, a threshold, a forgotten
+step. For each, the script edits one place of one source file, runs the default test suite
+(the files most likely to catch faults first, stopping at the first failure) and puts the file
+back as it was. Every fault must make the suite fail; a fault the suite misses is a gap in the
+tests. ``tests/test_fault_check.py`` checks that each fault still edits exactly one place of the
+current code, so the list cannot go stale unnoticed.
+
+Run from the repository root, on demand (tens of minutes on 2 CPU cores):
+
+    python scripts/fault_check.py                  # every fault
+    python scripts/fault_check.py --list           # what each fault does
+    python scripts/fault_check.py mask_sign warmup # some of them
+
+The exit status is 0 when the suite caught every fault it ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = "src/adios_pl/"
+
+#: Test files run first: quick, and between them they check most of the library against
+#: independent versions. The rest of the suite follows.
+FIRST = [
+    "test_exactness.py", "test_masks.py", "test_objectives.py", "test_optim.py", "test_batched_views.py", "test_data.py",
+    "test_device_augment.py", "test_precision.py", "test_skip.py", "test_callbacks.py", "test_reliability.py",
+    "test_distributed.py",
+]
+TIMEOUT_S = 900  # per fault: the whole default suite takes about 6 minutes on 2 CPU cores
+
+
+@dataclass(frozen=True)
+class Fault:
+    """Replace ``old`` (found exactly once in ``path``) with ``new``."""
+
+    name: str
+    path: str  # relative to src/adios_pl/
+    old: str
+    new: str
+    what: str
+
+
+FAULTS = [
+    # the mask penalties and the masking
+    Fault("sparsity_unsymmetric", "penalties.py", "torch.minimum(a, 1.0 - a)", "a", "sparsity penalty without the symmetric form (negative at area 1)"),
+    Fault("entropy_over_batch", "penalties.py", "areas.log_softmax(dim=1)", "areas.log_softmax(dim=0)", "area softmax over the batch instead of the slots"),
+    Fault("area_is_max_row", "penalties.py", "return masks.mean(dim=(-2, -1))", "return masks.mean(dim=-1).amax(dim=-1)", "mask area as the fullest row's"),
+    Fault("mask_keeps_slot", "masking.py", "return images * (1.0 - mask)", "return images * mask", "a masked view shows the slot instead of hiding it"),
+    Fault("reversal_not_negated", "masking.py", "return -grad", "return grad", "the gradient reversal passes the gradient unchanged"),
+    Fault("slot_never_last", "masking.py", "torch.randint(num_masks, ", "torch.randint(max(num_masks - 1, 1), ", "ADIOS-s never draws the last slot"),
+    # the game
+    Fault("mask_descends", "module.py", "self.manual_backward(-loss)", "self.manual_backward(loss)", "the mask generator descends the SSL loss"),
+    Fault("penalty_not_batch_mean", "module.py", "penalty = sparsity_penalty(areas).sum(dim=0).sum() / batch",
+          "penalty = sparsity_penalty(areas).sum(dim=0).sum()", "sparsity penalty summed over the batch"),
+    Fault("entropy_sign", "module.py", "self.manual_backward(self.sparsity_weight * penalty - self.entropy_weight * entropy)",
+          "self.manual_backward(self.sparsity_weight * penalty + self.entropy_weight * entropy)", "entropy term with the wrong sign"),
+    Fault("clean_branch_no_backward", "module.py", "            torch.autograd.backward(tensors, grads)", "            pass",
+          "the clean view's gradients never reach the encoder"),
+    Fault("masks_not_detached", "module.py", "self._encoder_step(x1, x2, None if masks is None else masks.detach(), slots)",
+          "self._encoder_step(x1, x2, masks, slots)", "the encoder step back-propagates into the mask generator"),
+    Fault("clean_is_masked_view", "module.py", "self.objective.mask_both_views else [x1]", "self.objective.mask_both_views else [x2]",
+          "the clean view is views[1]"),
+    Fault("baseline_one_view", "module.py", "            yield [x2]\n", "            yield [x1]\n", "the baseline compares views[0] with itself"),
+    Fault("mask_step_first", "module.py",
+          "        grad_norms = {\"encoder gradient norm\": self._step_encoder(optimizers[0], step)}\n"
+          "        if self.learned_masks:\n            assert masks is not None\n"
+          "            logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))\n",
+          "        if self.learned_masks:\n            assert masks is not None\n"
+          "            logs.update(self._mask_step(x1, x2, masks, slots, optimizers[1]))\n"
+          "        grad_norms = {\"encoder gradient norm\": self._step_encoder(optimizers[0], step)}\n"
+          "        if self.learned_masks:\n",
+          "the mask step sees the encoder before its update"),
+    Fault("schedules_frozen", "module.py", "        for scheduler in schedulers:\n            scheduler.step()", "        for scheduler in schedulers:\n            pass",
+          "the learning-rate schedules never advance"),
+    Fault("gradients_accumulate", "module.py", "        optimizer.zero_grad(set_to_none=True)\n        return norm", "        return norm",
+          "gradients are never cleared"),
+    Fault("encoder_not_frozen", "module.py", "        self.toggle_optimizer(mask_opt)  #", "        pass  #", "the mask step also writes the encoder's gradients"),
+    Fault("skip_keeps_batch", "module.py", "            snapshot.restore_unless(ok)", "            pass", "nonfinite=\"skip\" keeps a non-finite batch's update"),
+    Fault("slots_same_on_all_ranks", "module.py", "self._slot_generator.manual_seed((torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)",
+          "self._slot_generator.manual_seed((torch.initial_seed()) % 2**63)", "every rank draws the same ADIOS-s slots"),
+    Fault("slots_not_resumed", "module.py", "            self._slot_generator.set_state(self._slot_state)\n", "            pass\n",
+          "a resumed run draws other ADIOS-s slots"),
+    Fault("collapse_threshold", "module.py", "(second < 0.02)", "(second < 0.2)", "collapsed-fraction threshold 20 % instead of 2 %"),
+    Fault("buffers_not_broadcast", "module.py", "        broadcast_buffers(self.buffers())\n", "\n", "batch-norm statistics drift apart between ranks"),
+    Fault("gradients_summed", "distributed.py", "        flat.div_(world)\n", "\n", "gradients summed over ranks, not averaged"),
+    # the objectives
+    Fault("simclr_self_positive", "objectives/simclr.py", 'sim_00 = (z0 @ all0.T / temperature).masked_fill(itself, float("-inf"))',
+          "sim_00 = (z0 @ all0.T / temperature)", "NT-Xent counts each sample as its own negative"),
+    Fault("simclr_terms_mean", "objectives/simclr.py", "return loss * terms if terms > 1 else loss", "return loss", "the N batched terms averaged, not summed"),
+    Fault("simclr_no_temperature", "objectives/simclr.py", "sim_10 = z1 @ all0.T / temperature", "sim_10 = z1 @ all0.T", "one similarity block without the temperature"),
+    Fault("simclr_local_negatives", "objectives/simclr.py", "if gather_distributed and dist.world_size() > 1:", "if False:",
+          "negatives from the own rank only under DDP"),
+    Fault("byol_updates_at_first_batch", "objectives/byol.py", "        if step == 0:\n            return\n", "",
+          "a momentum update after the first batch"),
+    Fault("byol_tau_inverted", "objectives/byol.py", "update_momentum(encoder, self.momentum_encoder, m=self.tau)",
+          "update_momentum(encoder, self.momentum_encoder, m=1 - self.tau)", "momentum 1 - tau"),
+    Fault("byol_one_sided", "objectives/byol.py", 'byol_loss(clean["p"], masked["z_bar"]) + byol_loss(masked["p"], clean["z_bar"])',
+          '2 * byol_loss(clean["p"], masked["z_bar"])', "BYOL's loss one way only"),
+    Fault("byol_tau_early", "objectives/byol.py", "k = min(max(step - 1, 0), total_steps)", "k = min(max(step, 0), total_steps)",
+          "tau of the current batch instead of the last"),
+    Fault("byol_projector_frozen", "objectives/byol.py", "        update_momentum(self.projector, self.momentum_projector, m=self.tau)\n", "\n",
+          "the momentum projector never moves"),
+    Fault("simsiam_not_halved", "objectives/simsiam.py", 'return 0.5 * (simsiam_loss(clean["p"], masked["z"]) + simsiam_loss(masked["p"], clean["z"]))',
+          'return (simsiam_loss(clean["p"], masked["z"]) + simsiam_loss(masked["p"], clean["z"]))', "SimSiam's pair loss twice as large"),
+    Fault("simsiam_symmetry_pairs", "objectives/simsiam.py", "            pairs += [(c2, m1), (c1, m2)]", "            pairs += [(c1, m1), (c2, m2)]",
+          "use_symmetry_mask pairs each view with its own masked copy"),
+    # optimisers and schedules
+    Fault("warmup_from_zero", "optim.py", "        return (step + 1) / warmup_steps", "        return step / warmup_steps", "the warm-up starts at rate 0"),
+    Fault("lars_unclipped", "optim.py", "                    scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)\n                # As",
+          "                    scale = scale / lr if lr > 0 else torch.ones_like(scale)\n                # As", "LARS's trust ratio not clipped"),
+    Fault("lars_foreach_unclipped", "optim.py", "                scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)\n            # As",
+          "                scale = scale / lr if lr > 0 else torch.ones_like(scale)\n            # As", "the multi-tensor LARS's trust ratio not clipped"),
+    Fault("lars_scales_biases", "optim.py", '            if p.ndim != 1 or not group["exclude_bias_n_norm"]:', "            if True:",
+          "LARS scales and decays biases and norm weights"),
+    Fault("epoch_warmup_too_slow", "optim.py", "return start_factor + epoch * (1.0 - start_factor) / max(1, warmup_epochs - 1)",
+          "return start_factor + epoch * (1.0 - start_factor) / max(1, warmup_epochs)", "the per-epoch warm-up reaches 1 an epoch late"),
+    # the mask generators
+    Fault("masks_not_softmax", "masks.py", "return self.logits(images).softmax(dim=1)", "return self.logits(images).sigmoid()", "masks that do not sum to 1"),
+    Fault("unet_bilinear_down", "masks.py", 'x = F.interpolate(x, scale_factor=0.5, mode="nearest")', 'x = F.interpolate(x, scale_factor=0.5, mode="bilinear")',
+          "bilinear down-sampling in the U-Net"),
+    Fault("unet_skip_first", "masks.py", "x = block(torch.cat([x, skips[i]], dim=1))", "x = block(torch.cat([skips[i], x], dim=1))",
+          "the U-Net's skip concatenated before the features"),
+    Fault("random_patches_unbalanced", "masks.py", "return (rank * self.num_masks // g2).view(batch, self.cells, self.cells)",
+          "return (rank * self.num_masks // (g2 + 3)).view(batch, self.cells, self.cells)", "random patches dealt unevenly"),
+    # batched views
+    Fault("running_stats_reversed", "batched_views.py", "weights = torch.tensor([momentum * (1 - momentum) ** (views - 1 - v) for v in range(views)]",
+          "weights = torch.tensor([momentum * (1 - momentum) ** v for v in range(views)]", "grouped batch norm weighs the views' statistics in reverse"),
+    Fault("batches_tracked_once", "batched_views.py", "            layer.num_batches_tracked.add_(self.views)  # once", "            layer.num_batches_tracked.add_(1)  # once",
+          "num_batches_tracked advances once for all views"),
+    Fault("bn_grad_mean", "batched_views.py", ".unflatten(0, (2, views)).sum(1)", ".unflatten(0, (2, views)).mean(1)",
+          "batch-norm parameter gradients averaged over views"),
+    # evaluation
+    Fault("knn_temperature_inverted", "metrics.py", "(sim / temperature).exp()", "(sim * temperature).exp()", "kNN votes weighted by sim * T"),
+    Fault("knn_half_k", "metrics.py", "sim, idx = (q @ bank.T).topk(k, dim=1)", "sim, idx = (q @ bank.T).topk(max(k // 2, 1), dim=1)", "kNN with k / 2 neighbours"),
+    Fault("probe_keeps_skipped_batch", "callbacks/linear_probe.py", "            snapshot.restore_unless(finite)  # type: ignore[arg-type]", "            pass",
+          "the online probe trains on a skipped batch"),
+    # augmentation
+    Fault("crop_scale_halved", "data/device_augment.py", "target = area * (target * (scale[1] - scale[0]) + scale[0])",
+          "target = area * (target * (scale[1] - scale[0]) / 2 + scale[0])", "device crops from half the scale range"),
+    Fault("crop_last_fit", "data/device_augment.py", "first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)",
+          "first = fits.to(torch.uint8).flip(1).argmax(dim=1, keepdim=True)", "device crop picks another attempt than the first fit"),
+    Fault("blur_sigma_range", "data/device_augment.py", 'sigma = u("sigma")[:, 0] * 1.9 + 0.1', 'sigma = u("sigma")[:, 0] * 0.9 + 0.1', "device blur sigma in [0.1, 1)"),
+    Fault("solarise_threshold", "data/device_augment.py", "(x >= 128 / 255)", "(x >= 100 / 255)", "device solarisation threshold 100"),
+    Fault("hue_one_sided", "data/device_augment.py", '(draws[:, DRAW_COLUMNS["hue"]] * (2 * h) - h)', '(draws[:, DRAW_COLUMNS["hue"]] * h)',
+          "device hue shifts in [0, h] only"),
+    Fault("jitter_fixed_order", "data/device_augment.py", 'order = draws[:, DRAW_COLUMNS["order"]].argsort(dim=1)',
+          'order = draws[:, DRAW_COLUMNS["order"]].argsort(dim=1).sort(dim=1).values', "device colour jitter in a fixed order"),
+    Fault("device_not_divided_by_std", "data/device_augment.py", "        return (x - self.mean) / self.std\n", "        return x - self.mean\n",
+          "device views not divided by the std"),
+    Fault("gray_weights_equal", "data/device_augment.py", "GRAY_WEIGHTS = (0.2989, 0.587, 0.114)", "GRAY_WEIGHTS = (0.333, 0.333, 0.334)",
+          "grayscale as the plain channel mean"),
+    Fault("cpu_blur_kernel", "data/transforms.py", "kernel = max(3, (image_size // 10) | 1)", "kernel = max(3, (image_size // 5) | 1)",
+          "CPU blur kernel a fifth of the image"),
+    Fault("cpu_solarise_threshold", "data/transforms.py", "T.RandomSolarize(threshold=128,", "T.RandomSolarize(threshold=200,", "CPU solarisation threshold 200"),
+    Fault("cpu_crop_bilinear", "data/transforms.py",
+          "T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC",
+          "T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BILINEAR", "bilinear pretraining crops"),
+    Fault("eval_crop_above_96", "data/transforms.py", "crop = image_size >= 96 if crop is None else crop", "crop = image_size > 96 if crop is None else crop",
+          "96 px evaluation images squashed instead of centre-cropped"),
+]
+
+
+def _suite() -> list[str]:
+    """The default suite's files, :data:`FIRST` first. Not tests/test_fault_check.py, which
+    fails on any fault (the text a fault replaces is gone)."""
+    tests = ROOT / "tests"
+    rest = sorted(p.name for p in tests.glob("test_*.py") if p.name not in FIRST and p.name != "test_fault_check.py")
+    return [str(tests / name) for name in FIRST + rest]
+
+
+def run_fault(fault: Fault, pytest_args: list[str]) -> tuple[str, str]:
+    """Apply ``fault``, run the suite, restore the file; ``(outcome, detail)`` with outcome
+    ``"caught"``, ``"MISSED"``, ``"TIMEOUT"`` or ``"STALE"`` (the text to replace is not found
+    exactly once)."""
+    path = ROOT / SRC / fault.path
+    original = path.read_text()
+    if original.count(fault.old) != 1:
+        return "STALE", f"{fault.old!r} occurs {original.count(fault.old)} times in {SRC}{fault.path}"
+    try:
+        path.write_text(original.replace(fault.old, fault.new))
+        # no bytecode: a restored file written within the same second as the faulty one, at the
+        # same size, would otherwise be served the faulty file's cached bytecode
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *pytest_args, *_suite()]
+        try:
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return "TIMEOUT", f"the suite ran over {TIMEOUT_S} s"
+    finally:
+        path.write_text(original)
+    lines = done.stdout.strip().splitlines()
+    failed = next((line for line in lines if line.startswith(("FAILED", "ERROR"))), "")
+    summary = lines[-1] if lines else done.stderr.strip()[-200:]
+    if done.returncode == 0:
+        return "MISSED", summary
+    return "caught", failed or summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the faults named (all by default) and print what the suite made of each."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="faults to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    parser.add_argument("--pytest-arg", action="append", default=[], help="an extra pytest argument (repeatable)")
+    args = parser.parse_args(argv)
+    known = {f.name: f for f in FAULTS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown fault(s) {unknown}; --list shows them")
+    if args.list:
+        for f in FAULTS:
+            print(f"{f.name:28} {SRC}{f.path}: {f.what}")
+        return 0
+    # restore the file on SIGTERM too (KeyboardInterrupt already unwinds through run_fault)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    chosen = [known[n] for n in args.names] if args.names else FAULTS
+    outcomes: dict[str, int] = {}
+    start = time.monotonic()
+    for i, fault in enumerate(chosen, 1):
+        began = time.monotonic()
+        outcome, detail = run_fault(fault, args.pytest_arg)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        print(f"[{i}/{len(chosen)}] {outcome:7} {fault.name} ({time.monotonic() - began:.0f} s): {detail}", flush=True)
+    minutes = (time.monotonic() - start) / 60
+    others = ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "caught")
+    print(f"{outcomes.get('caught', 0)} of {len(chosen)} faults caught in {minutes:.0f} min" + (f" ({others})" if others else ""))
+    return 0 if outcomes.get("caught", 0) == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
