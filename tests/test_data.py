@@ -10,6 +10,9 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
 
 from adios_pl.data import (
     CIFAR10DataModule, CIFAR100DataModule, CorruptImageError, ImageFolderDataModule, ImageNet100DataModule,
@@ -221,9 +224,6 @@ def test_shapes_datamodule_batches() -> None:
 
 def test_pretraining_crop_is_the_published_bicubic_random_resized_crop() -> None:
     """ADIOS.md, "Data": RandomResizedCrop with scale (min_scale, 1) and bicubic interpolation."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2 as T
-
     steps = pretrain_transform(96, IMAGENET_MEAN, IMAGENET_STD, min_scale=0.2).transforms  # type: ignore[attr-defined]
     crop = next(step for step in steps if isinstance(step, T.RandomResizedCrop))
     assert crop.size == (96, 96) and crop.scale == (0.2, 1.0) and crop.ratio == pytest.approx((3 / 4, 4 / 3))
@@ -234,9 +234,6 @@ def test_pretraining_crop_is_the_published_bicubic_random_resized_crop() -> None
 def test_evaluation_images_are_centre_cropped_from_96_px(size: int) -> None:
     """Images of 96 px and more: the short side resized to size / 0.875, then the centre crop;
     smaller ones: resized to size x size. Written out with torchvision's functional ops."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
     image = torch.randint(0, 256, (3, 70, 140), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     if size >= 96:
         geometry = TF.center_crop(TF.resize(image, [round(size / 0.875)], InterpolationMode.BICUBIC, antialias=True), [size, size])
