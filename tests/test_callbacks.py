@@ -212,3 +212,113 @@ def test_unlabelled_evaluation_split_and_untrained_probe_log_nothing() -> None:
     trainer = quiet_trainer(max_steps=2, callbacks=[probe])
     trainer.fit(small_model(), unlabelled_train, val_dataloaders=[bank, bank])
     assert int(probe.labelled_images) == 0 and "val/linear_top1" not in trainer.callback_metrics
+
+
+def test_mask_picture_tiles_are_the_image_masks_segmentation_and_masked_images() -> None:
+    """One row of ``mask_grid``, tile by tile, from the definitions: the image denormalised, each
+    mask, then each masked image: the kept part as is, the hidden part (mask 1) in the mean colour."""
+    from adios_pl.callbacks.masks import PALETTE, mask_grid
+
+    g = torch.Generator().manual_seed(0)
+    size, mean, std = 6, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    picture = torch.rand(1, 3, size, size, generator=g) * 0.5 + 0.25  # inside [0, 1]: no clamping
+    images = (picture - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    masks = torch.zeros(1, 2, size, size)
+    masks[:, 0, :, :2], masks[:, 0, :, 2:4] = 1.0, 0.25  # hidden, partly hidden, kept (columns 4-5)
+    masks[:, 1] = 1 - masks[:, 0]
+    grid = mask_grid(images, masks, mean, std)
+    tile = lambda j: grid[:, 2 : 2 + size, 2 + j * (size + 2) : 2 + j * (size + 2) + size]  # noqa: E731 (padding 2)
+    assert grid.shape == (3, size + 4, 6 * (size + 2) + 2)
+    assert torch.allclose(tile(0), picture[0], atol=1e-6)
+    for n in range(2):
+        assert torch.allclose(tile(1 + n), masks[0, n].expand(3, size, size))
+        shown = picture[0] * (1 - masks[0, n]) + torch.tensor(mean).view(3, 1, 1) * masks[0, n]
+        assert torch.allclose(tile(4 + n), shown, atol=1e-6), f"masked image {n}"
+    assert torch.equal(tile(3), PALETTE[masks[0].argmax(0)].permute(2, 0, 1))
+
+
+def test_knn_callback_top1_and_top5_over_the_labelled_queries_equal_the_naive_vote() -> None:
+    """Ten classes, so top-5 is not trivially 1, and every third evaluation image unlabelled
+    (target -1: left out, not counted as a miss): both figures against :func:`naive_knn`."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adios_pl.evaluation import extract_features
+
+    g = torch.Generator().manual_seed(0)
+    queries = DataLoader(TensorDataset(torch.randn(30, 3, 32, 32, generator=g), torch.where(torch.arange(30) % 3 == 0, -1, torch.arange(30) % 10)),
+                         batch_size=8)
+    bank = DataLoader(TensorDataset(torch.randn(60, 3, 32, 32, generator=g), torch.arange(60) % 10), batch_size=8)
+    torch.manual_seed(0)
+    model = small_model()
+    trainer = quiet_trainer(callbacks=[OnlineKNN(k=10, temperature=0.1)])
+    trainer.validate(model, [queries, bank])
+    qx, qy = extract_features(model.encoder, queries)
+    bx, by = extract_features(model.encoder, bank)
+    labelled = qy >= 0
+    top = naive_knn(qx[labelled], bx, by, 10, 10, 0.1).topk(5, dim=1).indices
+    hits = top == qy[labelled].unsqueeze(1)
+    assert float(trainer.callback_metrics["val/knn_top1"]) == pytest.approx(float(hits[:, 0].float().mean()), abs=1e-6)
+    assert float(trainer.callback_metrics["val/knn_top5"]) == pytest.approx(float(hits.any(1).float().mean()), abs=1e-6)
+    assert 0 < float(hits[:, 0].float().mean()) < float(hits.any(1).float().mean()) < 1, "the data do not tell top-1 from top-5"
+
+
+def test_online_probe_step_leaves_unlabelled_images_out_of_the_loss() -> None:
+    """A batch with unlabelled images (target -1) moves the probe as the labelled images alone do
+    (without the normalisation, whose batch statistics every image enters)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 16, generator=g), torch.arange(12) % 3
+    y_mixed = torch.where(torch.arange(12) % 4 == 0, -1, y)
+    module = type("M", (), {"encoder": type("E", (), {"num_features": 16})(), "device": torch.device("cpu"), "log": lambda *a, **k: None})()
+    weights = []
+    for features, targets in ((x, y_mixed), (x[y_mixed >= 0], y[y_mixed >= 0])):
+        probe = OnlineLinearProbe(num_classes=3, normalize=False)
+        probe.setup(None, module, "fit")  # type: ignore[arg-type]
+        probe.on_train_batch_end(None, module, {"features": features, "targets": targets}, None, 0)  # type: ignore[arg-type]
+        weights.append(probe.linear.weight.detach().clone())
+    from adios_pl.evaluation import seeded_linear
+
+    assert not torch.allclose(weights[0], seeded_linear(16, 3).weight, atol=1e-4), "the step did not move the probe"
+    assert torch.allclose(weights[0], weights[1], atol=1e-7)
+    assert int(probe.labelled_images) == 9
+
+
+def test_offline_probe_rate_drops_tenfold_at_60_and_80_percent_of_the_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The published schedule, read off every SGD step: 0.1 for epochs 0-5, 0.01 for 6-7, 0.001
+    for 8-9 of 10, with two steps an epoch."""
+    rates: list[float] = []
+    step = torch.optim.SGD.step
+
+    def recording(self: torch.optim.SGD, *args: object, **kwargs: object) -> object:
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 4, generator=g), torch.arange(40) % 2
+    linear_probe(x, y, x, y, 2, epochs=10, batch_size=20)
+    assert rates == pytest.approx([0.1] * 12 + [0.01] * 4 + [0.001] * 4)
+
+
+def test_offline_scores_leave_unlabelled_evaluation_images_out() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 2
+    y = torch.randint(0, 3, (200,), generator=g)
+    x = centres[y] + torch.randn(200, 8, generator=g)
+    test_y = torch.where(torch.arange(100) % 3 == 0, -1, y[100:])
+    keep = test_y >= 0
+    assert linear_probe(x[:100], y[:100], x[100:], test_y, 3, epochs=3) == linear_probe(x[:100], y[:100], x[100:][keep], test_y[keep], 3, epochs=3)
+    assert knn_accuracy(x[:100], y[:100], x[100:], test_y, 3, k=10) == knn_accuracy(x[:100], y[:100], x[100:][keep], test_y[keep], 3, k=10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_feature_extraction_runs_in_eval_mode_and_puts_the_mode_back(training: bool) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from adios_pl.evaluation import extract_features
+
+    encoder = small_model().encoder.train(training)
+    modes: list[bool] = []
+    encoder.register_forward_hook(lambda m, args, out: modes.append(m.training))
+    extract_features(encoder, DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)), batch_size=2))
+    assert modes == [False, False] and encoder.training is training
+    assert all(m.training is training for m in encoder.modules())

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, gather_in_order
 from adios_pl.masking import sample_slots
 from adios_pl.objectives import BYOL, SimCLR
 from conftest import TwoViewTensors, free_port, quiet_trainer
@@ -259,3 +259,44 @@ def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives
     gradient missing on one rank (averaged as zeros), a gradient whose layout differs between the
     ranks; the gradients keep their layouts."""
     mp.spawn(_sync_worker, args=(free_port(),), nprocs=2)
+
+
+def _gather_worker(rank: int, port: int) -> None:
+    """One rank of :func:`test_gathered_rows_come_back_in_dataset_order_without_padding`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        for n in (7, 8):  # the sampler pads 7 images to 8; 8 need no padding
+            mine = list(DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=False))
+            rows = torch.tensor(mine, dtype=torch.float32).unsqueeze(1).repeat(1, 3) + torch.tensor([0.0, 0.25, 0.5])
+            gathered = gather_in_order(rows, n)
+            want = torch.arange(n, dtype=torch.float32).unsqueeze(1) + torch.tensor([0.0, 0.25, 0.5])
+            assert torch.equal(gathered, want), f"rank {rank}, {n} images: {gathered[:, 0].tolist()}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_rows_come_back_in_dataset_order_without_padding() -> None:
+    """What every evaluation callback relies on: the rows of an unshuffled ``DistributedSampler``'s
+    shares, gathered, are the dataset's rows once each, in order, the padding dropped."""
+    mp.spawn(_gather_worker, args=(free_port(),), nprocs=2)
+
+
+def _finite_worker(rank: int, port: int) -> None:
+    """One rank of :func:`test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank`."""
+    from adios_pl.nonfinite import all_finite
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        finite = [torch.tensor(1.0), torch.tensor(2.0)]
+        assert bool(all_finite(finite)), f"rank {rank}: finite everywhere, yet not finite"
+        mine = [torch.tensor(1.0), torch.tensor(float("nan") if rank == 1 else 2.0)]
+        assert not bool(all_finite(mine)), f"rank {rank} would keep a batch that rank 1 skips"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank() -> None:
+    """``nonfinite="skip"`` must take one decision on all ranks, or their weights part."""
+    mp.spawn(_finite_worker, args=(free_port(),), nprocs=2)

@@ -204,3 +204,48 @@ def test_random_blocks_are_compact() -> None:
         return float((slots[:, :, 1:] == slots[:, :, :-1]).float().mean())
 
     assert touching("random_block") > 0.6 > 0.4 > touching("random_patch")
+
+
+def test_random_blocks_equal_the_algorithm_written_out_per_image() -> None:
+    """The batched ``random_block`` draw against its algorithm, image by image and cell by cell,
+    from the same random numbers (drawn in the module's order: per slot and attempt, area,
+    aspect, top and left for every image; per slot, the fill order of the cells left)."""
+    import math
+
+    from adios_pl.masks import BLOCK_ATTEMPTS, RandomMasks
+
+    batch, n, g = 6, 4, 8
+    masks = RandomMasks(n, 32, kind="random_block", patch_size=4)  # 8 x 8 cells
+    masks.generator = torch.Generator().manual_seed(3)
+    got = masks(torch.zeros(batch, 3, 32, 32))[:, :, ::4, ::4].argmax(1)  # (B, g, g) slot per cell
+
+    rng = torch.Generator().manual_seed(3)
+    draws = []
+    for _ in range(n - 1):
+        attempts = [[torch.rand(*shape, generator=rng).flatten() for shape in ((batch,), (batch,), (batch, 1, 1), (batch, 1, 1))]
+                    for _ in range(BLOCK_ATTEMPTS)]
+        draws.append((attempts, torch.rand(batch, g * g, generator=rng)))
+    target = g * g // n
+    low, high = math.log(0.3), math.log(1 / 0.3)
+    for b in range(batch):
+        slot_of = [[n - 1] * g for _ in range(g)]  # the last slot takes what is left
+        free = [[True] * g for _ in range(g)]
+        for slot, (attempts, fill) in enumerate(draws):
+            count = 0
+            for u_area, u_aspect, u_top, u_left in attempts:
+                remaining = max(target - count, 0)
+                area = 1 + u_area[b] * (max(remaining, 1) - 1)
+                aspect = torch.exp(low + u_aspect[b] * (high - low))
+                h = int(torch.round(torch.sqrt(area * aspect)).clamp(1, g))
+                w = int(torch.round(torch.sqrt(area / aspect)).clamp(1, g))
+                top, left = int(torch.floor(u_top[b] * (g - h + 1))), int(torch.floor(u_left[b] * (g - w + 1)))
+                taken = 0
+                for r in range(top, top + h):  # the rectangle's free cells in raster order, up to the quota
+                    for c in range(left, left + w):
+                        if free[r][c] and taken < remaining:
+                            free[r][c], slot_of[r][c], taken = False, slot, taken + 1
+                count += taken
+            cells_left = sorted((float(fill[b, r * g + c]), r, c) for r in range(g) for c in range(g) if free[r][c])
+            for _, r, c in cells_left[: max(target - count, 0)]:  # short of the quota: random free cells
+                free[r][c], slot_of[r][c] = False, slot
+        assert got[b].tolist() == slot_of, f"image {b}"

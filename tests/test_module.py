@@ -189,3 +189,14 @@ def test_resnet_stem_depends_on_size() -> None:
     large = ADIOSModule(encoder="resnet18", image_size=96, num_masks=0).encoder
     assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
     assert large.conv1.kernel_size == (7, 7) and not isinstance(large.maxpool, nn.Identity)
+
+
+@pytest.mark.parametrize(("size", "small"), [(32, True), (64, True), (96, False)])
+def test_the_cifar_stem_and_the_vit_patch_4_up_to_64_px(size: int, small: bool) -> None:
+    """The documented boundary: images of 64 px or less get the ResNet's 3x3 stride-1 stem
+    without max-pool and ViT patches of 4; larger ones torchvision's stem and patches of 16."""
+    from adios_pl.encoders import create_encoder
+
+    resnet, vit = create_encoder("resnet18", image_size=size), create_encoder("vit_tiny", image_size=size)
+    assert resnet.conv1.kernel_size == ((3, 3) if small else (7, 7)) and isinstance(resnet.maxpool, nn.Identity) is small
+    assert vit.patch_embed.proj.kernel_size == ((4, 4) if small else (16, 16))

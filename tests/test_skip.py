@@ -126,3 +126,36 @@ def test_skipped_batches_survive_a_resume(tmp_path: Path) -> None:
     resumed = _model()
     quiet_trainer(max_steps=6, limit_val_batches=0).fit(resumed, _loader(batches=6), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.skipped_batches == 1
+
+
+def test_gradient_norm_is_the_norm_of_all_gradients_joined() -> None:
+    """The logged gradient norm against the plain definition: the L2 norm of every gradient
+    entry, the parameters without a gradient left out."""
+    from adios_pl.nonfinite import gradient_norm
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((4, 3), (5,), (2, 2, 3), (7,))]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=g)
+    want = torch.cat([p.grad.flatten() for p in params[:3]]).double().square().sum().sqrt()  # type: ignore[union-attr]
+    norm = gradient_norm(params)
+    assert norm is not None and float(norm) == pytest.approx(float(want), rel=1e-6)
+    assert gradient_norm(params[3:]) is None
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_skipped_first_step_leaves_the_optimiser_as_if_fresh(name: str) -> None:
+    """State the skipped batch created (the first momentum buffer, Adam's moments) is put back to
+    zeros, which is what a fresh state amounts to, not kept with the batch's NaN in it."""
+    from adios_pl.nonfinite import StateSnapshot
+
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9) if name == "sgd" else torch.optim.AdamW(layer.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    snapshot = StateSnapshot(layer, [opt])
+    layer(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    opt.step()
+    snapshot.restore_unless(torch.tensor(False))
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+    tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    assert tensors and all(torch.equal(v, torch.zeros_like(v)) for v in tensors)
