@@ -13,6 +13,7 @@ import torch
 
 from adios_pl import ADIOSModule
 from adios_pl.checkpoint import AtomicCheckpointIO
+from adios_pl.errors import ConfigurationError
 from adios_pl.cli import main
 from adios_pl.objectives import SimCLR
 from conftest import make_loader, quiet_trainer
@@ -87,6 +88,18 @@ def test_empty_or_truncated_checkpoint_is_one_line(content: bytes, stubbed_data:
     assert len(err) == 1 and "is not a readable checkpoint" in err[0] and f"{len(content)} bytes" in err[0], err
 
 
+
+def test_a_checkpoint_is_loaded_as_data_unless_asked_otherwise(tmp_path: Path) -> None:
+    """An object outside torch's weights-only allow-list (here a ``datetime.date``; in an attack,
+    anything pickle can call) is refused by default and loads only when asked for."""
+    import datetime
+
+    path = tmp_path / "carries_an_object.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "made": datetime.date(2022, 7, 17)}, path)
+    with pytest.raises(ConfigurationError, match=r"beyond tensors and plain containers \(the first: datetime.date\).*weights_only=False"):
+        AtomicCheckpointIO().load_checkpoint(path)
+    assert AtomicCheckpointIO().load_checkpoint(path, weights_only=False)["made"] == datetime.date(2022, 7, 17)
+
 def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f".last.ckpt.tmp{dead}"
@@ -130,3 +143,27 @@ def test_the_command_line_installs_atomic_checkpoint_io(stubbed_data: None) -> N
 
     plain = pl.Trainer(accelerator="cpu", logger=False)
     assert not isinstance(plain.strategy.checkpoint_io, AtomicCheckpointIO), "a plain Trainer is left as Lightning makes it"
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_configured_rates_replace_the_saved_ones_for_both_players(optimizer: str) -> None:
+    """:func:`apply_configured_rates` on a checkpoint written out by hand: each player's current
+    rate rescaled by configured / saved base rate (the encoder's by ``lr``, the mask generator's
+    by ``mask_lr``), the base rates, weight decay and (not for AdamW) momentum replaced."""
+    from adios_pl.resume import apply_configured_rates
+
+    def group(lr: float) -> dict[str, Any]:
+        return {"lr": lr, "initial_lr": lr * 2, "weight_decay": 1e-4, "momentum": 0.9}
+
+    checkpoint: dict[str, Any] = {
+        "optimizer_states": [{"param_groups": [group(0.15), group(0.15)]}, {"param_groups": [group(0.01)]}],
+        "lr_schedulers": [{"base_lrs": [0.3, 0.3], "_last_lr": [0.15, 0.15]}, {"base_lrs": [0.02], "_last_lr": [0.01]}],
+    }
+    apply_configured_rates(checkpoint, lr=0.6, mask_lr=0.01, weight_decay=5e-4, momentum=0.8, optimizer=optimizer)
+    encoder, masks = (state["param_groups"] for state in checkpoint["optimizer_states"])
+    assert [g["lr"] for g in encoder] == pytest.approx([0.3, 0.3]) and masks[0]["lr"] == pytest.approx(0.005)
+    assert [g["initial_lr"] for g in encoder + masks] == [0.6, 0.6, 0.01]
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [0.6, 0.6] and checkpoint["lr_schedulers"][1]["base_lrs"] == [0.01]
+    assert checkpoint["lr_schedulers"][1]["_last_lr"] == pytest.approx([0.005])
+    assert all(g["weight_decay"] == 5e-4 for g in encoder + masks)
+    assert all(g["momentum"] == (0.9 if optimizer == "adamw" else 0.8) for g in encoder + masks)

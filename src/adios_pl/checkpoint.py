@@ -62,12 +62,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with fs.open(path, "rb") as f:  # not super(): its weights_only argument is new in Lightning 2.6
                 checkpoint: dict[str, Any] = torch.load(f, map_location=map_location, weights_only=True if weights_only is None else weights_only)
                 return checkpoint
-        except (EOFError, RuntimeError, pickle.UnpicklingError) as error:
-            size = Path(path).stat().st_size if Path(path).exists() else 0
-            raise ConfigurationError(
-                f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
-            ) from error
+        except pickle.UnpicklingError as error:
+            if "Weights only load failed" in str(error):  # a readable file, with objects beyond weights in it
+                found = next((line.split("Unsupported global:")[1].split(" was not")[0].replace("GLOBAL", "").strip()
+                              for line in str(error).splitlines() if "Unsupported global:" in line), "")
+                raise ConfigurationError(
+                    f"{path} holds Python objects beyond tensors and plain containers{f' (the first: {found})' if found else ''}, and "
+                    "checkpoints are loaded as data. If you trust where it came from, load it with weights_only=False "
+                    "(AtomicCheckpointIO().load_checkpoint(path, weights_only=False))"
+                ) from error
+            raise self._unreadable(path, error) from error
+        except (EOFError, RuntimeError) as error:
+            raise self._unreadable(path, error) from error
+
+    @staticmethod
+    def _unreadable(path: Any, error: BaseException) -> ConfigurationError:
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        return ConfigurationError(
+            f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
+        )
 
 
 def _remove_stale_temporaries(target: Path) -> None:
