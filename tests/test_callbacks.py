@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ShapesDataModule
-from adios_pl.evaluation import evaluate_encoder, knn_accuracy, linear_probe
+from adios_pl.evaluation import evaluate_encoder, extract_features, knn_accuracy, linear_probe, seeded_linear
 from adios_pl.export import export_encoder
 from adios_pl.metrics import foreground_ari, knn_predict, mean_best_overlap
 from adios_pl.objectives import SimCLR
@@ -32,6 +33,12 @@ def small_model(**kw: object) -> ADIOSModule:
                 objective=SimCLR(proj_hidden_dim=32, proj_output_dim=16))
     args.update(kw)
     return ADIOSModule(**args)
+
+
+def probe_host(num_features: int) -> Any:
+    """What :class:`OnlineLinearProbe` reads of its LightningModule: the encoder's
+    ``num_features``, the device and ``log``; for driving the probe's hooks by hand."""
+    return type("M", (), {"encoder": type("E", (), {"num_features": num_features})(), "device": torch.device("cpu"), "log": lambda *a, **k: None})()
 
 
 def naive_knn(q: torch.Tensor, bank: torch.Tensor, labels: torch.Tensor, c: int, k: int, t: float) -> torch.Tensor:
@@ -91,7 +98,6 @@ def test_knn_callback_equals_offline_knn() -> None:
     trainer = quiet_trainer(max_epochs=1, callbacks=[knn], limit_train_batches=0)
     trainer.validate(model, dm)
     dm.setup("fit")
-    from adios_pl.evaluation import extract_features
     val, bank = dm.val_dataloader()
     qx, qy = extract_features(model.encoder, val)
     bx, by = extract_features(model.encoder, bank)
@@ -125,7 +131,7 @@ def test_probe_normalisation_keeps_sgd_stable_on_large_features() -> None:
     losses = {}
     for normalize in (False, True):
         probe = OnlineLinearProbe(num_classes=4, normalize=normalize)
-        module = type("M", (), {"encoder": type("E", (), {"num_features": 512})(), "device": torch.device("cpu"), "log": lambda *a, **k: None})()
+        module = probe_host(512)
         probe.setup(None, module, "fit")  # type: ignore[arg-type]
         for step in range(64):
             idx = slice(32 * step, 32 * step + 32)
@@ -242,7 +248,6 @@ def test_knn_callback_top1_and_top5_over_the_labelled_queries_equal_the_naive_vo
     (target -1: left out, not counted as a miss): both figures against :func:`naive_knn`."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from adios_pl.evaluation import extract_features
 
     g = torch.Generator().manual_seed(0)
     queries = DataLoader(TensorDataset(torch.randn(30, 3, 32, 32, generator=g), torch.where(torch.arange(30) % 3 == 0, -1, torch.arange(30) % 10)),
@@ -272,14 +277,13 @@ def test_online_probe_step_leaves_unlabelled_images_out_of_the_loss() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 16, generator=g), torch.arange(12) % 3
     y_mixed = torch.where(torch.arange(12) % 4 == 0, -1, y)
-    module = type("M", (), {"encoder": type("E", (), {"num_features": 16})(), "device": torch.device("cpu"), "log": lambda *a, **k: None})()
+    module = probe_host(16)
     weights = []
     for features, targets in ((x, y_mixed), (x[y_mixed >= 0], y[y_mixed >= 0])):
         probe = OnlineLinearProbe(num_classes=3, normalize=False)
         probe.setup(None, module, "fit")  # type: ignore[arg-type]
         probe.on_train_batch_end(None, module, {"features": features, "targets": targets}, None, 0)  # type: ignore[arg-type]
         weights.append(probe.linear.weight.detach().clone())
-    from adios_pl.evaluation import seeded_linear
 
     assert not torch.allclose(weights[0], seeded_linear(16, 3).weight, atol=1e-4), "the step did not move the probe"
     assert torch.allclose(weights[0], weights[1], atol=1e-7)
@@ -318,7 +322,6 @@ def test_offline_scores_leave_unlabelled_evaluation_images_out() -> None:
 def test_feature_extraction_runs_in_eval_mode_and_puts_the_mode_back(training: bool) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from adios_pl.evaluation import extract_features
 
     encoder = small_model().encoder.train(training)
     modes: list[bool] = []

@@ -88,7 +88,6 @@ def test_empty_or_truncated_checkpoint_is_one_line(content: bytes, stubbed_data:
     assert len(err) == 1 and "is not a readable checkpoint" in err[0] and f"{len(content)} bytes" in err[0], err
 
 
-
 def test_a_checkpoint_is_loaded_as_data_unless_asked_otherwise(tmp_path: Path) -> None:
     """An object outside torch's weights-only allow-list (here a ``datetime.date``; in an attack,
     anything pickle can call) is refused by default and loads only when asked for."""
@@ -99,6 +98,7 @@ def test_a_checkpoint_is_loaded_as_data_unless_asked_otherwise(tmp_path: Path) -
     with pytest.raises(ConfigurationError, match=r"beyond tensors and plain containers \(the first: datetime.date\).*weights_only=False"):
         AtomicCheckpointIO().load_checkpoint(path)
     assert AtomicCheckpointIO().load_checkpoint(path, weights_only=False)["made"] == datetime.date(2022, 7, 17)
+
 
 def test_temporaries_of_killed_saves_are_removed(tmp_path: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()

@@ -222,7 +222,6 @@ def test_shapes_datamodule_batches() -> None:
     assert abs(float(torch.cat([b[0] for b in bank]).mean())) < 0.3
 
 
-
 @pytest.mark.parametrize("augment_on", ["host", "device"])
 def test_training_loader_drops_the_partial_last_batch(augment_on: str) -> None:
     """20 images in batches of 8: two batches of 8. The 4 left over would make a batch of another
@@ -230,6 +229,7 @@ def test_training_loader_drops_the_partial_last_batch(augment_on: str) -> None:
     dm = ShapesDataModule(train_size=20, val_size=8, batch_size=8, num_workers=0, pin_memory=False, augment_on=augment_on)
     dm.setup("fit")
     assert [len(targets) for *_, targets in dm.train_dataloader()] == [8, 8]
+
 
 def test_pretraining_crop_is_the_published_bicubic_random_resized_crop() -> None:
     """ADIOS.md, "Data": RandomResizedCrop with scale (min_scale, 1) and bicubic interpolation."""

@@ -3,10 +3,11 @@ step's own gradient average and buffer broadcast equal one collective per tensor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import pytorch_lightning as pl
@@ -206,11 +207,20 @@ def test_adios_s_ranks_draw_their_own_slots(monkeypatch: pytest.MonkeyPatch) -> 
     assert not torch.equal(slots(0), slots(1)), "two ranks draw the same slots"
 
 
-def _sync_worker(rank: int, port: int) -> None:
-    """One rank of :func:`test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives`."""
+@contextlib.contextmanager
+def _gloo(rank: int, port: int) -> Iterator[None]:
+    """Rank ``rank`` of a 2-process gloo group on ``port``, for a spawned worker; destroyed on the way out."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_worker(rank: int, port: int) -> None:
+    """One rank of :func:`test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives`."""
+    with _gloo(rank, port):
         torch.manual_seed(rank)  # each rank's gradients and buffers differ
         params = [
             torch.nn.Parameter(torch.randn(8, 5)),  # contiguous
@@ -249,8 +259,6 @@ def _sync_worker(rank: int, port: int) -> None:
         for i, (b, e) in enumerate(zip(buffers, expected)):
             assert torch.equal(b, e), f"rank {rank}: buffer {i} differs from rank 0's"
         assert buffers[4].item() == rank + 5, "an integer buffer (a counter) was broadcast"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives() -> None:
@@ -263,17 +271,13 @@ def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives
 
 def _gather_worker(rank: int, port: int) -> None:
     """One rank of :func:`test_gathered_rows_come_back_in_dataset_order_without_padding`."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo(rank, port):
         for n in (7, 8):  # the sampler pads 7 images to 8; 8 need no padding
             mine = list(DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=False))
             rows = torch.tensor(mine, dtype=torch.float32).unsqueeze(1).repeat(1, 3) + torch.tensor([0.0, 0.25, 0.5])
             gathered = gather_in_order(rows, n)
             want = torch.arange(n, dtype=torch.float32).unsqueeze(1) + torch.tensor([0.0, 0.25, 0.5])
             assert torch.equal(gathered, want), f"rank {rank}, {n} images: {gathered[:, 0].tolist()}"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gathered_rows_come_back_in_dataset_order_without_padding() -> None:
@@ -286,15 +290,11 @@ def _finite_worker(rank: int, port: int) -> None:
     """One rank of :func:`test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank`."""
     from adios_pl.nonfinite import all_finite
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with _gloo(rank, port):
         finite = [torch.tensor(1.0), torch.tensor(2.0)]
         assert bool(all_finite(finite)), f"rank {rank}: finite everywhere, yet not finite"
         mine = [torch.tensor(1.0), torch.tensor(float("nan") if rank == 1 else 2.0)]
         assert not bool(all_finite(mine)), f"rank {rank} would keep a batch that rank 1 skips"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank() -> None:

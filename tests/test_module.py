@@ -184,13 +184,6 @@ def test_real_backbones_train_a_step(encoder: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.encoder.parameters()))
 
 
-def test_resnet_stem_depends_on_size() -> None:
-    small = ADIOSModule(encoder="resnet18", image_size=32, num_masks=0).encoder
-    large = ADIOSModule(encoder="resnet18", image_size=96, num_masks=0).encoder
-    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, nn.Identity)
-    assert large.conv1.kernel_size == (7, 7) and not isinstance(large.maxpool, nn.Identity)
-
-
 @pytest.mark.parametrize(("size", "small"), [(32, True), (64, True), (96, False)])
 def test_the_cifar_stem_and_the_vit_patch_4_up_to_64_px(size: int, small: bool) -> None:
     """The documented boundary: images of 64 px or less get the ResNet's 3x3 stride-1 stem
