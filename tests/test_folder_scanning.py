@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from adios_pl.data import ImageFolderDataModule
-from adios_pl.data.folder import load_rgb, scan_folder
+from adios_pl.data.folder import load_rgb, scan_folder, split_indices
 
 
 def _image(path: Path, value: int = 128) -> None:
@@ -82,3 +82,39 @@ def test_float_tiff_is_not_black(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), 1000.0, dtype=np.float32), mode="F").save(tmp_path / "big.tif")
     assert np.asarray(load_rgb(str(tmp_path / "half.tif")))[0, 0, 0] in (127, 128)
     assert np.asarray(load_rgb(str(tmp_path / "big.tif")))[0, 0, 0] == 255
+
+
+@pytest.mark.parametrize("decode", ["I;16", "I"])
+def test_a_dark_16_bit_image_stays_dark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode: str) -> None:
+    """Values up to 255 of 65535 are nearly black, not an 8-bit image's light grey, whether Pillow
+    opens the 16-bit PNG as "I;16" (10.3 and later) or as "I" (before 10.3: reproduced here)."""
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), (decode, "I;16B"))
+    Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((4, 4), 60000, dtype=np.uint16)).save(tmp_path / "light.png")
+    assert Image.open(tmp_path / "dark.png").mode == decode
+    assert np.asarray(load_rgb(str(tmp_path / "dark.png"))).max() == 0  # 200 / 65535 * 255 = 0.78
+    assert np.asarray(load_rgb(str(tmp_path / "light.png"))).min() == 233  # 60000 / 65535 * 255 = 233.5
+
+
+def test_the_held_out_split_is_seeded_disjoint_and_complete(tmp_path: Path) -> None:
+    train, held = split_indices(50, 0.2, seed=3)
+    assert len(held) == 10 and sorted(train + held) == list(range(50)), "every image in exactly one part"
+    assert split_indices(50, 0.2, seed=3) == (train, held)
+    assert len({tuple(split_indices(50, 0.2, seed)[1]) for seed in range(4)}) == 4, "the seed chooses the split"
+    root = _tree(tmp_path / "t", {"a": 5, "b": 5})
+    dm = ImageFolderDataModule(str(root), val_fraction=0.3, seed=1)
+    dm.setup("fit")
+    train_files = {dm.pretrain_set.dataset.samples[i][0] for i in dm.pretrain_set.indices}  # type: ignore[union-attr]
+    held_files = {dm.eval_set.dataset.samples[i][0] for i in dm.eval_set.indices}  # type: ignore[union-attr]
+    assert len(held_files) == 3 and len(train_files) == 7 and not train_files & held_files
+
+
+def test_a_val_dir_with_fewer_classes_keeps_the_training_labels(tmp_path: Path) -> None:
+    """val_dir lacks class "a" and holds folders that are never classes: "b" and "c" keep the
+    labels 1 and 2 they have in training."""
+    train = _tree(tmp_path / "t", {"a": 2, "b": 2, "c": 2})
+    val = _tree(tmp_path / "v", {"b": 1, "c": 2, "__MACOSX/b": 1, ".thumbnails": 1})
+    dm = ImageFolderDataModule(str(train), val_dir=str(val))
+    dm.setup("fit")
+    assert dm.num_classes == 3
+    assert sorted((Path(path).parent.name, target) for path, target in dm.eval_set.samples) == [("b", 1), ("c", 2), ("c", 2)]  # type: ignore[union-attr]

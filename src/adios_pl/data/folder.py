@@ -29,7 +29,8 @@ def load_rgb(path: str) -> Image.Image:
     """Open ``path`` as an RGB PIL image.
 
     Grayscale, palette and RGBA images are converted; 16-bit images are scaled to 8 bits first
-    (a plain conversion would clip them to white).
+    (a plain conversion would clip them to white), by their bit depth, not their values, so a dark
+    16-bit image stays dark.
 
     Raises:
         CorruptImageError: naming the file, when it cannot be decoded.
@@ -42,8 +43,9 @@ def load_rgb(path: str) -> Image.Image:
                 array = np.nan_to_num(np.asarray(image, dtype=np.float64))
                 if image.mode == "F":  # float images: [0, 1] as is, otherwise scaled by their maximum
                     top = 1.0 if array.max() <= 1.0 else float(array.max())
-                else:
-                    top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+                else:  # Pillow before 10.3 opens 16-bit PNGs as "I" (a PNG holds 1 to 16 bits)
+                    sixteen = image.mode.startswith("I;16") or image.format == "PNG"
+                    top = 65535.0 if sixteen or array.max() > 255 else 255.0
                 image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
