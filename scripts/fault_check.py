@@ -34,7 +34,7 @@ SRC = "src/adios_pl/"
 #: Test files run first: quick, and between them they check most of the library against
 #: independent versions. The rest of the suite follows.
 FIRST = [
-    "test_exactness.py", "test_masks.py", "test_objectives.py", "test_optim.py", "test_batched_views.py", "test_data.py",
+    "test_exactness.py", "test_masks.py", "test_objectives.py", "test_optim.py", "test_batched_views.py", "test_data.py", "test_folder_scanning.py",
     "test_device_augment.py", "test_precision.py", "test_skip.py", "test_callbacks.py", "test_reliability.py",
     "test_checkpoints.py", "test_module.py", "test_distributed.py",
 ]
@@ -237,6 +237,64 @@ FAULTS = [
           "synchronised variance leaves out the spread of the ranks' means"),
     Fault("syncbn_local_input_grad", "sync_batch_norm.py", "            dist.all_reduce(sums, group=ctx.group)\n", "\n",
           "synchronised batch norm's input gradient from the local batch only"),
+    # augmentation settings that must reach both pipelines
+    Fault("cpu_flip_prob_fixed", "data/transforms.py", "T.RandomHorizontalFlip(p=flip_prob)", "T.RandomHorizontalFlip(p=0.5)",
+          "the CPU pipeline flips half the views whatever flip_prob says"),
+    Fault("cpu_grayscale_prob_fixed", "data/transforms.py", "T.RandomGrayscale(p=grayscale_prob)", "T.RandomGrayscale(p=0.2)",
+          "the CPU pipeline's grayscale rate fixed at 0.2"),
+    Fault("cpu_jitter_strengths_swapped", "data/transforms.py", "T.ColorJitter(brightness, contrast, saturation, hue)",
+          "T.ColorJitter(brightness, saturation, contrast, hue)", "the CPU pipeline swaps the contrast and saturation strengths"),
+    Fault("cpu_blur_prob_fixed", "data/transforms.py", "T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob)",
+          "T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)", "the CPU pipeline blurs half the views whatever blur_prob says"),
+    Fault("device_flip_prob_fixed", "data/device_augment.py", '_chance(u("flip"), self.flip_prob)', '_chance(u("flip"), 0.5)',
+          "the device pipeline flips half the views whatever flip_prob says"),
+    Fault("device_jitter_prob_fixed", "data/device_augment.py", '_chance(u("jitter"), self.jitter_prob)', '_chance(u("jitter"), 0.8)',
+          "the device pipeline's jitter rate fixed at 0.8"),
+    Fault("device_solarise_prob_is_blur", "data/device_augment.py", '_chance(u("solarize"), self.solarization_prob)',
+          '_chance(u("solarize"), self.blur_prob)', "the device pipeline solarises at blur_prob"),
+    Fault("device_jitter_strengths_swapped", "data/device_augment.py",
+          'self.jitter = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}',
+          'self.jitter = {"brightness": brightness, "contrast": saturation, "saturation": contrast, "hue": hue}',
+          "the device pipeline swaps the contrast and saturation strengths"),
+    Fault("device_blur_kernel", "data/device_augment.py", "self.blur_kernel = max(3, (image_size // 10) | 1)",
+          "self.blur_kernel = max(3, (image_size // 5) | 1)", "the device blur kernel a fifth of the image, not a tenth"),
+    Fault("datamodule_drops_probabilities", "data/base.py",
+          "return dict(min_scale=self.min_scale, blur_prob=self.blur_prob, **self.jitter, **self.probabilities)",
+          "return dict(min_scale=self.min_scale, blur_prob=self.blur_prob, **self.jitter)",
+          "a DataModule's flip, grayscale, jitter and solarisation probabilities never reach its pipelines"),
+    Fault("datamodule_ignores_blur_prob", "data/base.py", "self.blur_prob = self.default_blur_prob if blur_prob is None else blur_prob",
+          "self.blur_prob = self.default_blur_prob", "a DataModule's blur_prob is replaced by the dataset default"),
+    # image folders, Shapes
+    Fault("split_ignores_seed", "data/folder.py", "torch.Generator().manual_seed(seed)", "torch.Generator().manual_seed(0)",
+          "the held-out split is the same whatever the seed"),
+    Fault("split_overlaps", "data/folder.py", "return sorted(order[k:]), sorted(order[:k])", "return sorted(order[max(k - 1, 0):]), sorted(order[:k])",
+          "one held-out image is also a training image"),
+    Fault("given_classes_renumbered", "data/folder.py", "target = index if given else len(kept)", "target = len(kept)",
+          "a val_dir without one of the classes shifts the labels of the classes after it"),
+    Fault("dark_16_bit_as_8_bit", "data/folder.py", "top = 65535.0 if sixteen or array.max() > 255 else 255.0",
+          "top = 65535.0 if array.max() > 255 else 255.0", "a dark 16-bit image is read as 8-bit (bright)"),
+    Fault("png_16_bit_by_mode_only", "data/folder.py", 'sixteen = image.mode.startswith("I;16") or image.format == "PNG"',
+          'sixteen = image.mode.startswith("I;16")', 'a dark 16-bit PNG that Pillow before 10.3 opens as "I" is read as 8-bit'),
+    Fault("val_system_folders_are_classes", "data/folder.py",
+          "val_classes = sorted(e.name for e in os.scandir(self.val_dir) if e.is_dir() and not _is_system(e.name))",
+          "val_classes = sorted(e.name for e in os.scandir(self.val_dir) if e.is_dir())", "hidden and system folders in val_dir count as classes"),
+    Fault("colour_shuffle_inverted", "data/shapes.py", "if float(torch.rand(())) >= self.p:", "if float(torch.rand(())) < self.p:",
+          "Shapes' colour shuffle applies with probability 1 - p"),
+    # mask quality, the collapse warning, the evaluation epochs, the command line
+    Fault("mask_quality_random_is_learned", "callbacks/masks.py", "foreground_ari(random, segmentation)", "foreground_ari(pred, segmentation)",
+          "the random-patch baseline scores the learned masks"),
+    Fault("mask_quality_names_swapped", "callbacks/masks.py", '("mask_fg_ari", "mask_mbo", "mask_fg_ari_random")',
+          '("mask_mbo", "mask_fg_ari", "mask_fg_ari_random")', "foreground ARI and mean best overlap logged under each other's names"),
+    Fault("collapse_threshold_half", "module.py", "collapsed = (collapsed_fraction >= 0.9) & finite", "collapsed = (collapsed_fraction >= 0.5) & finite",
+          "a step counts as collapsed when half the images are"),
+    Fault("collapse_warned_after_one_step", "module.py", "if steps and collapsed >= steps and not self._collapse_warned:",
+          "if steps and collapsed >= 1 and not self._collapse_warned:", "the collapse warning after one collapsed step, not a whole epoch"),
+    Fault("every_n_epochs_off_by_one", "callbacks/base.py", "trainer.current_epoch % self.every_n_epochs == 0",
+          "(trainer.current_epoch + 1) % self.every_n_epochs == 0", "every_n_epochs=2 evaluates epochs 1, 3, ... instead of 0, 2, ..."),
+    Fault("sanity_check_evaluated", "callbacks/base.py", "return not trainer.sanity_checking and trainer.current_epoch",
+          "return trainer.current_epoch", "the evaluation callbacks run in the sanity check too"),
+    Fault("cli_image_size_unlinked", "cli.py", '        parser.link_arguments("data.init_args.image_size", "model.image_size")\n', "        pass\n",
+          "the command line does not pass the data's image size to the model"),
 ]
 
 
@@ -289,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fault(s) {unknown}; --list shows them")
     if args.list:
         for f in FAULTS:
-            print(f"{f.name:28} {SRC}{f.path}: {f.what}")
+            print(f"{f.name:32} {SRC}{f.path}: {f.what}")
         return 0
     # restore the file on SIGTERM too (KeyboardInterrupt already unwinds through run_fault)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

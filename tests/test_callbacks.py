@@ -17,7 +17,7 @@ from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLin
 from adios_pl.data import ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder, extract_features, knn_accuracy, linear_probe, seeded_linear
 from adios_pl.export import export_encoder
-from adios_pl.metrics import foreground_ari, knn_predict, mean_best_overlap
+from adios_pl.metrics import foreground_ari, knn_predict, mean_best_overlap, random_patch_segmentation
 from adios_pl.objectives import SimCLR
 from conftest import quiet_trainer
 
@@ -150,6 +150,41 @@ def test_probe_rejects_labels_beyond_num_classes() -> None:
 def test_mask_quality_warns_without_segmentation_or_masks() -> None:
     with pytest.warns(UserWarning, match="no mask generator"):
         quiet_trainer(max_epochs=1, callbacks=[MaskQuality()], limit_train_batches=0).validate(small_model(num_masks=0), shapes())
+
+
+
+def test_mask_quality_averages_each_images_scores_over_the_split() -> None:
+    """The three logged figures against the metrics (checked in test_mask_metrics) applied image
+    by image: the learned masks' argmax, and the random patches that MaskQuality draws for each
+    batch (seeded by the batch index), averaged over all 40 evaluation images (batches of 16, 16
+    and 8)."""
+    dm, model = shapes(), small_model()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[MaskQuality(patch_size=8)], limit_train_batches=0)
+    trainer.validate(model, dm)
+    scores: dict[str, list[float]] = {"mask_fg_ari": [], "mask_mbo": [], "mask_fg_ari_random": []}
+    model.eval()
+    for index, (images, _, segmentation) in enumerate(dm.val_dataloader()[0]):
+        with torch.no_grad():
+            learned = model.mask_generator(images).argmax(dim=1)
+        random = random_patch_segmentation(len(images), 32, 3, 8, torch.Generator().manual_seed(index))
+        for i in range(len(images)):
+            truth = segmentation[i : i + 1]
+            scores["mask_fg_ari"].append(float(foreground_ari(learned[i : i + 1], truth)))
+            scores["mask_mbo"].append(float(mean_best_overlap(learned[i : i + 1], truth)))
+            scores["mask_fg_ari_random"].append(float(foreground_ari(random[i : i + 1], truth)))
+    assert len(scores["mask_mbo"]) == 40
+    for name, values in scores.items():
+        expected = float(torch.tensor(values).nanmean())
+        assert float(trainer.callback_metrics[f"val/{name}"]) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    assert scores["mask_fg_ari"] != scores["mask_fg_ari_random"]
+
+
+def test_evaluation_runs_every_nth_epoch_from_the_first_and_not_in_the_sanity_check(tmp_path: Path) -> None:
+    """every_n_epochs=2 over three epochs: epochs 0 and 2. The sanity check (two batches before
+    training) draws nothing."""
+    viz = MaskVisualizer(every_n_epochs=2, num_images=2, out_dir=str(tmp_path))
+    quiet_trainer(max_epochs=3, callbacks=[viz], num_sanity_val_steps=2).fit(small_model(), shapes(train_size=32))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["epoch_000_step_0000002.png", "epoch_002_step_0000006.png"]
 
 
 def test_export_encoder_loads_into_plain_torchvision(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from adios_pl.data import (
     CIFAR10DataModule, CIFAR100DataModule, CorruptImageError, ImageFolderDataModule, ImageNet100DataModule,
     STL10DataModule, ShapesDataModule, ShapesDataset, imagenet100_classes, load_rgb,
 )
+from adios_pl.data.shapes import RandomColourShuffle
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 
 LOADER = dict(batch_size=4, num_workers=0, pin_memory=False)
@@ -206,6 +207,18 @@ def test_shapes_deterministic_and_consistent() -> None:
 def test_shapes_labels_balanced() -> None:
     counts = np.bincount(ShapesDataset(2000).labels(), minlength=4)
     assert (np.abs(counts / 2000 - 0.25) < 0.04).all(), counts
+
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.8, 1.0])
+def test_colour_shuffle_applies_with_probability_p(p: float) -> None:
+    """An applied shuffle moves every image (random gains); over 2000 draws the share it moved is
+    p, within 4 standard deviations."""
+    image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    shuffle = RandomColourShuffle(p=p)
+    torch.manual_seed(0)
+    moved = sum(not torch.equal(shuffle(image), image) for _ in range(2000)) / 2000
+    assert abs(moved - p) <= 4 * (p * (1 - p) / 2000) ** 0.5, moved
 
 
 def test_shapes_datamodule_batches() -> None:

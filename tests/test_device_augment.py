@@ -10,12 +10,13 @@ import pickle
 
 import pytest
 import torch
+from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from adios_pl.data import ShapesDataModule
-from adios_pl.data.base import CachedImages
+from adios_pl.data.base import CachedImages, SSLDataModule
 from adios_pl.data.device_augment import (
-    DRAW_COLUMNS, DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
+    DRAW_COLUMNS, DRAWS_PER_IMAGE, DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
 )
 from adios_pl.data.transforms import pretrain_transform
 
@@ -242,6 +243,65 @@ def test_the_statistics_test_detects_a_wrong_scale_range() -> None:
     boxes_wrong = sample_crops(N, height, width, (0.2, 1.0), (3 / 4, 4 / 3), torch.device("cpu"), torch.Generator().manual_seed(0))
     area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
     assert ks(area(boxes_right), area(boxes_wrong)) > KS_LIMIT
+
+
+
+#: Every augmentation setting at a value of its own and none at its default, so that a setting
+#: which never reaches a pipeline, or reaches it in another's place, changes what it builds.
+DISTINCT = dict(min_scale=0.3, brightness=0.2, contrast=0.7, saturation=0.4, hue=0.1, jitter_prob=0.6,
+                grayscale_prob=0.15, blur_prob=0.35, flip_prob=0.3, solarization_prob=0.45)
+
+
+def _cpu_steps(dm: SSLDataModule) -> dict[str, T.Transform]:
+    """The steps of the DataModule's CPU view transform by the name of what they apply."""
+    steps = dm.train_transform().transform.transforms  # type: ignore[attr-defined]
+    return {type(s.transforms[0] if isinstance(s, T.RandomApply) else s).__name__: s for s in steps}
+
+
+def test_a_datamodules_settings_reach_the_cpu_pipeline() -> None:
+    """The statistical comparisons above run both pipelines at the defaults, where a setting that
+    is ignored (or swapped with another of the same default) goes unseen."""
+    steps = _cpu_steps(SSLDataModule(image_size=24, **PLAIN, **DISTINCT))  # type: ignore[arg-type]
+    assert steps["RandomResizedCrop"].scale == (0.3, 1.0)
+    rates = {name: steps[name].p for name in ("ColorJitter", "RandomGrayscale", "GaussianBlur", "RandomSolarize", "RandomHorizontalFlip")}
+    assert rates == {"ColorJitter": 0.6, "RandomGrayscale": 0.15, "GaussianBlur": 0.35, "RandomSolarize": 0.45, "RandomHorizontalFlip": 0.3}
+    jitter = steps["ColorJitter"].transforms[0]
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    assert ranges == [pytest.approx(r) for r in [(0.8, 1.2), (0.3, 1.7), (0.6, 1.4), (-0.1, 0.1)]], ranges
+
+
+def test_a_datamodules_settings_reach_the_device_pipeline() -> None:
+    """Each op of the device pipeline applies exactly when its draw is below its own setting (the
+    draws just below and just above each probability), the jitter's factors span the CPU
+    ColorJitter's ranges, and its blur is the CPU pipeline's GaussianBlur, kernel and all."""
+    dm = SSLDataModule(image_size=24, **PLAIN, **DISTINCT)  # type: ignore[arg-type]
+    aug, cpu = dm.device_augmentation(), _cpu_steps(dm)
+    image = _colourful(24)
+    image[:, ::2, ::2] = 255  # detail for the blur, bright pixels for the solarisation
+    off = torch.full((1, DRAWS_PER_IMAGE), 0.999)  # every op off
+    off[:, DRAW_COLUMNS["aspect"]] = 0.5  # crops of ratio 1 and area 0.9993: the whole image
+    off[:, DRAW_COLUMNS["factors"]], off[:, DRAW_COLUMNS["hue"]], off[:, DRAW_COLUMNS["sigma"]] = 0.1, 0.1, 0.5
+
+    def view(column: str, u: float) -> torch.Tensor:
+        draws = off.clone()
+        draws[:, DRAW_COLUMNS[column]] = u
+        return aug.transform(image[None], draws)
+
+    probabilities = {"jitter": 0.6, "grayscale": 0.15, "blur": 0.35, "solarize": 0.45, "flip": 0.3}
+    for column, p in probabilities.items():
+        below, above = view(column, p - 0.01), view(column, p + 0.01)
+        assert torch.equal(below, view(column, 0.0)), f"{column}: not applied at a draw just below {p}"
+        assert torch.equal(above, view(column, 0.999)), f"{column}: applied at a draw just above {p}"
+        assert not torch.allclose(below, above), f"{column}: the op changed nothing"
+    (low, low_hue, _), (high, high_hue, _) = (aug.jitter_parameters(torch.full((1, DRAWS_PER_IMAGE), u)) for u in (0.0, 1.0))
+    device_ranges = [(float(low[0, k]), float(high[0, k])) for k in range(3)] + [(float(low_hue), float(high_hue))]  # type: ignore[arg-type]
+    jitter = cpu["ColorJitter"].transforms[0]
+    assert device_ranges == [pytest.approx(r) for r in (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)]
+    blur = cpu["GaussianBlur"].transforms[0]
+    sigma = float(torch.tensor(0.5) * 1.9 + 0.1)  # the sigma draw 0.5 in [0.1, 2.0)
+    expected = TF.gaussian_blur(view("blur", 0.999)[0], list(blur.kernel_size), [sigma, sigma])
+    # the same taps in float32: measured 2.4e-7 apart; with a kernel of 5 instead of 3, 0.07
+    torch.testing.assert_close(view("blur", 0.0)[0], expected, atol=1e-5, rtol=0)
 
 
 def test_device_mode_datamodule_ships_uint8_and_makes_two_normalised_views() -> None:

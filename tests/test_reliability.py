@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +269,44 @@ def test_mask_collapse_is_warned_once() -> None:
     with pytest.warns(UserWarning, match="mask collapse.*sparsity_weight") as record:
         quiet_trainer(max_epochs=2, limit_val_batches=0).fit(model, make_loader(n=16, size=16))
     assert sum("mask collapse" in str(w.message) for w in record) == 1
+
+
+class ScheduledCollapse(torch.nn.Module):
+    """Soft masks where the first ``share`` of each batch's images is collapsed (slot shares 0.99,
+    0.005, 0.005) and the rest spread (0.5, 0.3, 0.2); ``share`` is set per batch by the test."""
+
+    num_masks = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([[0.99, 0.005, 0.005], [0.5, 0.3, 0.2]]).log())
+        self.share = 0.0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        collapsed = torch.arange(images.shape[0]) < round(self.share * images.shape[0])
+        shares = self.logits.softmax(1)[torch.where(collapsed, 0, 1)]
+        return shares[:, :, None, None].expand(-1, -1, *images.shape[-2:])
+
+
+@pytest.mark.parametrize(("shares", "warned"), [
+    ((1.0, 1.0, 1.0, 1.0), True),  # every image of every step: collapse
+    ((0.75, 0.75, 0.75, 0.75), False),  # a quarter of the images keep their masks
+    ((1.0, 1.0, 1.0, 0.0), False),  # the last step of the epoch is not collapsed
+])
+def test_mask_collapse_is_warned_only_when_nine_in_ten_images_collapse_in_every_step(shares: tuple[float, ...], warned: bool) -> None:
+    generator = ScheduledCollapse()
+
+    class Schedule(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+            generator.share = shares[batch_idx]
+
+    model = _model(mask_generator=generator, mask_lr=1e-9)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, callbacks=[Schedule()])
+        trainer.fit(model, make_loader(n=32, size=16))
+    assert float(trainer.callback_metrics["train/mask_collapsed_fraction"]) == shares[-1], "the schedule reached the masks"
+    assert any("mask collapse" in str(w.message) for w in record) == warned
 
 
 class ConstantMasks(torch.nn.Module):
