@@ -152,7 +152,6 @@ def test_mask_quality_warns_without_segmentation_or_masks() -> None:
         quiet_trainer(max_epochs=1, callbacks=[MaskQuality()], limit_train_batches=0).validate(small_model(num_masks=0), shapes())
 
 
-
 def test_mask_quality_averages_each_images_scores_over_the_split() -> None:
     """The three logged figures against the metrics (checked in test_mask_metrics) applied image
     by image: the learned masks' argmax, and the random patches that MaskQuality draws for each

@@ -209,7 +209,6 @@ def test_shapes_labels_balanced() -> None:
     assert (np.abs(counts / 2000 - 0.25) < 0.04).all(), counts
 
 
-
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.8, 1.0])
 def test_colour_shuffle_applies_with_probability_p(p: float) -> None:
     """An applied shuffle moves every image (random gains); over 2000 draws the share it moved is

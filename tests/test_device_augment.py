@@ -68,7 +68,6 @@ def test_both_pipelines_take_the_same_settings_with_the_same_defaults() -> None:
         assert device[name].default == parameter.default, f"{name}: {device[name].default} vs {parameter.default}"
 
 
-
 def test_both_pipelines_normalise_with_the_given_mean_and_std() -> None:
     """With every random op off and the whole image kept (scale 1), a view of either pipeline is
     ``(image / 255 - mean) / std``."""
@@ -243,7 +242,6 @@ def test_the_statistics_test_detects_a_wrong_scale_range() -> None:
     boxes_wrong = sample_crops(N, height, width, (0.2, 1.0), (3 / 4, 4 / 3), torch.device("cpu"), torch.Generator().manual_seed(0))
     area = lambda b: b[:, 2] * b[:, 3] / (height * width)  # noqa: E731
     assert ks(area(boxes_right), area(boxes_wrong)) > KS_LIMIT
-
 
 
 #: Every augmentation setting at a value of its own and none at its default, so that a setting
