@@ -11,11 +11,13 @@ every epoch) with LARS -- is ``evaluate_encoder(..., augment=True, optimizer="la
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
 
 from adios_pl.metrics import knn_predict
 from adios_pl.optim import LARS
@@ -113,6 +115,16 @@ def knn_accuracy(train_features: Tensor, train_targets: Tensor, test_features: T
     return float((scores.argmax(1)[keep_test] == test_targets[keep_test]).float().mean())
 
 
+def probe_augmentation(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], Tensor]:
+    """The augmented probe's training transform (the reference's linear-evaluation augmentation):
+    a random resized crop of 0.08 to 1 of the area (bicubic), a horizontal flip with probability
+    0.5, then normalisation with ``mean`` and ``std``."""
+    return T.Compose([
+        T.ToImage(), T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
+        T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std),
+    ])
+
+
 def augmented_linear_probe(
     encoder: nn.Module,
     datamodule: Any,
@@ -129,24 +141,21 @@ def augmented_linear_probe(
     on the evaluation split under the evaluation transform. lr x0.1 at 60 % and 80 % of the epochs.
 
     ``eval_features``: the evaluation split's ``(features, targets)`` if already extracted with
-    this encoder (they are extracted otherwise).
+    this encoder (they are extracted otherwise). The encoder runs in eval mode (its batch-norm
+    statistics stay as they are) and is left in the mode it was in.
     """
     from torch.utils.data import DataLoader
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2 as T
 
     from adios_pl.data.base import Transformed
 
     datamodule.setup("fit")
     if datamodule.bank_set is None or datamodule.eval_set is None:
         raise ValueError("augmented_linear_probe needs a DataModule with an evaluation split and labelled training images")
-    augment = T.Compose([
-        T.ToImage(), T.RandomResizedCrop(datamodule.image_size, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True), T.Normalize(datamodule.mean, datamodule.std),
-    ])
+    augment = probe_augmentation(datamodule.image_size, datamodule.mean, datamodule.std)
     torch.manual_seed(seed)
     train = DataLoader(Transformed(datamodule.bank_set, augment, keep_extra=False), batch_size=batch_size, shuffle=True,
                        num_workers=datamodule.num_workers)
+    was_training = encoder.training
     encoder = encoder.to(device).eval()
     head = seeded_linear(int(getattr(encoder, "num_features")), int(datamodule.num_classes), seed).to(device)
     opt = _probe_optimizer(optimizer, head, lr, 0.0)
@@ -165,6 +174,7 @@ def augmented_linear_probe(
         sched.step()
     if eval_features is None:
         eval_features = extract_features(encoder, datamodule.val_dataloader()[0], device)
+    encoder.train(was_training)
     test_x, test_y = (t.to(device) for t in eval_features)
     with torch.no_grad():
         keep = test_y >= 0
