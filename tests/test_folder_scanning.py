@@ -91,7 +91,8 @@ def test_a_dark_16_bit_image_stays_dark(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), (decode, "I;16B"))
     Image.fromarray(np.full((4, 4), 200, dtype=np.uint16)).save(tmp_path / "dark.png")
     Image.fromarray(np.full((4, 4), 60000, dtype=np.uint16)).save(tmp_path / "light.png")
-    assert Image.open(tmp_path / "dark.png").mode == decode
+    with Image.open(tmp_path / "dark.png") as opened:
+        assert opened.mode == decode
     assert np.asarray(load_rgb(str(tmp_path / "dark.png"))).max() == 0  # 200 / 65535 * 255 = 0.78
     assert np.asarray(load_rgb(str(tmp_path / "light.png"))).min() == 233  # 60000 / 65535 * 255 = 233.5
 
