@@ -14,12 +14,18 @@ Run from the repository root, on demand (tens of minutes on 2 CPU cores):
     python scripts/fault_check.py --list           # what each fault does
     python scripts/fault_check.py mask_sign warmup # some of them
 
+Each fault's suite starts with the test that caught it last time (``scripts/fault_hints.json``,
+updated by every run), so a run whose tests still catch what they caught takes minutes, not an
+hour; the rest of the suite follows in the usual order, so a hint that no longer fails only
+costs its own test's time. ``--no-hints`` runs the plain order.
+
 The exit status is 0 when the suite caught every fault it ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +45,10 @@ FIRST = [
     "test_checkpoints.py", "test_module.py", "test_distributed.py",
 ]
 TIMEOUT_S = 900  # per fault: the whole default suite takes about 6 minutes on 2 CPU cores
+#: The test that caught each fault last, by fault name (pytest node ids, relative to the root).
+HINTS = ROOT / "scripts" / "fault_hints.json"
+#: pytest's exit status when a test named on its command line does not exist.
+USAGE_ERROR = 4
 
 
 @dataclass(frozen=True)
@@ -295,6 +305,43 @@ FAULTS = [
           "return trainer.current_epoch", "the evaluation callbacks run in the sanity check too"),
     Fault("cli_image_size_unlinked", "cli.py", '        parser.link_arguments("data.init_args.image_size", "model.image_size")\n', "        pass\n",
           "the command line does not pass the data's image size to the model"),
+    # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo
+    Fault("evaluate_fits_on_eval_split", "evaluation.py", "train_x, train_y = extract_features(encoder, loaders[1], device)",
+          "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
+    Fault("evaluate_knn_default_temperature", "evaluation.py", "num_classes, k, temperature)}", "num_classes, k)}",
+          "the offline kNN ignores the temperature it is given"),
+    Fault("augmented_probe_encoder_training", "evaluation.py", "encoder = encoder.to(device).eval()", "encoder = encoder.to(device).train()",
+          "the augmented probe runs the encoder in training mode (batch statistics, running stats changed)"),
+    Fault("augmented_probe_no_flip", "evaluation.py", "T.RandomHorizontalFlip(), T.ToDtype", "T.ToDtype",
+          "the augmented probe's training images are never flipped"),
+    Fault("features_last_batch_only", "callbacks/features.py", 'torch.cat([o["features"].cpu() for o in outputs])',
+          'torch.cat([o["features"].cpu() for o in outputs[-1:]])', "written features keep the last batch only"),
+    Fault("feature_indices_batches_reversed", "callbacks/features.py", "flat = [i for batch in indices for i in batch]",
+          "flat = [i for batch in indices[::-1] for i in batch]", "written indices list the batches in reverse order"),
+    Fault("stl10_eval_cropped", "data/torchvision_sets.py", "crop=False)", "crop=True)",
+          "STL10's evaluation images are centre-cropped instead of resized whole"),
+    Fault("stl10_bank_is_pretrain_set", "data/torchvision_sets.py", "self.pretrain_set, self.eval_set, self.bank_set = pretrain, test, train",
+          "self.pretrain_set, self.eval_set, self.bank_set = pretrain, test, pretrain", "STL10's kNN bank includes the unlabelled images"),
+    Fault("cifar100_with_cifar10_statistics", "data/torchvision_sets.py", "default_mean = CIFAR100_MEAN", "default_mean = CIFAR10_MEAN",
+          "CIFAR-100 is normalised with CIFAR-10's mean"),
+    Fault("batch_check_ignores_world", "data/base.py", "if n // world < self.batch_size:", "if n < self.batch_size:",
+          "the batch-size check counts every device's images as one device's"),
+    Fault("pin_memory_on_cpu", "data/base.py", 'return accelerator == "CUDAAccelerator"', "return True",
+          "loaders pin host memory when training on the CPU"),
+    Fault("eval_loaders_shuffled", "data/base.py", "_loader(Transformed(dataset, self.val_transform()), shuffle=False",
+          "_loader(Transformed(dataset, self.val_transform()), shuffle=True", "the evaluation loaders shuffle their images"),
+    Fault("stored_size_ignored", "data/base.py", "size = self.stored_size or self.image_size", "size = self.image_size",
+          "augment_on='device' stores images at image_size whatever stored_size says"),
+    Fault("mask_sum_unchecked", "checks.py", "torch.ones_like(masks[:, 0]), atol=1e-3)", "torch.ones_like(masks[:, 0]), atol=1e3)",
+          "a mask generator whose masks do not sum to 1 is accepted"),
+    Fault("view_size_unchecked", "checks.py", "tuple(x1.shape[1:]) != (3, image_size, image_size)", "x1.shape[1] != 3",
+          "training views of another size than image_size are accepted"),
+    Fault("mask_picture_first_images", "callbacks/masks.py", "torch.linspace(0, n - 1, min(self.num_images, n)).round().long()",
+          "torch.arange(min(self.num_images, n))", "the mask picture shows the split's first images, not images spread over it"),
+    Fault("demo_speed_counts_views", "demo.py", "self.images += len(batch[1])", "self.images += len(batch[0])",
+          "the demo's images/s counts the two views of a batch, not its images"),
+    Fault("demo_random_baseline_is_learned", "demo.py", 'result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations)',
+          'result["random_patch_fg_ari"] = float(foreground_ari(predicted, segmentations)', "the demo's random-patch baseline scores the learned masks"),
 ]
 
 
@@ -306,10 +353,29 @@ def _suite() -> list[str]:
     return [str(tests / name) for name in FIRST + rest]
 
 
-def run_fault(fault: Fault, pytest_args: list[str]) -> tuple[str, str]:
-    """Apply ``fault``, run the suite, restore the file; ``(outcome, detail)`` with outcome
-    ``"caught"``, ``"MISSED"``, ``"TIMEOUT"`` or ``"STALE"`` (the text to replace is not found
-    exactly once)."""
+def read_hints() -> dict[str, str]:
+    """The hints file's ``{fault name: node id}`` (empty when there is none)."""
+    return json.loads(HINTS.read_text()) if HINTS.exists() else {}
+
+
+def write_hints(hints: dict[str, str]) -> None:
+    """Write the hints, sorted by fault name."""
+    HINTS.write_text(json.dumps(dict(sorted(hints.items())), indent=1) + "\n")
+
+
+def failed_node(line: str) -> str | None:
+    """The node id of a short-summary line ``FAILED tests/x.py::test[id] - message``."""
+    for prefix in ("FAILED ", "ERROR "):
+        if line.startswith(prefix):
+            node = line[len(prefix):].split(" - ", 1)[0].strip()
+            return node if node.startswith("tests/") else None
+    return None
+
+
+def run_fault(fault: Fault, pytest_args: list[str], hint: str | None = None) -> tuple[str, str]:
+    """Apply ``fault``, run the suite (``hint``, a node id, first), restore the file;
+    ``(outcome, detail)`` with outcome ``"caught"``, ``"MISSED"``, ``"TIMEOUT"`` or ``"STALE"``
+    (the text to replace is not found exactly once)."""
     path = ROOT / SRC / fault.path
     original = path.read_text()
     if original.count(fault.old) != 1:
@@ -319,9 +385,13 @@ def run_fault(fault: Fault, pytest_args: list[str]) -> tuple[str, str]:
         # no bytecode: a restored file written within the same second as the faulty one, at the
         # same size, would otherwise be served the faulty file's cached bytecode
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *pytest_args, *_suite()]
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *pytest_args]
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+            done = None
+            if hint:
+                done = subprocess.run([*command, hint, *_suite()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+            if done is None or done.returncode == USAGE_ERROR:  # no hint, or one naming a test that is gone
+                done = subprocess.run([*command, *_suite()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return "TIMEOUT", f"the suite ran over {TIMEOUT_S} s"
     finally:
@@ -340,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="faults to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
     parser.add_argument("--pytest-arg", action="append", default=[], help="an extra pytest argument (repeatable)")
+    parser.add_argument("--no-hints", action="store_true", help="run each fault's suite in the plain order, without its hint")
     args = parser.parse_args(argv)
     known = {f.name: f for f in FAULTS}
     unknown = [n for n in args.names if n not in known]
@@ -353,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = [known[n] for n in args.names] if args.names else FAULTS
     outcomes: dict[str, int] = {}
+    hints = read_hints()
     start = time.monotonic()
     for i, fault in enumerate(chosen, 1):
         began = time.monotonic()
-        outcome, detail = run_fault(fault, args.pytest_arg)
+        outcome, detail = run_fault(fault, args.pytest_arg, None if args.no_hints else hints.get(fault.name))
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        node = failed_node(detail)
+        if outcome == "caught" and node:
+            hints[fault.name] = node
+            write_hints(hints)
         print(f"[{i}/{len(chosen)}] {outcome:7} {fault.name} ({time.monotonic() - began:.0f} s): {detail}", flush=True)
     minutes = (time.monotonic() - start) / 60
     others = ", ".join(f"{k}: {v}" for k, v in sorted(outcomes.items()) if k != "caught")

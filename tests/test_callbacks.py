@@ -86,7 +86,8 @@ def test_callbacks_log_and_draw(tmp_path: Path) -> None:
         assert 0 <= float(metrics[key]) <= 1 or key == "train/linear_loss"
     assert float(metrics["val/linear_top5"]) >= float(metrics["val/linear_top1"])
     assert viz.last_path is not None and viz.last_path.exists()
-    width, height = Image.open(viz.last_path).size
+    with Image.open(viz.last_path) as picture:
+        width, height = picture.size
     assert width > height > 0  # 4 rows of 2N+2 = 8 tiles
     assert list(Path(tmp_path).rglob("events.out.tfevents*"))
 
@@ -233,6 +234,72 @@ def test_augmented_probe_trains_on_new_crops_every_epoch() -> None:
         evaluate_encoder(encoder, shapes(), epochs=1, optimizer="adam")
 
 
+def test_evaluate_encoder_fits_on_the_labelled_training_images_with_the_settings_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe and kNN fit on loader 1 (the labelled training images) and score loader 0 (the
+    evaluation split), with the epochs, k and temperature passed in, not their defaults."""
+    import inspect
+
+    import adios_pl.evaluation as evaluation
+
+    calls: dict[str, dict[str, Any]] = {}
+
+    def spy(name: str, real: Any) -> Any:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            bound = inspect.signature(real).bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls[name] = dict(bound.arguments)
+            return real(*args, **kwargs)
+        return recorded
+
+    monkeypatch.setattr(evaluation, "linear_probe", spy("linear", evaluation.linear_probe))
+    monkeypatch.setattr(evaluation, "knn_accuracy", spy("knn", evaluation.knn_accuracy))
+    encoder, data = small_model().encoder, shapes()
+    result = evaluate_encoder(encoder, data, epochs=3, k=7, temperature=0.3)
+    test_x, test_y = extract_features(encoder, data.val_dataloader()[0])
+    train_x, train_y = extract_features(encoder, data.val_dataloader()[1])
+    assert len(test_x) == 40 and len(train_x) == 64
+    for name in ("linear", "knn"):
+        args = calls[name]
+        assert torch.equal(args["train_features"], train_x) and torch.equal(args["train_targets"], train_y), name
+        assert torch.equal(args["test_features"], test_x) and torch.equal(args["test_targets"], test_y), name
+        assert args["num_classes"] == 4, name
+    assert calls["linear"]["epochs"] == 3
+    assert (calls["knn"]["k"], calls["knn"]["temperature"]) == (7, 0.3)
+    assert result == {"linear_top1": evaluation.linear_probe(train_x, train_y, test_x, test_y, 4, epochs=3),
+                      "knn_top1": evaluation.knn_accuracy(train_x, train_y, test_x, test_y, 4, k=7, temperature=0.3)}
+
+
+def test_augmented_probe_leaves_the_encoder_as_it_was() -> None:
+    """The frozen encoder runs in eval mode: its batch-norm running statistics do not move while
+    the probe trains, and it is handed back in the mode it came in."""
+    encoder = small_model().encoder
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()), "needs batch norm to be decisive"
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.train()
+    evaluate_encoder(encoder, shapes(batch_size=64), epochs=1, augment=True, optimizer="lars")
+    assert encoder.training
+    changed = [k for k, v in encoder.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"the probe changed the encoder: {changed}"
+
+
+def test_probe_augmentation_flips_half_the_images_and_keeps_their_orientation_otherwise() -> None:
+    """On a horizontal ramp (brighter to the right) a crop stays brighter on its right unless it
+    is flipped: the share of crops brighter on the left is the flip rate, 0.5."""
+    from adios_pl.evaluation import probe_augmentation
+
+    ramp = torch.arange(64, dtype=torch.uint8).mul(4).expand(3, 64, 64).contiguous()
+    augment = probe_augmentation(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    torch.manual_seed(0)
+    flipped = []
+    for _ in range(400):
+        view = augment(ramp)
+        assert view.shape == (3, 32, 32)
+        left, right = float(view[:, :, 0].mean()), float(view[:, :, -1].mean())
+        assert left != right
+        flipped.append(left > right)
+    assert abs(sum(flipped) / 400 - 0.5) < 0.1  # 4 sigma of a rate of 0.5 over 400 draws
+
+
 def test_unlabelled_evaluation_split_and_untrained_probe_log_nothing() -> None:
     """Targets all -1 in the evaluation split (kNN, probe) or in training (probe): no crash, no figure."""
     from torch.utils.data import DataLoader, TensorDataset
@@ -281,7 +348,6 @@ def test_knn_callback_top1_and_top5_over_the_labelled_queries_equal_the_naive_vo
     """Ten classes, so top-5 is not trivially 1, and every third evaluation image unlabelled
     (target -1: left out, not counted as a miss): both figures against :func:`naive_knn`."""
     from torch.utils.data import DataLoader, TensorDataset
-
 
     g = torch.Generator().manual_seed(0)
     queries = DataLoader(TensorDataset(torch.randn(30, 3, 32, 32, generator=g), torch.where(torch.arange(30) % 3 == 0, -1, torch.arange(30) % 10)),

@@ -111,6 +111,31 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (tmp_path / "demo" / "demo_results.json").exists()
 
 
+def test_demo_speed_counts_images_not_views() -> None:
+    """Three batches of 16 images, each with two views: 48 images, timed over the batches only."""
+    from adios_pl.demo import TrainSpeed
+
+    speed = TrainSpeed()
+    batch = ((torch.zeros(16, 3, 8, 8), torch.zeros(16, 3, 8, 8)), torch.zeros(16, dtype=torch.long))
+    for index in range(3):
+        speed.on_train_batch_start(None, None, batch, index)  # type: ignore[arg-type]
+        speed.on_train_batch_end(None, None, None, batch, index)  # type: ignore[arg-type]
+    assert speed.images == 48 and speed.seconds > 0
+    assert speed.images_per_second == pytest.approx(48 / speed.seconds)
+
+
+def test_demo_random_patch_baseline_does_not_depend_on_the_model() -> None:
+    """Two models of different seeds: their masks score differently, the random patches alike."""
+    from adios_pl.demo import demo_parts, measure
+
+    first, data = demo_parts(tiny=True, seed=0)
+    second, _ = demo_parts(tiny=True, seed=1)
+    data.setup("fit")
+    a, b = measure(first, data, probe_epochs=1), measure(second, data, probe_epochs=1)
+    assert a["mask_fg_ari"] != b["mask_fg_ari"]
+    assert a["random_patch_fg_ari"] == b["random_patch_fg_ari"]
+
+
 def test_readme_quickstart_matches_ci() -> None:
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Quickstart", 1)[1].split("```", 2)[1]

@@ -188,6 +188,44 @@ def test_stl10_pretrains_on_train_and_unlabeled(monkeypatch: pytest.MonkeyPatch,
         STL10DataModule(pretrain_split="test")
 
 
+def test_stl10_evaluation_images_are_resized_whole_not_cropped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The reference resizes STL10's evaluation images to 96 x 96: at 96 px already they come out
+    as they went in, only normalised (a centre crop of a 110-px resize would cut the border)."""
+    monkeypatch.setattr(torchvision.datasets, "STL10", FakeTorchvision)
+    dm = STL10DataModule(data_dir=str(tmp_path), **LOADER)
+    dm.setup("fit")
+    image, _ = dm.eval_set[0]  # type: ignore[index]
+    expected = TF.normalize(TF.to_dtype(TF.to_image(image), torch.float32, scale=True), list(dm.mean), list(dm.std))
+    torch.testing.assert_close(dm.val_transform()(image), expected, atol=1e-6, rtol=0)
+
+
+def test_each_torchvision_datamodule_normalises_with_its_own_datasets_statistics() -> None:
+    """The per-channel mean and std of each dataset's training images, as commonly published."""
+    published = {
+        CIFAR10DataModule: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        CIFAR100DataModule: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        STL10DataModule: ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    }
+    for cls, (mean, std) in published.items():
+        dm = cls()
+        assert (dm.mean, dm.std) == (mean, std), cls.__name__
+
+
+def test_batch_size_is_checked_against_each_devices_share_of_the_images() -> None:
+    """24 images on 2 devices are 12 per device: a batch of 16 would never fill (drop_last), a
+    batch of 12 does."""
+    from adios_pl.errors import ConfigurationError
+
+    def on_two_devices(batch_size: int) -> ShapesDataModule:
+        dm = ShapesDataModule(train_size=24, val_size=8, batch_size=batch_size, num_workers=0, pin_memory=False)
+        dm.trainer = type("T", (), {"world_size": 2})()  # type: ignore[assignment]
+        return dm
+
+    with pytest.raises(ConfigurationError, match="12 training images per device"):
+        on_two_devices(16).train_dataloader()
+    assert len(on_two_devices(12).train_dataloader()) == 2  # one process's loader sees all 24 here
+
+
 def test_shapes_deterministic_and_consistent() -> None:
     a, b = ShapesDataset(50, seed=3), ShapesDataset(50, seed=3)
     for i in range(50):

@@ -335,6 +335,19 @@ def test_cache_follows_the_setting() -> None:
         ShapesDataModule(augment_on="device", stored_size=4)
 
 
+def test_stored_size_is_the_side_of_the_stored_images_and_the_views_keep_image_size() -> None:
+    dm = ShapesDataModule(train_size=32, val_size=16, batch_size=8, num_workers=0, augment_on="device", stored_size=48)
+    dm.setup("fit")
+    cached = dm.train_dataloader().dataset
+    assert isinstance(cached, CachedImages) and cached.images.shape == (32, 3, 48, 48)
+    dm.trainer = type("T", (), {"training": True, "global_rank": 0})()  # type: ignore[assignment]
+    (v1, v2), _ = dm.on_after_batch_transfer((cached.images[:8], cached.targets[:8]), 0)
+    assert v1.shape == v2.shape == (8, 3, 32, 32)
+    undecoded = ShapesDataModule(train_size=32, val_size=16, batch_size=8, num_workers=0, augment_on="device", stored_size=40, cache_images=False)
+    undecoded.setup("fit")
+    assert undecoded.train_dataloader().dataset[0][0].shape == (3, 40, 40)
+
+
 def test_each_rank_draws_its_own_augmentation() -> None:
     """Ranks seeded alike (seed_everything) must not draw the same crops for their batches."""
 
