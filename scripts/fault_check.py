@@ -386,15 +386,15 @@ def run_fault(fault: Fault, pytest_args: list[str], hint: str | None = None) -> 
         # same size, would otherwise be served the faulty file's cached bytecode
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *pytest_args]
+
+        def pytest(*targets: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*command, *targets], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
         try:
-            done = None
-            if hint:
-                # on its own: named beside the suite's files, pytest would run it in its file's place
-                done = subprocess.run([*command, hint], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-                if done.returncode not in CAUGHT_BY_HINT:  # it passed, or names a test that is gone
-                    done = None
-            if done is None:
-                done = subprocess.run([*command, *_suite()], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+            # the hint on its own: named beside the suite's files, pytest would run it in its file's place
+            done = pytest(hint) if hint else None
+            if done is None or done.returncode not in CAUGHT_BY_HINT:  # no hint, it passed, or its test is gone
+                done = pytest(*_suite())
         except subprocess.TimeoutExpired:
             return "TIMEOUT", f"the suite ran over {TIMEOUT_S} s"
     finally:
