@@ -212,7 +212,7 @@ FAULTS = [
           "the offline probe's rate never decays"),
     Fault("probe_scores_unlabelled", "evaluation.py", "        keep = test_targets >= 0\n        return float((head(test_features",
           "        keep = test_targets >= -1\n        return float((head(test_features", "unlabelled evaluation images count as probe misses"),
-    Fault("extract_leaves_eval", "evaluation.py", "    encoder.train(was_training)\n    return torch.cat(features)", "    return torch.cat(features)",
+    Fault("extract_leaves_eval", "evaluation.py", "    with eval_mode(encoder):\n        for batch in loader:", "    with eval_mode(encoder.eval()):\n        for batch in loader:",
           "feature extraction leaves the encoder in eval mode"),
     # checkpoints, resuming and export
     Fault("checkpoint_loads_code", "checkpoint.py", "weights_only=True if weights_only is None else weights_only",
@@ -310,7 +310,7 @@ FAULTS = [
           "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
     Fault("evaluate_knn_default_temperature", "evaluation.py", "num_classes, k, temperature)}", "num_classes, k)}",
           "the offline kNN ignores the temperature it is given"),
-    Fault("augmented_probe_encoder_training", "evaluation.py", "encoder = encoder.to(device).eval()", "encoder = encoder.to(device).train()",
+    Fault("augmented_probe_encoder_training", "evaluation.py", "    with eval_mode(encoder):\n        for _ in range(epochs):", "    with torch.enable_grad():\n        for _ in range(epochs):",
           "the augmented probe runs the encoder in training mode (batch statistics, running stats changed)"),
     Fault("augmented_probe_no_flip", "evaluation.py", "T.RandomHorizontalFlip(), T.ToDtype", "T.ToDtype",
           "the augmented probe's training images are never flipped"),
@@ -342,6 +342,15 @@ FAULTS = [
           "the demo's images/s counts the two views of a batch, not its images"),
     Fault("demo_random_baseline_is_learned", "demo.py", 'result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations)',
           'result["random_patch_fg_ari"] = float(foreground_ari(predicted, segmentations)', "the demo's random-patch baseline scores the learned masks"),
+    # running a module in eval mode and handing it back
+    Fault("eval_mode_restores_the_top_mode", "modes.py", "        for m, training in modes:\n            m.training = training",
+          "        module.train(modes[0][1])", "eval_mode gives every submodule the top module's mode back (a frozen batch norm thaws)"),
+    Fault("eval_mode_not_restored_on_error", "modes.py", "    finally:\n", "    except BaseException:\n        raise\n    else:\n",
+          "eval_mode leaves the module in eval mode when the block raises"),
+    Fault("check_mask_generator_in_training_mode", "checks.py", "with eval_mode(mask_generator), torch.no_grad():", "with torch.no_grad():",
+          "the mask generator check runs it in training mode (its batch-norm statistics move)"),
+    Fault("check_encoder_in_training_mode", "encoders.py", "with eval_mode(encoder), torch.no_grad():", "with torch.no_grad():",
+          "the encoder check runs it in training mode (its batch-norm statistics move)"),
 ]
 
 

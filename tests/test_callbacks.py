@@ -271,13 +271,15 @@ def test_evaluate_encoder_fits_on_the_labelled_training_images_with_the_settings
 
 def test_augmented_probe_leaves_the_encoder_as_it_was() -> None:
     """The frozen encoder runs in eval mode: its batch-norm running statistics do not move while
-    the probe trains, and it is handed back in the mode it came in."""
+    the probe trains, and it is handed back with each layer in the mode it came in."""
     encoder = small_model().encoder
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()), "needs batch norm to be decisive"
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     encoder.train()
+    next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()  # frozen by the user
+    modes = [m.training for m in encoder.modules()]
     evaluate_encoder(encoder, shapes(batch_size=64), epochs=1, augment=True, optimizer="lars")
-    assert encoder.training
+    assert [m.training for m in encoder.modules()] == modes
     changed = [k for k, v in encoder.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"the probe changed the encoder: {changed}"
 

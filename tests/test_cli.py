@@ -131,7 +131,11 @@ def test_demo_random_patch_baseline_does_not_depend_on_the_model() -> None:
     first, data = demo_parts(tiny=True, seed=0)
     second, _ = demo_parts(tiny=True, seed=1)
     data.setup("fit")
+    second.encoder.eval()
+    modes = [m.training for m in second.modules()]
     a, b = measure(first, data, probe_epochs=1), measure(second, data, probe_epochs=1)
+    assert first.training and all(m.training for m in first.modules())
+    assert [m.training for m in second.modules()] == modes, "measure changed the model's modes"
     assert a["mask_fg_ari"] != b["mask_fg_ari"]
     assert a["random_patch_fg_ari"] == b["random_patch_fg_ari"]
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from adios_pl.errors import BatchFormatError
 from adios_pl.masks import MASK_NORMS, RANDOM_MASK_TYPES
+from adios_pl.modes import eval_mode
 from adios_pl.optim import OPTIMIZERS
 
 MASK_MODES = ("all", "one")
@@ -68,11 +69,8 @@ def check_mask_generator(mask_generator: nn.Module, num_masks: int, image_size: 
     parameter = next(mask_generator.parameters(), None)
     images = torch.zeros(2, 3, image_size, image_size, device=parameter.device if parameter is not None else "cpu",
                          dtype=parameter.dtype if parameter is not None else torch.float32)
-    was_training = mask_generator.training
-    mask_generator.eval()
-    with torch.no_grad():
+    with eval_mode(mask_generator), torch.no_grad():
         masks = mask_generator(images)
-    mask_generator.train(was_training)
     if not isinstance(masks, Tensor) or tuple(masks.shape) != (2, slots, image_size, image_size):
         shape = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
         raise ValueError(f"mask_generator must map (B, 3, {image_size}, {image_size}) to (B, {slots}, {image_size}, {image_size}); got {shape}")

@@ -24,6 +24,7 @@ from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data import SSLDataModule, ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder
 from adios_pl.metrics import foreground_ari, random_patch_segmentation
+from adios_pl.modes import eval_mode
 from adios_pl.module import ADIOSModule
 from adios_pl.objectives import SimCLR
 
@@ -80,21 +81,19 @@ def measure(model: ADIOSModule, data: SSLDataModule, probe_epochs: int = 30) -> 
 
     Features, the probe and kNN are computed on the model's device.
     """
-    was_training = model.training
-    model.eval()
     device = model.device
     val, _ = data.val_dataloader()
     result: dict[str, float] = {}
-    if len(val.dataset[0]) > 2 and model.mask_generator is not None:  # data with segmentations
-        segmentations = torch.cat([b[2] for b in val])
-        images = torch.cat([b[0] for b in val])
-        predicted = torch.cat([model.mask_generator(x.to(device)).argmax(1).cpu() for x in images.split(256)])
-        random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
-        result["mask_fg_ari"] = float(foreground_ari(predicted, segmentations).nanmean())
-        result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
-    with torch.enable_grad():
-        result.update(evaluate_encoder(model.encoder, data, device, epochs=probe_epochs))
-    model.train(was_training)
+    with eval_mode(model):
+        if len(val.dataset[0]) > 2 and model.mask_generator is not None:  # data with segmentations
+            segmentations = torch.cat([b[2] for b in val])
+            images = torch.cat([b[0] for b in val])
+            predicted = torch.cat([model.mask_generator(x.to(device)).argmax(1).cpu() for x in images.split(256)])
+            random = random_patch_segmentation(len(images), images.shape[-1], model.num_masks, 8, torch.Generator().manual_seed(0))
+            result["mask_fg_ari"] = float(foreground_ari(predicted, segmentations).nanmean())
+            result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations).nanmean())
+        with torch.enable_grad():
+            result.update(evaluate_encoder(model.encoder, data, device, epochs=probe_epochs))
     return result
 
 

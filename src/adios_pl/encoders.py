@@ -12,6 +12,8 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor, nn
 
+from adios_pl.modes import eval_mode
+
 EncoderFactory = Callable[..., nn.Module]
 _ENCODERS: Dict[str, EncoderFactory] = {}
 
@@ -169,17 +171,13 @@ def check_encoder(encoder: nn.Module, image_size: int) -> int:
     parameter = next(encoder.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
-    was_training = encoder.training
-    encoder.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(encoder), torch.no_grad():
             out = encoder(torch.zeros(2, 3, image_size, image_size, device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - any failure means the size is not accepted
         raise ValueError(
             f"encoder {type(encoder).__name__} cannot take images of image_size={image_size}: {error}"
         ) from error
-    finally:
-        encoder.train(was_training)
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_features):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(

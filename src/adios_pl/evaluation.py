@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from adios_pl.metrics import knn_predict
+from adios_pl.modes import eval_mode
 from adios_pl.optim import LARS
 
 PROBE_OPTIMIZERS = ("sgd", "lars")
@@ -53,14 +54,12 @@ def extract_features(encoder: nn.Module, loader: Iterable[Any], device: str | to
 
     They stay where they were computed, so the probe and kNN that follow run there too.
     """
-    was_training = encoder.training
-    encoder.eval()
     features, targets = [], []
-    for batch in loader:
-        # a copy: an encoder replayed as CUDA graphs overwrites its last output at the next batch
-        features.append(encoder(batch[0].to(device)).to(torch.float32, copy=True))
-        targets.append(batch[1].to(device))
-    encoder.train(was_training)
+    with eval_mode(encoder):
+        for batch in loader:
+            # a copy: an encoder replayed as CUDA graphs overwrites its last output at the next batch
+            features.append(encoder(batch[0].to(device)).to(torch.float32, copy=True))
+            targets.append(batch[1].to(device))
     return torch.cat(features), torch.cat(targets)
 
 
@@ -155,26 +154,25 @@ def augmented_linear_probe(
     torch.manual_seed(seed)
     train = DataLoader(Transformed(datamodule.bank_set, augment, keep_extra=False), batch_size=batch_size, shuffle=True,
                        num_workers=datamodule.num_workers)
-    was_training = encoder.training
-    encoder = encoder.to(device).eval()
+    encoder = encoder.to(device)
     head = seeded_linear(int(getattr(encoder, "num_features")), int(datamodule.num_classes), seed).to(device)
     opt = _probe_optimizer(optimizer, head, lr, 0.0)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.6 * epochs), int(0.8 * epochs)], gamma=0.1)
-    for _ in range(epochs):
-        for images, targets in train:
-            keep = targets >= 0
-            if not keep.any():
-                continue
-            with torch.no_grad():
-                features = encoder(images[keep].to(device)).float()
-            loss = F.cross_entropy(head(features), targets[keep].to(device))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
-    if eval_features is None:
-        eval_features = extract_features(encoder, datamodule.val_dataloader()[0], device)
-    encoder.train(was_training)
+    with eval_mode(encoder):
+        for _ in range(epochs):
+            for images, targets in train:
+                keep = targets >= 0
+                if not keep.any():
+                    continue
+                with torch.no_grad():
+                    features = encoder(images[keep].to(device)).float()
+                loss = F.cross_entropy(head(features), targets[keep].to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sched.step()
+        if eval_features is None:
+            eval_features = extract_features(encoder, datamodule.val_dataloader()[0], device)
     test_x, test_y = (t.to(device) for t in eval_features)
     with torch.no_grad():
         keep = test_y >= 0
