@@ -342,6 +342,8 @@ FAULTS = [
           "the demo's images/s counts the two views of a batch, not its images"),
     Fault("demo_random_baseline_is_learned", "demo.py", 'result["random_patch_fg_ari"] = float(foreground_ari(random, segmentations)',
           'result["random_patch_fg_ari"] = float(foreground_ari(predicted, segmentations)', "the demo's random-patch baseline scores the learned masks"),
+    Fault("image_32_bit_clipped", "data/folder.py", "                    if array.max() > 65535:\n                        top = 2.0**31 - 1\n", "",
+          "a 32-bit integer image with values above 16 bits is clipped to white"),
     # running a module in eval mode and handing it back
     Fault("eval_mode_restores_the_top_mode", "modes.py", "        for m, training in modes:\n            m.training = training",
           "        module.train(modes[0][1])", "eval_mode gives every submodule the top module's mode back (a frozen batch norm thaws)"),

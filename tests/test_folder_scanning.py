@@ -97,6 +97,15 @@ def test_a_dark_16_bit_image_stays_dark(tmp_path: Path, monkeypatch: pytest.Monk
     assert np.asarray(load_rgb(str(tmp_path / "light.png"))).min() == 233  # 60000 / 65535 * 255 = 233.5
 
 
+def test_a_32_bit_image_is_scaled_by_its_depth_not_clipped_to_white(tmp_path: Path) -> None:
+    """A 32-bit integer TIFF (Pillow's mode "I") with values above 16 bits: 2**30 of 2**31 - 1 is
+    mid-grey and 2**24 nearly black."""
+    Image.fromarray(np.array([[2**24, 2**30], [2**31 - 1, 0]], dtype=np.int32), mode="I").save(tmp_path / "deep.tif")
+    with Image.open(tmp_path / "deep.tif") as opened:
+        assert opened.mode == "I"
+    assert np.asarray(load_rgb(str(tmp_path / "deep.tif")))[..., 0].tolist() == [[1, 127], [255, 0]]
+
+
 def test_the_held_out_split_is_seeded_disjoint_and_complete(tmp_path: Path) -> None:
     train, held = split_indices(50, 0.2, seed=3)
     assert len(held) == 10 and sorted(train + held) == list(range(50)), "every image in exactly one part"

@@ -28,9 +28,11 @@ class CorruptImageError(UserInputError, RuntimeError):
 def load_rgb(path: str) -> Image.Image:
     """Open ``path`` as an RGB PIL image.
 
-    Grayscale, palette and RGBA images are converted; 16-bit images are scaled to 8 bits first
-    (a plain conversion would clip them to white), by their bit depth, not their values, so a dark
-    16-bit image stays dark.
+    Grayscale, palette and RGBA images are converted; 16- and 32-bit images are scaled to 8 bits
+    first (a plain conversion would clip them to white), by their bit depth, not their values, so
+    a dark 16-bit image stays dark. An integer image whose file does not say its depth (Pillow's
+    32-bit mode "I" also holds 16-bit data) takes the smallest of 8, 16 and 31 bits (mode "I" is
+    signed) that holds its values.
 
     Raises:
         CorruptImageError: naming the file, when it cannot be decoded.
@@ -46,6 +48,8 @@ def load_rgb(path: str) -> Image.Image:
                 else:  # Pillow before 10.3 opens 16-bit PNGs as "I" (a PNG holds 1 to 16 bits)
                     sixteen = image.mode.startswith("I;16") or image.format == "PNG"
                     top = 65535.0 if sixteen or array.max() > 255 else 255.0
+                    if array.max() > 65535:
+                        top = 2.0**31 - 1
                 image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")
