@@ -77,6 +77,7 @@ def test_simsiam_loss_of_one_pair_is_the_papers_symmetric_loss() -> None:
     p_c, z_c, p_m, z_m = (torch.randn(5, 8, dtype=torch.float64, requires_grad=True) for _ in range(4))
 
     def d(p: torch.Tensor, z: torch.Tensor) -> float:
+        p, z = p.detach(), z.detach()
         return -float(p @ z) / float(p.norm() * z.norm())
 
     naive = sum(d(p_c[i], z_m[i]) / 2 + d(p_m[i], z_c[i]) / 2 for i in range(5)) / 5
