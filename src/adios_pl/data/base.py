@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from adios_pl.checks import check_compile_setting
 from adios_pl.errors import ConfigurationError
 from adios_pl.data.device_augment import DeviceAugmentation
+from adios_pl.data.resumable import EpochSampler, ResumableLoader, lightning_seed
 from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform, uint8_transform
 
 #: Largest decoded training set (bytes, per process) that ``cache_images=None`` keeps in memory.
@@ -168,6 +169,8 @@ class SSLDataModule(pl.LightningDataModule):
         self.stored_size = stored_size
         self._device_augmentation: DeviceAugmentation | None = None
         self._cached: CachedImages | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_loader_state: dict[str, int] | None = None
         for name, value, low in (("image_size", image_size, 8), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -212,9 +215,14 @@ class SSLDataModule(pl.LightningDataModule):
                                   **self._augmentation_settings())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``augment_on="device"``: turn a training batch of uint8 images into two views."""
+        """Count a training batch for the loader's resume state; with ``augment_on="device"``,
+        turn it from uint8 images into two views."""
         trainer = getattr(self, "trainer", None)
-        if self.augment_on != "device" or trainer is None or not trainer.training:
+        if trainer is None or not trainer.training:
+            return batch
+        if self._train_loader is not None:
+            self._train_loader.count_batch()
+        if self.augment_on != "device":
             return batch
         images, targets = batch
         if self._device_augmentation is None:
@@ -267,7 +275,11 @@ class SSLDataModule(pl.LightningDataModule):
         """Shuffled two-view batches ``((view_1, view_2), targets)``, last partial batch dropped.
 
         With ``augment_on="device"`` the loader yields ``(uint8 images, targets)`` and the views
-        are made on the device (:meth:`on_after_batch_transfer`).
+        are made on the device (:meth:`on_after_batch_transfer`). The order of an epoch is drawn
+        from the seed of ``seed_everything`` and the epoch, each process taking its share as
+        Lightning's ``DistributedSampler`` would, and a checkpoint taken part-way through an
+        epoch resumes with the batches that had not been trained on
+        (:class:`~adios_pl.data.resumable.ResumableLoader`).
         """
         if self.pretrain_set is None:
             self.setup("fit")
@@ -280,8 +292,35 @@ class SSLDataModule(pl.LightningDataModule):
                 f"({n} images, {world} device(s)); with drop_last=True no step would run. Lower batch_size."
             )
         if self.augment_on == "device":
-            return self._loader(self._stored_pretrain_set(), shuffle=True, drop_last=True)
-        return self._loader(Transformed(self.pretrain_set, self.train_transform(), keep_extra=False), shuffle=True, drop_last=True)
+            dataset = self._stored_pretrain_set()
+        else:
+            dataset = Transformed(self.pretrain_set, self.train_transform(), keep_extra=False)
+        shares = (getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None) or {}
+        sampler = EpochSampler(dataset, num_replicas=int(shares.get("num_replicas", 1)), rank=int(shares.get("rank", 0)),
+                               seed=lightning_seed())
+        self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+                                             pin_memory=self._pin(), persistent_workers=self.persistent_workers)
+        if self._train_loader_state is not None:  # once: a later fit() starts where it is told
+            self._train_loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the epoch (Lightning saves it in checkpoints), so that resuming
+        continues with the images that had not been trained on."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader where the checkpoint's was, now or when it is made.
+
+        The DataModule carries the loader's state as well as the loader itself: Lightning restores
+        a loader's state only when it makes the loader after restoring the loops, and a module
+        that reads ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (as
+        ``ADIOSModule`` does) makes it before.
+        """
+        self._train_loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._train_loader_state is not None:  # already made
+            self._train_loader.load_state_dict(self._train_loader_state)
 
     def predict_dataloader(self) -> list[DataLoader]:
         """The loaders of :meth:`val_dataloader`: features of both splits (``adios-pl predict``)."""

@@ -1,0 +1,103 @@
+"""A training loader that a checkpoint taken part-way through an epoch resumes exactly.
+
+Lightning resumes an ordinary shuffled loader mid-epoch by iterating it afresh and running only
+the epoch's remaining number of batches, so the images of the batches already trained on come
+again and as many others never come. Here the order of an epoch is a pure function of
+``(seed, epoch)``, each process takes its share as torch's ``DistributedSampler`` does (so under
+DDP the order is the one Lightning would have chosen), and the loader's ``state_dict`` (which
+Lightning stores in checkpoints for loaders that have one) says how many batches of the epoch
+were trained on; the resumed epoch starts after them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def lightning_seed() -> int:
+    """The seed ``seed_everything`` set (``PL_GLOBAL_SEED``), 0 when none: what Lightning gives
+    the ``DistributedSampler`` it puts into training loaders under DDP."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class EpochSampler(DistributedSampler):
+    """This process's share of a random order drawn from ``(seed, epoch)``, from index ``start``.
+
+    A ``DistributedSampler`` (shuffled, padded to a multiple of ``num_replicas``), so Lightning
+    keeps it under DDP and sets its epoch. ``resume_at(epoch, start)`` makes the iterations of
+    that epoch skip their first ``start`` indices; other epochs are whole.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Start the iterations of ``epoch`` at index ``start`` of this process's share."""
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self._resume = (epoch, start)
+
+    @property
+    def start(self) -> int:
+        """Where the current epoch's iteration starts (0 unless it is the resumed epoch)."""
+        return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` over an :class:`EpochSampler` whose ``state_dict`` says where training is.
+
+    ``images_done`` counts the images of the current epoch that training has taken on this
+    process. The DataModule calls :meth:`count_batch` for each training batch it hands over
+    (``on_after_batch_transfer``), so batches the loader has prefetched and training has not
+    seen do not count. Batches are whole (``drop_last=True``).
+    """
+
+    sampler: EpochSampler
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, drop_last=True, **kwargs)
+        self.images_done = 0
+
+    def __iter__(self) -> Any:
+        self.images_done = self.sampler.start
+        return super().__iter__()
+
+    def count_batch(self) -> None:
+        """Training has taken one more batch of this loader."""
+        self.images_done += int(self.batch_size or 0)
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch, the images of it that training has taken on this process, the images the
+        epoch has on this process, and the number of processes (saved in checkpoints)."""
+        epoch_images = len(self.sampler) // int(self.batch_size or 1) * int(self.batch_size or 0)
+        return {"epoch": int(self.sampler.epoch), "images_done": self.images_done, "epoch_images": epoch_images,
+                "num_replicas": int(self.sampler.num_replicas)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Set the sampler to the epoch that resumes, after the images it had taken (a changed
+        batch size is fine). With another number of processes the shares differ: a part-way
+        epoch starts afresh."""
+        epoch, done = int(state["epoch"]), int(state["images_done"])
+        if done >= int(state["epoch_images"]):  # written at the epoch's end: the next one is whole
+            epoch, done = epoch + 1, 0
+        # Lightning sets the resumed epoch only after it has made the epoch's iterator, and loader
+        # workers draw the order when the iterator is made: the sampler must know it already.
+        self.sampler.set_epoch(epoch)
+        if state.get("num_replicas") != self.sampler.num_replicas:
+            if done:
+                rank_zero_warn(
+                    f"the checkpoint was written part-way through an epoch by {state.get('num_replicas')} training "
+                    f"processes and this run has {self.sampler.num_replicas}: the epoch starts afresh, so some of "
+                    "its images come twice"
+                )
+            return
+        self.sampler.resume_at(epoch, done)

@@ -1,0 +1,178 @@
+"""The training loader resumes part-way through an epoch with exactly the images a straight run
+would have trained on next, and shares the order across processes as Lightning's DDP does."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset, DistributedSampler
+
+from adios_pl.data.base import SSLDataModule
+from adios_pl.data.resumable import EpochSampler, ResumableLoader
+from adios_pl.module import ADIOSModule
+from adios_pl.objectives import SimCLR
+from conftest import quiet_trainer
+
+
+class Numbered(Dataset):
+    """``n`` small random uint8 images whose target is their index."""
+
+    def __init__(self, n: int) -> None:
+        self.images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], index
+
+
+class NumberedData(SSLDataModule):
+    def __init__(self, n: int = 40, **kw: Any) -> None:
+        super().__init__(image_size=8, batch_size=8, pin_memory=False, blur_prob=0.0, **kw)
+        self.n = n
+
+    def setup(self, stage: str | None = None) -> None:
+        self.pretrain_set = Numbered(self.n)
+
+
+class Record(pl.Callback):
+    """The targets of every training batch, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch[1].tolist())
+
+
+class StopAfter(pl.Callback):
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.batches:
+            trainer.should_stop = True
+
+
+def model() -> ADIOSModule:
+    torch.manual_seed(0)
+    return ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 4}, objective=SimCLR(proj_hidden_dim=16, proj_output_dim=8),
+                       num_masks=2, image_size=8, mask_width=8, warmup_epochs=0)
+
+
+def fit(record: Record, max_steps: int, num_workers: int, callbacks: list[pl.Callback] = [], ckpt_path: str | None = None) -> None:
+    pl.seed_everything(5, verbose=False)
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
+                            limit_val_batches=0)
+    trainer.fit(model(), datamodule=NumberedData(num_workers=num_workers), ckpt_path=ckpt_path)
+
+
+@pytest.mark.parametrize(("every", "stop", "num_workers"), [(2, 3, 0), (2, 7, 2), (5, 5, 2)],
+                         ids=["epoch-0-in-process", "epoch-1-two-workers", "at-an-epoch-end-two-workers"])
+def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(tmp_path: Path, every: int, stop: int, num_workers: int) -> None:
+    """40 images in batches of 8: 5 batches an epoch, 10 in all. A checkpoint every ``every``
+    batches; the first run stops after ``stop`` batches and resumes from its last checkpoint:
+    in epoch 0, in epoch 1, or one written at the end of epoch 0's last batch."""
+    straight = Record()
+    fit(straight, 10, num_workers)
+    assert len(straight.batches) == 10
+    for epoch in (0, 1):
+        assert sorted(sum(straight.batches[5 * epoch:5 * epoch + 5], [])) == list(range(40)), "each epoch shows every image once"
+    assert straight.batches[:5] != straight.batches[5:], "the epochs' orders differ"
+
+    first = Record()
+    fit(first, 10, num_workers, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=every, save_last=True, save_top_k=0),
+                                 StopAfter(stop)])
+    done = stop // every * every
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert state == [{"epoch": (done - 1) // 5, "images_done": 8 * ((done - 1) % 5 + 1), "epoch_images": 40, "num_replicas": 1}]
+
+    resumed = Record()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(resumed, 10, num_workers, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    assert first.batches == straight.batches[:stop]
+    assert resumed.batches == straight.batches[done:]
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_each_process_takes_the_share_lightning_gives_it_under_ddp(seed: int) -> None:
+    """Lightning puts ``DistributedSampler(dataset, shuffle=True, seed=PL_GLOBAL_SEED)`` into a
+    shuffled training loader under DDP; the sampler here gives the same indices, epoch by epoch."""
+    data = Numbered(21)  # not a multiple of the processes: padded alike
+    for rank in (0, 1):
+        ours, torchs = EpochSampler(data, 2, rank, seed), DistributedSampler(data, 2, rank, shuffle=True, seed=seed)
+        for epoch in (0, 3):
+            ours.set_epoch(epoch)
+            torchs.set_epoch(epoch)
+            assert list(ours) == list(torchs)
+
+
+def test_a_resumed_epoch_skips_its_first_images_and_only_that_epoch() -> None:
+    sampler = EpochSampler(Numbered(24), seed=1)
+    sampler.set_epoch(2)
+    whole = list(sampler)
+    sampler.resume_at(2, 16)
+    assert list(sampler) == whole[16:] and list(sampler) == whole[16:], "every iteration of the epoch (Lightning makes two)"
+    sampler.set_epoch(3)
+    assert len(list(sampler)) == 24
+
+
+def test_the_state_counts_only_batches_training_took_and_survives_a_new_batch_size() -> None:
+    sampler = EpochSampler(Numbered(24), seed=1)
+    loader = ResumableLoader(Numbered(24), sampler, batch_size=8)
+    iterator = iter(loader)
+    next(iterator), next(iterator)  # fetched (a prefetch) but not yet counted as trained on
+    loader.count_batch()
+    assert loader.state_dict() == {"epoch": 0, "images_done": 8, "epoch_images": 24, "num_replicas": 1}
+    other = ResumableLoader(Numbered(24), EpochSampler(Numbered(24), seed=1), batch_size=4)
+    other.load_state_dict(loader.state_dict())
+    assert [t for _, targets in other for t in targets.tolist()] == [t for _, targets in loader for t in targets.tolist()][8:]
+
+
+def test_another_number_of_processes_starts_the_epoch_afresh(recwarn: pytest.WarningsRecorder) -> None:
+    loader = ResumableLoader(Numbered(24), EpochSampler(Numbered(24)), batch_size=8)
+    loader.load_state_dict({"epoch": 0, "images_done": 24, "epoch_images": 24, "num_replicas": 2})  # an epoch's end
+    assert not recwarn.list
+    assert loader.sampler.epoch == 1 and len(list(loader)) == 3
+    with pytest.warns(UserWarning, match="part-way through an epoch by 2 training processes and this run has 1"):
+        loader.load_state_dict({"epoch": 4, "images_done": 8, "epoch_images": 24, "num_replicas": 2})
+    assert loader.sampler.epoch == 4 and len(list(loader)) == 3
+
+
+class SaveTargets(pl.Callback):
+    """Each rank writes the targets of its training batches when training ends."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.batches: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batches.append(batch[1].tolist())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(self.batches, self.out / f"targets{trainer.global_rank}.pt")
+
+
+def test_two_processes_train_on_the_shares_lightnings_sampler_gives_them(tmp_path: Path) -> None:
+    """Under DDP (2 CPU processes) Lightning keeps the loader's sampler, and each rank's batches
+    are its ``DistributedSampler`` share of the epoch: disjoint, together every image once."""
+    pl.seed_everything(5, verbose=False)
+    data = NumberedData(n=40)
+    data.batch_size = 4
+    trainer = quiet_trainer(max_steps=5, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
+                            callbacks=[SaveTargets(tmp_path)])
+    trainer.fit(model(), datamodule=data)
+    seen = [torch.load(tmp_path / f"targets{rank}.pt") for rank in (0, 1)]
+    for rank in (0, 1):
+        share = list(DistributedSampler(range(40), num_replicas=2, rank=rank, shuffle=True, seed=5))
+        assert seen[rank] == [share[i:i + 4] for i in range(0, 20, 4)]
+    assert sorted(sum(seen[0] + seen[1], [])) == list(range(40))
