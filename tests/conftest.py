@@ -55,6 +55,17 @@ def quiet_trainer(**kw: Any) -> pl.Trainer:
     return pl.Trainer(**args)
 
 
+class StopAt(pl.Callback):
+    """Stop training after the batch at which ``global_step`` reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago: the address of a test's process group."""
     with socket.socket() as s:

@@ -23,7 +23,7 @@ from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineLinearProbe
 from adios_pl.objectives import BYOL, SimCLR
 from adios_pl.optim import warmup_cosine
-from conftest import make_loader, quiet_trainer
+from conftest import StopAt, make_loader, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +35,6 @@ def _model(name: str = "simclr", **kw: Any) -> ADIOSModule:
                                 mask_width=8, lr=0.05, mask_lr=0.05, warmup_epochs=0.5)
     args.update(kw)
     return ADIOSModule(**args)
-
-
-class StopAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 class RecordLR(pl.Callback):
@@ -107,7 +98,7 @@ KILLED_RUN = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from pytorch_lightning.callbacks import ModelCheckpoint
     from test_reliability import _model
-    from conftest import make_loader, quiet_trainer
+    from conftest import StopAt, make_loader, quiet_trainer
 
     class Beat(pl.Callback):
         def on_train_batch_end(self, trainer, *args):

@@ -17,7 +17,7 @@ from adios_pl.data.base import SSLDataModule
 from adios_pl.data.resumable import EpochSampler, ResumableLoader
 from adios_pl.module import ADIOSModule
 from adios_pl.objectives import SimCLR
-from conftest import quiet_trainer
+from conftest import StopAt, quiet_trainer
 
 
 class Numbered(Dataset):
@@ -52,15 +52,6 @@ class Record(pl.Callback):
         self.batches.append(batch[1].tolist())
 
 
-class StopAfter(pl.Callback):
-    def __init__(self, batches: int) -> None:
-        self.batches = batches
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.batches:
-            trainer.should_stop = True
-
-
 def model() -> ADIOSModule:
     torch.manual_seed(0)
     return ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 4}, objective=SimCLR(proj_hidden_dim=16, proj_output_dim=8),
@@ -89,7 +80,7 @@ def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(tmp_path: 
 
     first = Record()
     fit(first, 10, num_workers, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=every, save_last=True, save_top_k=0),
-                                 StopAfter(stop)])
+                                 StopAt(stop)])
     done = stop // every * every
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert state == [{"epoch": (done - 1) // 5, "images_done": 8 * ((done - 1) % 5 + 1), "epoch_images": 40, "num_replicas": 1}]
@@ -176,3 +167,14 @@ def test_two_processes_train_on_the_shares_lightnings_sampler_gives_them(tmp_pat
         share = list(DistributedSampler(range(40), num_replicas=2, rank=rank, shuffle=True, seed=5))
         assert seen[rank] == [share[i:i + 4] for i in range(0, 20, 4)]
     assert sorted(sum(seen[0] + seen[1], [])) == list(range(40))
+
+
+def test_a_datamodule_resumes_its_next_loader_once() -> None:
+    """The checkpoint's loader state reaches the loader the DataModule makes next (Lightning
+    restores the DataModule before it asks for the loader), and only that one: a later fit()
+    with the same DataModule starts its epoch whole."""
+    data = NumberedData(n=24)
+    data.load_state_dict({"train_loader": {"epoch": 2, "images_done": 16, "epoch_images": 24, "num_replicas": 1}})
+    resumed, later = data.train_dataloader(), data.train_dataloader()
+    assert resumed.sampler.epoch == 2 and len(list(resumed)) == 1
+    assert later.sampler.epoch == 0 and len(list(later)) == 3
