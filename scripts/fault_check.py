@@ -357,6 +357,10 @@ FAULTS = [
           'if done > int(state["epoch_images"]):', "a checkpoint written at an epoch's end resumes that epoch, not the next"),
     Fault("train_loader_not_sharded", "data/base.py", 'num_replicas=int(shares.get("num_replicas", 1)), rank=int(shares.get("rank", 0))',
           "num_replicas=1, rank=0", "under DDP every process trains on the whole dataset"),
+    Fault("resume_ignores_limit_train_batches", "data/base.py", "            self._train_loader.batches_per_epoch = limit\n", "            pass\n",
+          "an epoch ended early by limit_train_batches=N counts as part-way, so the next resumes wrongly"),
+    Fault("resume_ignores_a_batch_fraction", "data/base.py", "elif isinstance(limit, float) and limit < 1.0:", "elif False:",
+          "an epoch ended early by a fraction limit_train_batches counts as part-way"),
     Fault("train_order_ignores_the_seed", "data/base.py", "seed=lightning_seed())", "seed=0)",
           "the training order ignores seed_everything's seed"),
     # running a module in eval mode and handing it back

@@ -58,37 +58,48 @@ def model() -> ADIOSModule:
                        num_masks=2, image_size=8, mask_width=8, warmup_epochs=0)
 
 
-def fit(record: Record, max_steps: int, num_workers: int, callbacks: list[pl.Callback] = [], ckpt_path: str | None = None) -> None:
+def fit(record: Record, max_steps: int, num_workers: int, callbacks: list[pl.Callback] = [], ckpt_path: str | None = None,
+        limit: int | float = 1.0) -> None:
     pl.seed_everything(5, verbose=False)
     trainer = quiet_trainer(max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
-                            limit_val_batches=0)
+                            limit_val_batches=0, limit_train_batches=limit)
     trainer.fit(model(), datamodule=NumberedData(num_workers=num_workers), ckpt_path=ckpt_path)
 
 
-@pytest.mark.parametrize(("every", "stop", "num_workers"), [(2, 3, 0), (2, 7, 2), (5, 5, 2)],
-                         ids=["epoch-0-in-process", "epoch-1-two-workers", "at-an-epoch-end-two-workers"])
-def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(tmp_path: Path, every: int, stop: int, num_workers: int) -> None:
-    """40 images in batches of 8: 5 batches an epoch, 10 in all. A checkpoint every ``every``
-    batches; the first run stops after ``stop`` batches and resumes from its last checkpoint:
-    in epoch 0, in epoch 1, or one written at the end of epoch 0's last batch."""
+@pytest.mark.parametrize(("every", "stop", "num_workers", "limit"),
+                         [(2, 3, 0, 1.0), (2, 7, 2, 1.0), (5, 5, 2, 1.0), (4, 4, 2, 4), (3, 3, 0, 0.6)],
+                         ids=["epoch-0-in-process", "epoch-1-two-workers", "at-an-epoch-end-two-workers",
+                              "at-a-limited-epoch-end-two-workers", "at-a-fraction-epoch-end"])
+def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(
+    tmp_path: Path, every: int, stop: int, num_workers: int, limit: int | float,
+) -> None:
+    """40 images in batches of 8: 5 batches an epoch (or ``limit_train_batches`` of them), two
+    epochs. A checkpoint every ``every`` batches; the first run stops after ``stop`` batches and
+    resumes from its last checkpoint: in epoch 0, in epoch 1, or one written at the end of an
+    epoch's last batch."""
+    per = limit if isinstance(limit, int) else int(5 * limit)
     straight = Record()
-    fit(straight, 10, num_workers)
-    assert len(straight.batches) == 10
+    fit(straight, 2 * per, num_workers, limit=limit)
+    assert len(straight.batches) == 2 * per
     for epoch in (0, 1):
-        assert sorted(sum(straight.batches[5 * epoch:5 * epoch + 5], [])) == list(range(40)), "each epoch shows every image once"
-    assert straight.batches[:5] != straight.batches[5:], "the epochs' orders differ"
+        images = sum(straight.batches[per * epoch:per * (epoch + 1)], [])
+        assert len(set(images)) == 8 * per, "no image twice in an epoch"
+    if per == 5:
+        assert sorted(sum(straight.batches[:5], [])) == list(range(40)), "a whole epoch shows every image"
+    assert straight.batches[:per] != straight.batches[per:], "the epochs' orders differ"
 
     first = Record()
-    fit(first, 10, num_workers, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=every, save_last=True, save_top_k=0),
-                                 StopAt(stop)])
+    fit(first, 2 * per, num_workers, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=every, save_last=True,
+                                                      save_top_k=0), StopAt(stop)], limit=limit)
     done = stop // every * every
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert state == [{"epoch": (done - 1) // 5, "images_done": 8 * ((done - 1) % 5 + 1), "epoch_images": 40, "num_replicas": 1}]
+    assert state == [{"epoch": (done - 1) // per, "images_done": 8 * ((done - 1) % per + 1), "epoch_images": 8 * per,
+                      "num_replicas": 1}]
 
     resumed = Record()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(resumed, 10, num_workers, ckpt_path=str(tmp_path / "last.ckpt"))
+        fit(resumed, 2 * per, num_workers, ckpt_path=str(tmp_path / "last.ckpt"), limit=limit)
     assert not [w for w in caught if "not resumable" in str(w.message)]
     assert first.batches == straight.batches[:stop]
     assert resumed.batches == straight.batches[done:]

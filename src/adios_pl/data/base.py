@@ -300,6 +300,11 @@ class SSLDataModule(pl.LightningDataModule):
                                seed=lightning_seed())
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
                                              pin_memory=self._pin(), persistent_workers=self.persistent_workers)
+        limit = getattr(self.trainer, "limit_train_batches", None) if self.trainer is not None else None
+        if isinstance(limit, int):  # Lightning's rule: a number of batches, or a fraction of them
+            self._train_loader.batches_per_epoch = limit
+        elif isinstance(limit, float) and limit < 1.0:
+            self._train_loader.batches_per_epoch = int(len(self._train_loader) * limit)
         if self._train_loader_state is not None:  # once: a later fit() starts where it is told
             self._train_loader.load_state_dict(self._train_loader_state)
             self._train_loader_state = None

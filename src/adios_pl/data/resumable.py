@@ -4,9 +4,9 @@ Lightning resumes an ordinary shuffled loader mid-epoch by iterating it afresh a
 the epoch's remaining number of batches, so the images of the batches already trained on come
 again and as many others never come. Here the order of an epoch is a pure function of
 ``(seed, epoch)``, each process takes its share as torch's ``DistributedSampler`` does (so under
-DDP the order is the one Lightning would have chosen), and the loader's ``state_dict`` (which
-Lightning stores in checkpoints for loaders that have one) says how many batches of the epoch
-were trained on; the resumed epoch starts after them.
+DDP the order is the one Lightning would have chosen), and the loader's ``state_dict`` says how
+many images of the epoch were trained on; the resumed epoch starts after them. The DataModule
+counts the batches and carries the state in checkpoints (``SSLDataModule.state_dict``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, drop_last=True, **kwargs)
         self.images_done = 0
+        #: Batches an epoch trains on when the Trainer stops it early (``limit_train_batches``);
+        #: ``None``: all of them.
+        self.batches_per_epoch: int | None = None
 
     def __iter__(self) -> Any:
         self.images_done = self.sampler.start
@@ -78,7 +81,8 @@ class ResumableLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         """The epoch, the images of it that training has taken on this process, the images the
         epoch has on this process, and the number of processes (saved in checkpoints)."""
-        epoch_images = len(self.sampler) // int(self.batch_size or 1) * int(self.batch_size or 0)
+        batches = len(self) if self.batches_per_epoch is None else min(len(self), self.batches_per_epoch)
+        epoch_images = batches * int(self.batch_size or 0)
         return {"epoch": int(self.sampler.epoch), "images_done": self.images_done, "epoch_images": epoch_images,
                 "num_replicas": int(self.sampler.num_replicas)}
 
