@@ -168,7 +168,7 @@ def test_two_processes_train_on_the_shares_lightnings_sampler_gives_them(tmp_pat
     """Under DDP (2 CPU processes) Lightning keeps the loader's sampler, and each rank's batches
     are its ``DistributedSampler`` share of the epoch: disjoint, together every image once."""
     pl.seed_everything(5, verbose=False)
-    data = NumberedData(n=40)
+    data = NumberedData(n=40, num_workers=0)
     data.batch_size = 4
     trainer = quiet_trainer(max_steps=5, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
                             callbacks=[SaveTargets(tmp_path)])
@@ -184,7 +184,7 @@ def test_a_datamodule_resumes_its_next_loader_once() -> None:
     """The checkpoint's loader state reaches the loader the DataModule makes next (Lightning
     restores the DataModule before it asks for the loader), and only that one: a later fit()
     with the same DataModule starts its epoch whole."""
-    data = NumberedData(n=24)
+    data = NumberedData(n=24, num_workers=0)
     data.load_state_dict({"train_loader": {"epoch": 2, "images_done": 16, "epoch_images": 24, "num_replicas": 1}})
     resumed, later = data.train_dataloader(), data.train_dataloader()
     assert resumed.sampler.epoch == 2 and len(list(resumed)) == 1
