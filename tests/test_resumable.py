@@ -189,3 +189,28 @@ def test_a_datamodule_resumes_its_next_loader_once() -> None:
     resumed, later = data.train_dataloader(), data.train_dataloader()
     assert resumed.sampler.epoch == 2 and len(list(resumed)) == 1
     assert later.sampler.epoch == 0 and len(list(later)) == 3
+
+
+def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) -> None:
+    """Under DDP the checkpoint holds rank 0's loader state; each rank applies it to its own share:
+    after 2 of an epoch's 5 batches, each resumes with its share's third batch of that epoch."""
+    def run(callbacks: list[pl.Callback], ckpt_path: str | None = None) -> list[list[list[int]]]:
+        pl.seed_everything(5, verbose=False)
+        data = NumberedData(n=40, num_workers=0)
+        data.batch_size = 4
+        trainer = quiet_trainer(max_steps=10, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
+                                callbacks=[SaveTargets(tmp_path), *callbacks], enable_checkpointing=ckpt_path is None)
+        trainer.fit(model(), datamodule=data, ckpt_path=ckpt_path)
+        return [torch.load(tmp_path / f"targets{rank}.pt") for rank in (0, 1)]
+
+    first = run([ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_last=True, save_top_k=0), StopAt(3)])
+    resumed = run([], str(tmp_path / "ck" / "last.ckpt"))
+    for rank in (0, 1):
+        straight = []
+        for epoch in (0, 1):
+            sampler = DistributedSampler(range(40), num_replicas=2, rank=rank, shuffle=True, seed=5)
+            sampler.set_epoch(epoch)
+            share = list(sampler)
+            straight += [share[i:i + 4] for i in range(0, 20, 4)]
+        assert first[rank] == straight[:3]
+        assert resumed[rank] == straight[2:]
