@@ -279,7 +279,8 @@ class SSLDataModule(pl.LightningDataModule):
         from the seed of ``seed_everything`` and the epoch, each process taking its share as
         Lightning's ``DistributedSampler`` would, and a checkpoint taken part-way through an
         epoch resumes with the batches that had not been trained on
-        (:class:`~adios_pl.data.resumable.ResumableLoader`).
+        (:class:`~adios_pl.data.resumable.ResumableLoader`). The loader shards itself, so
+        ``Trainer(use_distributed_sampler=False)`` does not give every process all the images.
         """
         if self.pretrain_set is None:
             self.setup("fit")
