@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 import pytorch_lightning as pl
@@ -58,7 +58,7 @@ def model() -> ADIOSModule:
                        num_masks=2, image_size=8, mask_width=8, warmup_epochs=0)
 
 
-def fit(record: Record, max_steps: int, num_workers: int, callbacks: list[pl.Callback] = [], ckpt_path: str | None = None,
+def fit(record: Record, max_steps: int, num_workers: int, callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
         limit: int | float = 1.0) -> None:
     pl.seed_everything(5, verbose=False)
     trainer = quiet_trainer(max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
