@@ -361,6 +361,12 @@ FAULTS = [
           "an epoch ended early by limit_train_batches=N counts as part-way, so the next resumes wrongly"),
     Fault("resume_ignores_a_batch_fraction", "data/base.py", "elif isinstance(limit, float) and limit < 1.0:", "elif False:",
           "an epoch ended early by a fraction limit_train_batches counts as part-way"),
+    Fault("device_views_not_reseeded", "data/base.py", "        if loader is not None and loader.batch_size and generator is not None:",
+          "        if False:", "device augmentation draws on from one generator, so a resumed run makes other views"),
+    Fault("device_seed_ignores_the_epoch", "data/base.py", "batch_seed(*self._augmentation_seed, loader.sampler.epoch, index)",
+          "batch_seed(*self._augmentation_seed, index)", "device augmentation repeats its draws for a batch position every epoch"),
+    Fault("device_seed_ignores_the_rank", "data/base.py", 'self._augmentation_seed = (torch.initial_seed(), int(getattr(trainer, "global_rank", 0)))',
+          "self._augmentation_seed = (torch.initial_seed(), 0)", "every rank draws the same device augmentation"),
     Fault("train_order_ignores_the_seed", "data/base.py", "seed=lightning_seed())", "seed=0)",
           "the training order ignores seed_everything's seed"),
     # running a module in eval mode and handing it back

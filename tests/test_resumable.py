@@ -43,13 +43,19 @@ class NumberedData(SSLDataModule):
 
 
 class Record(pl.Callback):
-    """The targets of every training batch, in order."""
+    """The targets and the first views of every training batch, in order."""
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.views: list[torch.Tensor] = []
+        self.seeds: list[int] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self.batches.append(batch[1].tolist())
+        self.views.append(batch[0][0].clone())
+        augmentation = getattr(trainer.datamodule, "_device_augmentation", None)
+        if augmentation is not None:  # the seed of this batch's draws
+            self.seeds.append(augmentation.generator.initial_seed())
 
 
 def model() -> ADIOSModule:
@@ -59,11 +65,11 @@ def model() -> ADIOSModule:
 
 
 def fit(record: Record, max_steps: int, num_workers: int, callbacks: Sequence[pl.Callback] = (), ckpt_path: str | None = None,
-        limit: int | float = 1.0) -> None:
+        limit: int | float = 1.0, **data: Any) -> None:
     pl.seed_everything(5, verbose=False)
     trainer = quiet_trainer(max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks),
                             limit_val_batches=0, limit_train_batches=limit)
-    trainer.fit(model(), datamodule=NumberedData(num_workers=num_workers), ckpt_path=ckpt_path)
+    trainer.fit(model(), datamodule=NumberedData(num_workers=num_workers, **data), ckpt_path=ckpt_path)
 
 
 @pytest.mark.parametrize(("every", "stop", "num_workers", "limit"),
@@ -103,6 +109,19 @@ def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(
     assert not [w for w in caught if "not resumable" in str(w.message)]
     assert first.batches == straight.batches[:stop]
     assert resumed.batches == straight.batches[done:]
+
+
+def test_a_mid_epoch_resume_makes_the_device_views_a_straight_run_would(tmp_path: Path) -> None:
+    """With ``augment_on="device"`` each batch's draws come from (seed, rank, epoch, batch), so
+    the resumed run's views equal the straight run's, bit for bit, not only its images."""
+    straight, first, resumed = Record(), Record(), Record()
+    fit(straight, 10, 0, augment_on="device")
+    fit(first, 10, 0, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2, save_last=True, save_top_k=0), StopAt(3)],
+        augment_on="device")
+    fit(resumed, 10, 0, ckpt_path=str(tmp_path / "last.ckpt"), augment_on="device")
+    assert resumed.batches == straight.batches[2:]
+    assert len(resumed.views) == 8 and all(torch.equal(a, b) for a, b in zip(resumed.views, straight.views[2:]))
+    assert len(set(straight.seeds)) == 10, "two batches (of one epoch or of two) draw from one seed"
 
 
 @pytest.mark.parametrize("seed", [0, 7])

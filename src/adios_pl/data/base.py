@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from adios_pl.checks import check_compile_setting
 from adios_pl.errors import ConfigurationError
 from adios_pl.data.device_augment import DeviceAugmentation
-from adios_pl.data.resumable import EpochSampler, ResumableLoader, lightning_seed
+from adios_pl.data.resumable import EpochSampler, ResumableLoader, batch_seed, lightning_seed
 from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform, uint8_transform
 
 #: Largest decoded training set (bytes, per process) that ``cache_images=None`` keeps in memory.
@@ -168,6 +168,7 @@ class SSLDataModule(pl.LightningDataModule):
         self.cache_images = cache_images
         self.stored_size = stored_size
         self._device_augmentation: DeviceAugmentation | None = None
+        self._augmentation_seed: tuple[int, int] = (0, 0)  # (run seed, rank), set with the augmentation
         self._cached: CachedImages | None = None
         self._train_loader: ResumableLoader | None = None
         self._train_loader_state: dict[str, int] | None = None
@@ -229,10 +230,16 @@ class SSLDataModule(pl.LightningDataModule):
             augmentation = self.device_augmentation()
             # Its own generator on the device, seeded differently on each rank: with the device's
             # default generator every rank (seeded alike) would draw the same crops for its batch.
-            rank = int(getattr(trainer, "global_rank", 0))
+            self._augmentation_seed = (torch.initial_seed(), int(getattr(trainer, "global_rank", 0)))
             augmentation.generator = torch.Generator(device=images.device)
-            augmentation.generator.manual_seed((torch.initial_seed() + 1_000_003 * rank + 17) % 2**63)
+            augmentation.generator.manual_seed(batch_seed(*self._augmentation_seed))
             self._device_augmentation = augmentation
+        loader, generator = self._train_loader, self._device_augmentation.generator
+        if loader is not None and loader.batch_size and generator is not None:
+            # Each batch's draws from (run seed, rank, epoch, batch): a resumed run, mid-epoch
+            # too, makes the views a straight run would have made (a host-side reseed, no sync).
+            index = loader.images_done // loader.batch_size - 1
+            generator.manual_seed(batch_seed(*self._augmentation_seed, loader.sampler.epoch, index))
         return self._device_augmentation(images), targets
 
     def _stored_pretrain_set(self) -> Dataset:

@@ -14,8 +14,16 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
+import numpy as np
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def batch_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure, well-mixed function of ``keys`` (numpy's ``SeedSequence``),
+    e.g. ``(run seed, rank, epoch, batch)``: draws seeded from it replay exactly on resume."""
+    low, high = np.random.SeedSequence([int(k) % 2**63 for k in keys]).generate_state(2, np.uint32)
+    return (int(high) << 32 | int(low)) % 2**63
 
 
 def lightning_seed() -> int:
