@@ -108,7 +108,8 @@ class SSLDataModule(pl.LightningDataModule):
             ``on_after_batch_transfer``), so a GPU is not held back by the CPU. Training batches
             are ``((view_1, view_2), targets)`` either way; evaluation loaders are unchanged.
             Subclass pipelines that override :meth:`train_transform` (Shapes' colour shuffle)
-            are replaced by the standard one on the device.
+            are replaced by the standard one on the device. Each batch's random draws come from
+            (seed, rank, epoch, batch), so a resumed run makes the views a straight run would.
         cache_images: With ``augment_on="device"``: decode the training images once into memory
             (uint8). ``None`` (default) caches when they take at most 4 GiB per process (CIFAR,
             STL10, Shapes, ImageNet100-S at 96 px); otherwise workers decode every epoch.
