@@ -268,12 +268,13 @@ class SSLDataModule(pl.LightningDataModule):
         accelerator = type(getattr(trainer, "accelerator", None)).__name__
         return accelerator == "CUDAAccelerator"
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation loader: every image once, in the split's order."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
+            shuffle=False,
+            drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self._pin(),
             persistent_workers=self.persistent_workers,
@@ -304,12 +305,12 @@ class SSLDataModule(pl.LightningDataModule):
             dataset = self._stored_pretrain_set()
         else:
             dataset = Transformed(self.pretrain_set, self.train_transform(), keep_extra=False)
-        shares = (getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer is not None else None) or {}
+        shares = getattr(self.trainer, "distributed_sampler_kwargs", None) or {}
         sampler = EpochSampler(dataset, num_replicas=int(shares.get("num_replicas", 1)), rank=int(shares.get("rank", 0)),
                                seed=lightning_seed())
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
                                              pin_memory=self._pin(), persistent_workers=self.persistent_workers)
-        limit = getattr(self.trainer, "limit_train_batches", None) if self.trainer is not None else None
+        limit = getattr(self.trainer, "limit_train_batches", None)
         if isinstance(limit, int):  # Lightning's rule: a number of batches, or a fraction of them
             self._train_loader.batches_per_epoch = limit
         elif isinstance(limit, float) and limit < 1.0:
@@ -347,5 +348,5 @@ class SSLDataModule(pl.LightningDataModule):
         loaders = []
         for dataset in (self.eval_set, self.bank_set):
             if dataset is not None:
-                loaders.append(self._loader(Transformed(dataset, self.val_transform()), shuffle=False, drop_last=False))
+                loaders.append(self._eval_loader(Transformed(dataset, self.val_transform())))
         return loaders

@@ -43,12 +43,13 @@ def load_rgb(path: str) -> Image.Image:
             image: Image.Image = opened
             if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+                peak = float(array.max())
                 if image.mode == "F":  # float images: [0, 1] as is, otherwise scaled by their maximum
-                    top = 1.0 if array.max() <= 1.0 else float(array.max())
+                    top = 1.0 if peak <= 1.0 else peak
                 else:  # Pillow before 10.3 opens 16-bit PNGs as "I" (a PNG holds 1 to 16 bits)
                     sixteen = image.mode.startswith("I;16") or image.format == "PNG"
-                    top = 65535.0 if sixteen or array.max() > 255 else 255.0
-                    if array.max() > 65535:
+                    top = 65535.0 if sixteen or peak > 255 else 255.0
+                    if peak > 65535:
                         top = 2.0**31 - 1
                 image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
             if image.mode == "P" and "transparency" in image.info:
