@@ -3,6 +3,7 @@ would have trained on next, and shares the order across processes as Lightning's
 
 from __future__ import annotations
 
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,10 +12,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from adios_pl.data.base import SSLDataModule
-from adios_pl.data.resumable import EpochSampler, ResumableLoader
+from adios_pl.data.resumable import EpochSampler, ResumableLoader, SeededDataset
 from adios_pl.module import ADIOSModule
 from adios_pl.objectives import SimCLR
 from conftest import StopAt, quiet_trainer
@@ -109,6 +110,8 @@ def test_a_mid_epoch_resume_trains_on_the_images_a_straight_run_would(
     assert not [w for w in caught if "not resumable" in str(w.message)]
     assert first.batches == straight.batches[:stop]
     assert resumed.batches == straight.batches[done:]
+    assert len(resumed.views) == len(straight.views) - done
+    assert all(torch.equal(a, b) for a, b in zip(resumed.views, straight.views[done:])), "the views, bit for bit"
 
 
 def test_a_mid_epoch_resume_makes_the_device_views_a_straight_run_would(tmp_path: Path) -> None:
@@ -122,6 +125,71 @@ def test_a_mid_epoch_resume_makes_the_device_views_a_straight_run_would(tmp_path
     assert resumed.batches == straight.batches[2:]
     assert len(resumed.views) == 8 and all(torch.equal(a, b) for a, b in zip(resumed.views, straight.views[2:]))
     assert len(set(straight.seeds)) == 10, "two batches (of one epoch or of two) draw from one seed"
+
+
+def test_host_views_depend_on_neither_the_workers_nor_the_main_processs_generator() -> None:
+    """Each image's views are drawn from (seed, epoch, position): the same with 0 or 2 loader
+    workers, different in the next epoch; and loading in the main process leaves torch's and
+    Python's generators as it found them."""
+    def views(num_workers: int, epoch: int) -> list[torch.Tensor]:
+        data = NumberedData(num_workers=num_workers)
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [view for (first, second), _ in loader for view in (first, second)]
+
+    in_process, workers = views(0, 0), views(2, 0)
+    assert len(in_process) == 10 and all(torch.equal(a, b) for a, b in zip(in_process, workers))
+    assert not torch.equal(in_process[0], in_process[1]), "the two views of a batch are two draws"
+    assert not any(torch.equal(a, b) for a, b in zip(in_process, views(0, 1))), "a new epoch, new views"
+
+    loader = NumberedData(num_workers=0).train_dataloader()
+    iterator = iter(loader)  # making the iterator draws its base seed; the items must draw nothing
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    assert len(list(iterator)) == 5
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+
+
+class Draws(Dataset):
+    """Each item is one draw from torch's generator and one from Python's."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> tuple[float, float]:
+        return float(torch.rand(())), random.random()
+
+
+def test_a_seeded_item_draws_alike_from_torch_and_python_in_any_process() -> None:
+    """A key gives the same draws in the main process and in a loader worker, for transforms
+    that draw from torch's generator (torchvision's) and for those that draw from Python's."""
+    data = SeededDataset(Draws())
+    keys = [(index, (3, 0, position)) for index, position in [(0, 0), (1, 1), (0, 2), (2, 3)]]
+    here = [data[key] for key in keys]
+    assert len({draw for item in here for draw in item}) == 8, "each key draws its own numbers"
+    workers = [tuple(float(v) for v in item) for item in DataLoader(data, batch_size=None, sampler=keys, num_workers=2)]
+    assert workers == here
+
+
+def test_seeded_items_take_their_place_in_the_order_across_processes() -> None:
+    """Keys are (seed, epoch, position): each process's share holds its own positions of the
+    padded order, so the padded repeats of an image get views of their own; a resumed epoch's
+    keys are the tail of the whole epoch's."""
+    data = Numbered(21)
+    shares = []
+    for rank in (0, 1):
+        sampler = EpochSampler(data, 2, rank, seed=3, with_seeds=True)
+        sampler.set_epoch(4)
+        share = list(sampler)
+        torchs = DistributedSampler(data, 2, rank, shuffle=True, seed=3)
+        torchs.set_epoch(4)
+        assert [index for index, _ in share] == list(torchs)
+        shares.append(share)
+    keys = [key for share in shares for _, key in share]
+    assert sorted(key[2] for key in keys) == list(range(22)) and {key[:2] for key in keys} == {(3, 4)}
+    sampler = EpochSampler(data, 2, 1, seed=3, with_seeds=True)
+    sampler.set_epoch(4)
+    sampler.resume_at(4, 7)
+    assert list(sampler) == shares[1][7:]
 
 
 @pytest.mark.parametrize("seed", [0, 7])

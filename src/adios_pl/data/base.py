@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from adios_pl.checks import check_compile_setting
 from adios_pl.errors import ConfigurationError
 from adios_pl.data.device_augment import DeviceAugmentation
-from adios_pl.data.resumable import EpochSampler, ResumableLoader, batch_seed, lightning_seed
+from adios_pl.data.resumable import EpochSampler, ResumableLoader, SeededDataset, batch_seed, lightning_seed
 from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform, uint8_transform
 
 #: Largest decoded training set (bytes, per process) that ``cache_images=None`` keeps in memory.
@@ -288,7 +288,10 @@ class SSLDataModule(pl.LightningDataModule):
         from the seed of ``seed_everything`` and the epoch, each process taking its share as
         Lightning's ``DistributedSampler`` would, and a checkpoint taken part-way through an
         epoch resumes with the batches that had not been trained on
-        (:class:`~adios_pl.data.resumable.ResumableLoader`). The loader shards itself, so
+        (:class:`~adios_pl.data.resumable.ResumableLoader`). On the host each image's augmentation
+        draws from a seed of (seed, epoch, its place in the order)
+        (:class:`~adios_pl.data.resumable.SeededDataset`), so the resumed batches' views are the
+        ones a straight run makes, whatever ``num_workers``. The loader shards itself, so
         ``Trainer(use_distributed_sampler=False)`` does not give every process all the images.
         """
         if self.pretrain_set is None:
@@ -301,13 +304,14 @@ class SSLDataModule(pl.LightningDataModule):
                 f"batch_size={self.batch_size} is larger than the {n // world} training images per device "
                 f"({n} images, {world} device(s)); with drop_last=True no step would run. Lower batch_size."
             )
+        dataset: Dataset
         if self.augment_on == "device":
             dataset = self._stored_pretrain_set()
-        else:
-            dataset = Transformed(self.pretrain_set, self.train_transform(), keep_extra=False)
+        else:  # each image's draws seeded from (seed, epoch, position): a resume makes the same views
+            dataset = SeededDataset(Transformed(self.pretrain_set, self.train_transform(), keep_extra=False))
         shares = getattr(self.trainer, "distributed_sampler_kwargs", None) or {}
         sampler = EpochSampler(dataset, num_replicas=int(shares.get("num_replicas", 1)), rank=int(shares.get("rank", 0)),
-                               seed=lightning_seed())
+                               seed=lightning_seed(), with_seeds=self.augment_on != "device")
         self._train_loader = ResumableLoader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
                                              pin_memory=self._pin(), persistent_workers=self.persistent_workers)
         limit = getattr(self.trainer, "limit_train_batches", None)

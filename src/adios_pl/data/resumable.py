@@ -7,16 +7,23 @@ again and as many others never come. Here the order of an epoch is a pure functi
 DDP the order is the one Lightning would have chosen), and the loader's ``state_dict`` says how
 many images of the epoch were trained on; the resumed epoch starts after them. The DataModule
 counts the batches and carries the state in checkpoints (``SSLDataModule.state_dict``).
+
+The random draws of host augmentation resume too: with ``with_seeds=True`` the sampler hands each
+item a key ``(seed, epoch, position in the epoch's order)`` and :class:`SeededDataset` seeds the
+generators from it before fetching the item, so an image's views depend on neither the loader
+worker that made them, nor the number of workers, nor where the run was resumed.
 """
 
 from __future__ import annotations
 
 import os
+import random
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 
 def batch_seed(*keys: int) -> int:
@@ -37,11 +44,16 @@ class EpochSampler(DistributedSampler):
 
     A ``DistributedSampler`` (shuffled, padded to a multiple of ``num_replicas``), so Lightning
     keeps it under DDP and sets its epoch. ``resume_at(epoch, start)`` makes the iterations of
-    that epoch skip their first ``start`` indices; other epochs are whole.
+    that epoch skip their first ``start`` indices; other epochs are whole. With ``with_seeds``
+    it yields ``(index, (seed, epoch, position))`` for a :class:`SeededDataset`, where
+    ``position`` is the item's place in the epoch's order over all processes (unique, also for
+    the images that padding repeats).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 with_seeds: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.with_seeds = with_seeds
         self._resume: tuple[int, int] | None = None
 
     def resume_at(self, epoch: int, start: int) -> None:
@@ -55,9 +67,47 @@ class EpochSampler(DistributedSampler):
         """Where the current epoch's iteration starts (0 unless it is the resumed epoch)."""
         return self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
+    def __iter__(self) -> Iterator[Any]:
+        start = self.start
+        indices = list(super().__iter__())[start:]
+        if not self.with_seeds:
+            return iter(indices)
+        # DistributedSampler's share of the order is every num_replicas-th item from the rank's.
+        positions = range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
+        return ((index, (self.seed, self.epoch, position)) for index, position in zip(indices, positions))
+
+
+class SeededDataset(Dataset):
+    """``dataset[index]`` fetched with torch's (CPU) and Python's generators seeded from ``key``:
+    ``SeededDataset(dataset)[(index, key)]``, the items of an ``EpochSampler(with_seeds=True)``.
+
+    So the random draws of a transform inside ``dataset`` (torchvision's draw from torch's
+    generator) are a pure function of the key. In a loader worker the generators are seeded
+    and left so (they serve only the dataset); in the main process (``num_workers=0``) they are
+    put back afterwards, and training's own draws do not depend on the loading.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, tuple[int, ...]]) -> Any:
+        index, key = item
+        if get_worker_info() is not None:
+            return self._fetch(index, batch_seed(*key))
+        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+        try:
+            return self._fetch(index, batch_seed(*key))
+        finally:
+            torch.default_generator.set_state(torch_state)
+            random.setstate(python_state)
+
+    def _fetch(self, index: int, seed: int) -> Any:
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        return self.dataset[index]
 
 
 class ResumableLoader(DataLoader):
