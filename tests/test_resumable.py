@@ -251,22 +251,6 @@ class SaveTargets(pl.Callback):
         torch.save(self.batches, self.out / f"targets{trainer.global_rank}.pt")
 
 
-def test_two_processes_train_on_the_shares_lightnings_sampler_gives_them(tmp_path: Path) -> None:
-    """Under DDP (2 CPU processes) Lightning keeps the loader's sampler, and each rank's batches
-    are its ``DistributedSampler`` share of the epoch: disjoint, together every image once."""
-    pl.seed_everything(5, verbose=False)
-    data = NumberedData(n=40, num_workers=0)
-    data.batch_size = 4
-    trainer = quiet_trainer(max_steps=5, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
-                            callbacks=[SaveTargets(tmp_path)])
-    trainer.fit(model(), datamodule=data)
-    seen = [torch.load(tmp_path / f"targets{rank}.pt") for rank in (0, 1)]
-    for rank in (0, 1):
-        share = list(DistributedSampler(range(40), num_replicas=2, rank=rank, shuffle=True, seed=5))
-        assert seen[rank] == [share[i:i + 4] for i in range(0, 20, 4)]
-    assert sorted(sum(seen[0] + seen[1], [])) == list(range(40))
-
-
 def test_a_datamodule_resumes_its_next_loader_once() -> None:
     """The checkpoint's loader state reaches the loader the DataModule makes next (Lightning
     restores the DataModule before it asks for the loader), and only that one: a later fit()
@@ -279,8 +263,10 @@ def test_a_datamodule_resumes_its_next_loader_once() -> None:
 
 
 def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) -> None:
-    """Under DDP the checkpoint holds rank 0's loader state; each rank applies it to its own share:
-    after 2 of an epoch's 5 batches, each resumes with its share's third batch of that epoch."""
+    """Under DDP (2 CPU processes) Lightning keeps the loader's sampler, so each rank's batches are
+    its ``DistributedSampler`` share for the seed: disjoint, together every image once an epoch.
+    The checkpoint holds rank 0's loader state; each rank applies it to its own share: after 2 of
+    an epoch's 5 batches, each resumes with its share's third batch of that epoch."""
     def run(callbacks: list[pl.Callback], ckpt_path: str | None = None) -> list[list[list[int]]]:
         pl.seed_everything(5, verbose=False)
         data = NumberedData(n=40, num_workers=0)
@@ -301,3 +287,5 @@ def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) ->
             straight += [share[i:i + 4] for i in range(0, 20, 4)]
         assert first[rank] == straight[:3]
         assert resumed[rank] == straight[2:]
+    epoch_0 = [image for rank in (0, 1) for batch in first[rank][:2] + resumed[rank][:3] for image in batch]
+    assert sorted(epoch_0) == list(range(40))
