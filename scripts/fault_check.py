@@ -380,6 +380,8 @@ FAULTS = [
           "Python's generator is not seeded (a transform that draws from random differs between workers and runs)"),
     Fault("host_seed_clobbers_main_generators", "data/resumable.py", "            torch.default_generator.set_state(torch_state)\n", "",
           "with num_workers=0 loading leaves torch's generator seeded by the last image (training's draws repeat)"),
+    Fault("pending_loader_state_outlives_the_fit", "data/base.py", '        if stage == "fit":\n            self._train_loader_state = None\n', "",
+          "a state restored after the loader was made stays pending: the DataModule's next fit resumes from it again"),
     # running a module in eval mode and handing it back
     Fault("eval_mode_restores_the_top_mode", "modes.py", "        for m, training in modes:\n            m.training = training",
           "        module.train(modes[0][1])", "eval_mode gives every submodule the top module's mode back (a frozen batch norm thaws)"),

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from adios_pl.data.base import SSLDataModule
@@ -260,6 +261,32 @@ def test_a_datamodule_resumes_its_next_loader_once() -> None:
     resumed, later = data.train_dataloader(), data.train_dataloader()
     assert resumed.sampler.epoch == 2 and len(list(resumed)) == 1
     assert later.sampler.epoch == 0 and len(list(later)) == 3
+
+
+class RestoresAfterSetup(SingleDeviceStrategy):
+    """A strategy that restores checkpoints after ``configure_optimizers``, as FSDP and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def test_a_strategy_that_restores_after_setup_resumes_its_loader_and_that_fit_only(tmp_path: Path) -> None:
+    """Restoring after ``configure_optimizers`` made the loader, the checkpoint's state goes to that
+    loader: the resumed fit trains on a straight run's remaining batches. A later ``fit`` with the
+    same DataModule starts its epoch whole, not from the checkpoint again."""
+    straight = Record()
+    fit(straight, 10, 0)
+    fit(Record(), 10, 0, [ModelCheckpoint(dirpath=str(tmp_path), every_n_train_steps=2, save_last=True, save_top_k=0),
+                          StopAt(3)])
+    data = NumberedData(num_workers=0)
+    for ckpt_path, skipped in ((str(tmp_path / "last.ckpt"), 2), (None, 0)):
+        pl.seed_everything(5, verbose=False)
+        record = Record()
+        trainer = quiet_trainer(max_steps=10, callbacks=[record], enable_checkpointing=False, limit_val_batches=0,
+                                strategy=RestoresAfterSetup(torch.device("cpu")))
+        trainer.fit(model(), datamodule=data, ckpt_path=ckpt_path)
+        assert record.batches == straight.batches[skipped:]
 
 
 def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) -> None:

@@ -341,6 +341,13 @@ class SSLDataModule(pl.LightningDataModule):
         if self._train_loader is not None and self._train_loader_state is not None:  # already made
             self._train_loader.load_state_dict(self._train_loader_state)
 
+    def teardown(self, stage: str) -> None:
+        """Forget a checkpoint's loader state that no loader took: a strategy that restores after
+        ``configure_optimizers`` (``restore_checkpoint_after_setup``) hands it to a loader already
+        made, and a later ``fit`` with this DataModule must not resume from it again."""
+        if stage == "fit":
+            self._train_loader_state = None
+
     def predict_dataloader(self) -> list[DataLoader]:
         """The loaders of :meth:`val_dataloader`: features of both splits (``adios-pl predict``)."""
         return self.val_dataloader()
