@@ -6,12 +6,13 @@ position) before it is augmented (``SeededDataset``), and with ``augment_on="dev
 reseeds the augmentation's generator from (seed, rank, epoch, batch). This times, per image or
 per batch:
 
-- the host seed in a loader worker (timed inside a worker, where the generators are seeded and
-  left so) and in the main process (``num_workers=0``, where they are also put back);
+- the host seed per image of a batch, in a loader worker (timed inside a worker, where the
+  generators are seeded and left so) and in the main process (``num_workers=0``, where they
+  are also put back, once a batch);
 - the device reseed (a CUDA generator when there is one, else a CPU one);
 - for scale, an image's two views at 32 px under the CIFAR pretraining transform.
 
-    python benchmarks/seed_cost.py [--repeats 20000]
+    python benchmarks/seed_cost.py [--repeats 20000] [--batch 256]
 """
 
 from __future__ import annotations
@@ -52,36 +53,37 @@ def per_call_us(call: Callable[[int], Any], repeats: int) -> float:
     return best / repeats * 1e6
 
 
-SEEDED = SeededDataset(Nothing())
-
-
-def seeded_fetch(i: int) -> Any:
-    """One item of a ``SeededDataset`` whose own fetch costs nothing."""
-    return SEEDED[(0, (5, 1, i))]
+def host_seed_us(repeats: int, batch: int) -> float:
+    """Microseconds per image of fetching batches of ``batch`` keys from a ``SeededDataset``
+    whose own fetch costs nothing, as the loader does (``__getitems__``)."""
+    seeded = SeededDataset(Nothing())
+    return per_call_us(lambda i: seeded.__getitems__([(0, (5, 1, i * batch + j)) for j in range(batch)]),
+                       max(repeats // batch, 10)) / batch
 
 
 class InWorker(Dataset):
     """One item: the host seed's cost per image, timed inside the loader worker that fetches it."""
 
-    def __init__(self, repeats: int) -> None:
-        self.repeats = repeats
+    def __init__(self, repeats: int, batch: int) -> None:
+        self.repeats, self.batch = repeats, batch
 
     def __len__(self) -> int:
         return 1
 
     def __getitem__(self, index: int) -> float:
-        return per_call_us(seeded_fetch, self.repeats)
+        return host_seed_us(self.repeats, self.batch)
 
 
 def main() -> None:
     """Time the seeds and the augmentation and print microseconds per image or batch."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20000, help="calls per timed pass (best of 3 passes)")
+    parser.add_argument("--repeats", type=int, default=20000, help="images or batches per timed pass (best of 3 passes)")
+    parser.add_argument("--batch", type=int, default=256, help="images per batch of host seeds")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    worker = next(iter(DataLoader(InWorker(args.repeats), batch_size=None, num_workers=1)))
-    main_process = per_call_us(seeded_fetch, args.repeats)
+    worker = next(iter(DataLoader(InWorker(args.repeats, args.batch), batch_size=None, num_workers=1)))
+    main_process = host_seed_us(args.repeats, args.batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device)
     reseed = per_call_us(lambda i: generator.manual_seed(batch_seed(5, 0, 1, i)), args.repeats)
@@ -90,7 +92,8 @@ def main() -> None:
     augment = per_call_us(lambda i: views(image), max(args.repeats // 20, 50))
 
     print(f"torch {torch.__version__}, one thread, best of 3 passes")
-    rows = [("host seed per image, in a loader worker", worker), ("host seed per image, num_workers=0", main_process),
+    rows = [(f"host seed per image (batch {args.batch}), in a worker", worker),
+            (f"host seed per image (batch {args.batch}), num_workers=0", main_process),
             (f"device reseed per batch ({device} generator)", reseed),
             ("two views of a 32 px image (CIFAR transform)", augment)]
     for name, us in rows:

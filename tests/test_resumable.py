@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -130,8 +131,8 @@ def test_a_mid_epoch_resume_makes_the_device_views_a_straight_run_would(tmp_path
 
 def test_host_views_depend_on_neither_the_workers_nor_the_main_processs_generator() -> None:
     """Each image's views are drawn from (seed, epoch, position): the same with 0 or 2 loader
-    workers, different in the next epoch; and loading in the main process leaves torch's and
-    Python's generators as it found them."""
+    workers, different in the next epoch; and loading in the main process leaves torch's,
+    Python's and numpy's generators as they were."""
     def views(num_workers: int, epoch: int) -> list[torch.Tensor]:
         data = NumberedData(num_workers=num_workers)
         loader = data.train_dataloader()
@@ -145,30 +146,41 @@ def test_host_views_depend_on_neither_the_workers_nor_the_main_processs_generato
 
     loader = NumberedData(num_workers=0).train_dataloader()
     iterator = iter(loader)  # making the iterator draws its base seed; the items must draw nothing
-    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     assert len(list(iterator)) == 5
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state))
 
 
 class Draws(Dataset):
-    """Each item is one draw from torch's generator and one from Python's."""
+    """Each item is one draw from torch's generator, one from Python's and one from numpy's."""
 
     def __len__(self) -> int:
         return 4
 
-    def __getitem__(self, index: int) -> tuple[float, float]:
-        return float(torch.rand(())), random.random()
+    def __getitem__(self, index: int) -> tuple[float, float, float]:
+        return float(torch.rand(())), random.random(), float(np.random.random())
 
 
-def test_a_seeded_item_draws_alike_from_torch_and_python_in_any_process() -> None:
-    """A key gives the same draws in the main process and in a loader worker, for transforms
-    that draw from torch's generator (torchvision's) and for those that draw from Python's."""
+def test_a_seeded_item_draws_alike_from_torch_python_and_numpy_in_any_process() -> None:
+    """A key gives the same draws in the main process and in loader workers, one item at a time
+    or a batch at once (``__getitems__``), for transforms that draw from torch's generator
+    (torchvision's) and for those that draw from Python's or numpy's."""
     data = SeededDataset(Draws())
     keys = [(index, (3, 0, position)) for index, position in [(0, 0), (1, 1), (0, 2), (2, 3)]]
     here = [data[key] for key in keys]
-    assert len({draw for item in here for draw in item}) == 8, "each key draws its own numbers"
-    workers = [tuple(float(v) for v in item) for item in DataLoader(data, batch_size=None, sampler=keys, num_workers=2)]
-    assert workers == here
+    assert len({draw for item in here for draw in item}) == 12, "each key draws its own numbers"
+    assert data.__getitems__(keys) == here
+    one_at_a_time = DataLoader(data, batch_size=None, sampler=keys, num_workers=2)
+    assert [tuple(float(v) for v in item) for item in one_at_a_time] == here
+    batches = DataLoader(data, batch_size=2, sampler=keys, num_workers=2, collate_fn=list)
+    assert [item for batch in batches for item in batch] == here
+
+    in_process = iter(DataLoader(data, batch_size=2, sampler=keys, num_workers=0, collate_fn=list))
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    assert [item for batch in in_process for item in batch] == here
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1], "generators put back"
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), states[2])), "numpy's put back"
 
 
 def test_seeded_items_take_their_place_in_the_order_across_processes() -> None:

@@ -78,13 +78,15 @@ class EpochSampler(DistributedSampler):
 
 
 class SeededDataset(Dataset):
-    """``dataset[index]`` fetched with torch's (CPU) and Python's generators seeded from ``key``:
-    ``SeededDataset(dataset)[(index, key)]``, the items of an ``EpochSampler(with_seeds=True)``.
+    """``dataset[index]`` fetched with torch's (CPU), Python's and numpy's global generators
+    seeded from ``key``: ``SeededDataset(dataset)[(index, key)]``, the items of an
+    ``EpochSampler(with_seeds=True)``.
 
     So the random draws of a transform inside ``dataset`` (torchvision's draw from torch's
-    generator) are a pure function of the key. In a loader worker the generators are seeded
-    and left so (they serve only the dataset); in the main process (``num_workers=0``) they are
-    put back afterwards, and training's own draws do not depend on the loading.
+    generator; others from Python's or numpy's) are a pure function of the key. In a loader
+    worker the generators are seeded and left so (they serve only the dataset); in the main
+    process (``num_workers=0``) they are put back after each batch (``__getitems__``, which the
+    loader calls with a batch's keys), and training's own draws do not depend on the loading.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -94,19 +96,24 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: tuple[int, tuple[int, ...]]) -> Any:
-        index, key = item
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, tuple[int, ...]]]) -> list[Any]:
+        """The items of ``items``, each drawn from its own key's seed."""
         if get_worker_info() is not None:
-            return self._fetch(index, batch_seed(*key))
-        torch_state, python_state = torch.default_generator.get_state(), random.getstate()
+            return [self._fetch(index, batch_seed(*key)) for index, key in items]
+        torch_state, python_state, numpy_state = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
         try:
-            return self._fetch(index, batch_seed(*key))
+            return [self._fetch(index, batch_seed(*key)) for index, key in items]
         finally:
             torch.default_generator.set_state(torch_state)
             random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     def _fetch(self, index: int, seed: int) -> Any:
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
+        np.random.seed(seed % 2**32)
         return self.dataset[index]
 
 
