@@ -176,6 +176,7 @@ def test_a_seeded_item_draws_alike_from_torch_python_and_numpy_in_any_process() 
     batches = DataLoader(data, batch_size=2, sampler=keys, num_workers=2, collate_fn=list)
     assert [item for batch in batches for item in batch] == here
 
+    torch.manual_seed(11), random.seed(11), np.random.seed(11)  # not what the last key left
     in_process = iter(DataLoader(data, batch_size=2, sampler=keys, num_workers=0, collate_fn=list))
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
     assert [item for batch in in_process for item in batch] == here
