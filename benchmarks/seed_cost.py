@@ -1,8 +1,8 @@
 """What seeding the augmentation's draws costs, next to the augmentation itself.
 
 A resumed run makes the views a straight run would have made because the draws are seeded:
-with ``augment_on="host"`` each image seeds torch's and Python's generators from (seed, epoch,
-position) before it is augmented (``SeededDataset``), and with ``augment_on="device"`` each batch
+with ``augment_on="host"`` each image seeds torch's, Python's and numpy's global generators from
+(seed, epoch, position) before it is augmented (``SeededDataset``), and with ``augment_on="device"`` each batch
 reseeds the augmentation's generator from (seed, rank, epoch, batch). This times, per image or
 per batch:
 
@@ -27,9 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from adios_pl.data.resumable import SeededDataset, batch_seed
-from adios_pl.data.transforms import TwoViews, pretrain_transform
-
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+from adios_pl.data.transforms import CIFAR10_MEAN, CIFAR10_STD, TwoViews, pretrain_transform
 
 
 class Nothing(Dataset):
@@ -88,7 +86,7 @@ def main() -> None:
     generator = torch.Generator(device=device)
     reseed = per_call_us(lambda i: generator.manual_seed(batch_seed(5, 0, 1, i)), args.repeats)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    views = TwoViews(pretrain_transform(32, CIFAR_MEAN, CIFAR_STD, blur_prob=0.0))
+    views = TwoViews(pretrain_transform(32, CIFAR10_MEAN, CIFAR10_STD, blur_prob=0.0))
     augment = per_call_us(lambda i: views(image), max(args.repeats // 20, 50))
 
     print(f"torch {torch.__version__}, one thread, best of 3 passes")

@@ -16,6 +16,7 @@ worker that made them, nor the number of workers, nor where the run was resumed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any, Iterator
@@ -100,21 +101,27 @@ class SeededDataset(Dataset):
 
     def __getitems__(self, items: list[tuple[int, tuple[int, ...]]]) -> list[Any]:
         """The items of ``items``, each drawn from its own key's seed."""
-        if get_worker_info() is not None:
+        in_worker = get_worker_info() is not None  # a worker's generators serve only the dataset
+        with contextlib.nullcontext() if in_worker else _generators_kept():
             return [self._fetch(index, batch_seed(*key)) for index, key in items]
-        torch_state, python_state, numpy_state = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
-        try:
-            return [self._fetch(index, batch_seed(*key)) for index, key in items]
-        finally:
-            torch.default_generator.set_state(torch_state)
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
     def _fetch(self, index: int, seed: int) -> Any:
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         return self.dataset[index]
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Torch's (CPU), Python's and numpy's global generators are as they were after the block."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class ResumableLoader(DataLoader):
