@@ -178,6 +178,20 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ADIOSCLI:
     )
 
 
+#: Warnings about Lightning's own code that a user of the command line can do nothing about.
+LIGHTNING_INTERNAL_WARNINGS = (
+    # Lightning 2.6's pytree helper uses an API that torch 2.14 deprecates; it warns at the first batch
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+def hide_lightning_internal_warnings() -> None:
+    """Hide :data:`LIGHTNING_INTERNAL_WARNINGS` for the rest of the process (the command line
+    only: a script that imports the library keeps Python's warning filters)."""
+    for category, message in LIGHTNING_INTERNAL_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adios-pl`` console script; returns the exit code.
 
@@ -185,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cause are printed as one line (set ``ADIOS_PL_DEBUG=1`` for the traceback).
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    hide_lightning_internal_warnings()
     try:
         if args[:1] in (["--version"], ["-V"]):
             print(f"adios-pl {__version__}")
