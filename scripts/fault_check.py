@@ -305,6 +305,8 @@ FAULTS = [
           "return trainer.current_epoch", "the evaluation callbacks run in the sanity check too"),
     Fault("cli_image_size_unlinked", "cli.py", '        parser.link_arguments("data.init_args.image_size", "model.image_size")\n', "        pass\n",
           "the command line does not pass the data's image size to the model"),
+    Fault("cli_shows_lightning_internal_warnings", "cli.py", "    hide_lightning_internal_warnings()\n", "",
+          "adios-pl prints Lightning's warning about its own use of a deprecated torch API"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo
     Fault("evaluate_fits_on_eval_split", "evaluation.py", "train_x, train_y = extract_features(encoder, loaders[1], device)",
           "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
