@@ -164,6 +164,7 @@ def test_more_devices_than_available_is_one_line(capsys: pytest.CaptureFixture, 
                  "--trainer.accelerator=gpu", "--trainer.devices=8", "--trainer.fast_dev_run=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("adios-pl: error:"), err
+    assert "trainer.accelerator is 'gpu'" in err[0] and "pass --trainer.accelerator cpu" in err[0], err
 
 
 def test_readme_fast_path_command_runs(stubbed_data: None, graphs_per_part: Counter[str]) -> None:

@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         running = getattr(error, "adios_while_running", False)
         if os.environ.get("ADIOS_PL_DEBUG") or (running and not isinstance(error, RUN_USER_ERRORS)):
             raise
-        print(f"adios-pl: error: {_one_line(error)}", file=sys.stderr)
+        print(f"adios-pl: error: {_with_hint(_one_line(error))}", file=sys.stderr)
         return 2
 
 
@@ -230,6 +230,20 @@ def _one_line(error: BaseException) -> str:
         if causes:
             return "; ".join(causes)
     return text.splitlines()[0]
+
+
+#: Lightning's words for a Trainer setting this machine cannot meet, and what to pass instead.
+MACHINE_HINTS = {
+    "No supported gpu backend found": "trainer.accelerator is 'gpu', as in every published config, and this "
+    "machine has no GPU; pass --trainer.accelerator cpu or auto",
+}
+
+
+def _with_hint(message: str) -> str:
+    """``message``, followed by what to pass instead when it is Lightning's for a setting this
+    machine cannot meet."""
+    hints = [hint for words, hint in MACHINE_HINTS.items() if words in message]
+    return f"{message} ({hints[0]})" if hints else message
 
 
 def console_main() -> None:
