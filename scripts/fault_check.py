@@ -307,6 +307,8 @@ FAULTS = [
           "the command line does not pass the data's image size to the model"),
     Fault("cli_shows_lightning_internal_warnings", "cli.py", "    hide_lightning_internal_warnings()\n", "",
           "adios-pl prints Lightning's warning about its own use of a deprecated torch API"),
+    Fault("cli_gpu_error_without_hint", "cli.py", 'return f"{message} ({hints[0]})" if hints else message', "return message",
+          "a GPU config on a machine without one fails with Lightning's words only, not what to pass instead"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo
     Fault("evaluate_fits_on_eval_split", "evaluation.py", "train_x, train_y = extract_features(encoder, loaders[1], device)",
           "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
