@@ -131,3 +131,53 @@ def test_nt_xent_of_several_views_is_the_sum_of_lightly_losses() -> None:
     clean = [{"z": z0}]
     terms = [[{"z": views[t]}] for t in range(3)]
     torch.testing.assert_close(simclr.terms_loss(clean, terms), nt_xent(z0, views, simclr.temperature))
+
+
+def _example_objective() -> type:
+    """The ``VICReg`` objective of ``examples/custom_objective.py``: what a user writes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "custom_objective.py"
+    spec = importlib.util.spec_from_file_location("custom_objective_example", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.VICReg  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("masked_views", ["sequential", "batched"])
+def test_a_users_objective_trains_on_the_sum_of_its_masked_terms(masked_views: str) -> None:
+    """A user's objective (the README's example, VICReg with a batch-norm head) plugs in: the
+    step's encoder loss is ``sum_n L(x1, x2 * (1 - m_n))`` written out here with the objective's
+    own heads and loss, the masks from the mask generator before the step (float64, so that only
+    a wrong composition can differ); both players and the user's heads are updated."""
+    import copy
+
+    from lightly.loss import VICRegLoss
+
+    from adios_pl import ADIOSModule
+
+    from conftest import make_loader, quiet_trainer
+
+    torch.manual_seed(0)
+    model = ADIOSModule(encoder="small_cnn", objective=_example_objective()(hidden_dim=32, output_dim=16), num_masks=3,
+                        image_size=16, mask_width=8, optimizer="sgd", lr=0.1, mask_lr=0.1, warmup_epochs=0,
+                        masked_views=masked_views).double()
+    before = copy.deepcopy(model)
+    loader = make_loader(n=8, batch_size=8, size=16, dtype=torch.float64)
+    (x1, x2), _ = next(iter(loader))
+    with torch.no_grad():
+        masks = before.mask_generator(x2)
+        clean = before.objective.projector(before.encoder(x1))
+        expected = sum(VICRegLoss()(clean, before.objective.projector(before.encoder(x2 * (1 - masks[:, n : n + 1]))))
+                       for n in range(3))
+    trainer = quiet_trainer(max_steps=1, precision="64-true", log_every_n_steps=1, limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=loader)
+    logged = trainer.callback_metrics["train/encoder_loss"]
+    assert torch.isclose(logged.double(), expected, rtol=1e-9, atol=0), (float(logged), float(expected))
+    for part in ("encoder", "mask_generator"):
+        moved = [not torch.equal(a, b) for a, b in zip(getattr(model, part).parameters(), getattr(before, part).parameters())]
+        assert all(moved), f"{part}: {moved.count(False)} of {len(moved)} parameters did not move"
+    head = [not torch.equal(a, b) for a, b in zip(model.objective.projector.parameters(), before.objective.projector.parameters())]
+    assert all(head), f"the user's projector: {head.count(False)} of {len(head)} parameters did not move"
