@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,6 +75,15 @@ class SaveRankState(pl.Callback):
         torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
 
 
+class DeprecatedCollectivesFail(pl.Callback):
+    """In each process, a call of torch's deprecated ``torch.distributed.nn.functional``
+    collectives (which Lightning's ``all_gather`` makes) raises: every run would print their
+    deprecation warning."""
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        warnings.filterwarnings("error", message="torch.distributed.nn.functional", category=FutureWarning)
+
+
 def _model(objective: Any, norm: str = "gn", **kw: Any) -> ADIOSModule:
     torch.manual_seed(0)
     return ADIOSModule(
@@ -96,7 +106,8 @@ class ToSyncBatchNorm(pl.Callback):
 def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list, sync_batchnorm: bool = False) -> None:
     trainer = quiet_trainer(
         max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
-        callbacks=[*callbacks, SaveRankState(out)] + ([ToSyncBatchNorm()] if sync_batchnorm else []), num_sanity_val_steps=0,
+        callbacks=[*callbacks, SaveRankState(out), DeprecatedCollectivesFail()] + ([ToSyncBatchNorm()] if sync_batchnorm else []),
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=ShardedData(PER_RANK * (2 if devices == 1 else 1)))
 

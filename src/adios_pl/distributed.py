@@ -114,6 +114,24 @@ def _through_flat(pairs: Sequence[tuple[Tensor, Tensor]], collective: Callable[[
             o.copy_(piece.view(o.shape))
 
 
+def gather_rows(tensor: Tensor) -> Tensor:
+    """Every rank's rows of ``tensor`` (the same shape on every rank), rank 0's first; outside a
+    process group the tensor itself. No gradient flows back through the gather.
+
+    Lightning's ``LightningModule.all_gather`` does the same through
+    ``torch.distributed.nn.functional.all_gather``, which torch deprecates with a warning in every
+    process; the plain collective has no such warning.
+    """
+    return torch.cat(_all_gather(tensor)) if is_distributed() else tensor
+
+
+def _all_gather(tensor: Tensor) -> list[Tensor]:
+    """Each rank's copy of ``tensor``, in rank order."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
 def gather_in_order(tensor: Tensor, dataset_length: int | None) -> Tensor:
     """Rows of every rank, back in dataset order, without the distributed sampler's padding.
 
@@ -125,9 +143,6 @@ def gather_in_order(tensor: Tensor, dataset_length: int | None) -> Tensor:
     """
     if not is_distributed():
         return tensor if dataset_length is None else tensor[:dataset_length]
-    world = dist.get_world_size()
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor.contiguous())
-    stacked = torch.stack(parts, dim=1)  # (n, W, ...)
+    stacked = torch.stack(_all_gather(tensor), dim=1)  # (n, W, ...)
     merged = stacked.reshape(-1, *tensor.shape[1:])
     return merged if dataset_length is None else merged[:dataset_length]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -12,7 +12,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.errors import ConfigurationError
-from adios_pl.distributed import gather_in_order, is_distributed
+from adios_pl.distributed import gather_in_order, gather_rows
 from adios_pl.evaluation import seeded_linear
 from adios_pl.nonfinite import StateSnapshot
 
@@ -97,9 +97,7 @@ class OnlineLinearProbe(EvaluationCallback):
             self._warn_once("outputs", "OnlineLinearProbe: training_step returned no 'features'; the probe is not trained")
             return
         features, targets = outputs["features"].detach(), outputs["targets"]
-        if is_distributed():
-            features = cast(Tensor, pl_module.all_gather(features)).flatten(0, 1)
-            targets = cast(Tensor, pl_module.all_gather(targets)).flatten(0, 1)
+        features, targets = gather_rows(features), gather_rows(targets)
         if not self._labels_checked:  # once: a read-back
             self._labels_checked = True
             if int(targets.max()) >= self.num_classes:
