@@ -203,6 +203,10 @@ FAULTS = [
           "under DDP every rank scores the first share of the queries"),
     Fault("gather_blocked_order", "distributed.py", "stacked = torch.stack(_all_gather(tensor), dim=1)  # (n, W, ...)", "stacked = torch.stack(_all_gather(tensor), dim=0)  # (n, W, ...)",
           "gathered rows rank by rank instead of in dataset order"),
+    Fault("probe_gathers_through_lightning", "callbacks/linear_probe.py", "        features, targets = gather_rows(features), gather_rows(targets)\n",
+          "        if torch.distributed.is_available() and torch.distributed.is_initialized():\n"
+          "            features, targets = pl_module.all_gather(features).flatten(0, 1), pl_module.all_gather(targets).flatten(0, 1)\n",
+          "the online probe gathers through Lightning's all_gather, which warns of a deprecated torch collective in every process"),
     Fault("probe_unlabelled_in_loss", "callbacks/linear_probe.py", "loss = (per_image * labelled).sum() / labelled.sum().clamp(min=1)",
           "loss = per_image.mean()", "the online probe trains on unlabelled images as class 0"),
     Fault("probe_not_gathered", "callbacks/linear_probe.py", "        features, targets = gather_rows(features), gather_rows(targets)\n", "",
