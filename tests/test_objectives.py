@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
 import torch
 import torch.nn.functional as F
+from lightly.loss import VICRegLoss
 from torch import nn
 
+from adios_pl import ADIOSModule
 from adios_pl.encoders import SmallConvNet
 from adios_pl.objectives import BYOL, SimCLR, SimSiam, byol_loss, momentum_tau, simsiam_loss
+from conftest import make_loader, quiet_trainer
 
 
 def naive_ntxent(a: torch.Tensor, b: torch.Tensor, t: float) -> float:
@@ -135,9 +141,6 @@ def test_nt_xent_of_several_views_is_the_sum_of_lightly_losses() -> None:
 
 def _example_objective() -> type:
     """The ``VICReg`` objective of ``examples/custom_objective.py``: what a user writes."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / "examples" / "custom_objective.py"
     spec = importlib.util.spec_from_file_location("custom_objective_example", path)
     assert spec is not None and spec.loader is not None
@@ -152,14 +155,6 @@ def test_a_users_objective_trains_on_the_sum_of_its_masked_terms(masked_views: s
     step's encoder loss is ``sum_n L(x1, x2 * (1 - m_n))`` written out here with the objective's
     own heads and loss, the masks from the mask generator before the step (float64, so that only
     a wrong composition can differ); both players and the user's heads are updated."""
-    import copy
-
-    from lightly.loss import VICRegLoss
-
-    from adios_pl import ADIOSModule
-
-    from conftest import make_loader, quiet_trainer
-
     torch.manual_seed(0)
     model = ADIOSModule(encoder="small_cnn", objective=_example_objective()(hidden_dim=32, output_dim=16), num_masks=3,
                         image_size=16, mask_width=8, optimizer="sgd", lr=0.1, mask_lr=0.1, warmup_epochs=0,
