@@ -73,7 +73,8 @@ def test_train_and_val_dirs_and_unlabelled(tmp_path: Path, folder_tree: Path) ->
     for i in range(5):
         _write(flat / f"{i}.png")
     dm = ImageFolderDataModule(str(flat), image_size=32, **LOADER)
-    dm.setup("fit")
+    with pytest.warns(UserWarning, match=r"no class folders: its 5 images are unlabelled, so nothing is evaluated"):
+        dm.setup("fit")
     assert dm.num_classes == 0 and dm.eval_set is None and dm.val_dataloader() == []
     assert next(iter(dm.train_dataloader()))[1].tolist() == [-1] * 4
 

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Subset
 
 from adios_pl.errors import ConfigurationError, UserInputError
@@ -243,6 +244,12 @@ class ImageFolderDataModule(SSLDataModule):
         train, val = self._scan()
         labelled = bool(self.classes)
         self.num_classes = len(self.classes) if labelled else 0
+        if not labelled:
+            rank_zero_warn(
+                f"train_dir={str(self.train_dir)!r} has no class folders: its {len(train)} images are unlabelled, so "
+                "nothing is evaluated (no validation loop; OnlineKNN and OnlineLinearProbe have no labels). Sort them "
+                f"into class folders to evaluate while training ({FOLDER_LAYOUT})"
+            )
         full = ImageFiles(train, self.skip_corrupt)
         if val is not None:
             self.pretrain_set = full
