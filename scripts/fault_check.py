@@ -313,6 +313,8 @@ FAULTS = [
           "adios-pl prints Lightning's warning about its own use of a deprecated torch API"),
     Fault("cli_gpu_error_without_hint", "cli.py", 'return f"{message} ({hints[0]})" if hints else message', "return message",
           "a GPU config on a machine without one fails with Lightning's words only, not what to pass instead"),
+    Fault("unlabelled_folder_silent", "data/folder.py", "        if not labelled:\n            rank_zero_warn(", "        if False:\n            rank_zero_warn(",
+          "an image folder without class folders trains with nothing to evaluate and says nothing of it"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo
     Fault("evaluate_fits_on_eval_split", "evaluation.py", "train_x, train_y = extract_features(encoder, loaders[1], device)",
           "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
