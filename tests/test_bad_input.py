@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -65,6 +66,8 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
     ("encoder unknown", lambda t: module(encoder="resnet19"), ValueError, "encoder"),
     ("encoder wrong type", lambda t: module(encoder=42), TypeError, "encoder"),
     ("encoder without num_features", lambda t: module(encoder=torch.nn.Flatten()), TypeError, "num_features"),
+    ("timm encoder with its classifier", lambda t: module(encoder=timm.create_model("resnet10t", num_classes=7), encoder_kwargs={}),
+     ValueError, r"returned \(2, 7\); for a timm model, create it with num_classes=0"),
     ("vit with odd size", lambda t: module(encoder="vit_tiny", encoder_kwargs={}, image_size=18), ValueError, "patch size"),
     ("objective wrong type", lambda t: module(objective="byol"), TypeError, "objective"),
     ("lr nan", lambda t: module(lr=float("nan")), ValueError, "lr must be a finite"),

@@ -180,8 +180,10 @@ def check_encoder(encoder: nn.Module, image_size: int) -> int:
         ) from error
     if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_features):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        # timm models have num_features but end in their classifier unless made without one
+        hint = "; for a timm model, create it with num_classes=0" if hasattr(encoder, "reset_classifier") else ""
         raise ValueError(
             f"encoder must map (B, 3, H, W) to (B, num_features={num_features}); "
-            f"at image_size={image_size} it returned {shape}"
+            f"at image_size={image_size} it returned {shape}{hint}"
         )
     return num_features
