@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import urllib.error
@@ -57,10 +58,14 @@ def test_misspelt_or_bad_data_key_names_the_cause(capsys: pytest.CaptureFixture)
     assert err == ["adios-pl: error: min_scale must be in (0, 1], got 2.0"], err
 
 
-def test_predict_writes_features(stubbed_data: None, tmp_path: Path) -> None:
-    assert main(["predict", "--config", CONFIG, *CPU, f"--trainer.default_root_dir={tmp_path}"]) == 0
+def test_predict_writes_features(stubbed_data: None, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``predict`` writes both evaluation loaders' features, and says where."""
+    with caplog.at_level(logging.INFO):
+        assert main(["predict", "--config", CONFIG, *CPU, f"--trainer.default_root_dir={tmp_path}"]) == 0
     files = sorted((tmp_path / "features").glob("features_*_rank0.pt"))
     assert [f.name for f in files] == ["features_0_rank0.pt", "features_1_rank0.pt"]
+    for loader, path in enumerate(files):
+        assert f"FeatureWriter: the features of 4 images of loader {loader} -> {path}" in caplog.text, caplog.text
     data = torch.load(files[0], weights_only=True)
     assert data["features"].shape == (4, 512) and data["targets"].shape == (4,) and data["indices"].tolist() == [0, 1, 2, 3]
     model = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, num_masks=2, mask_width=8)

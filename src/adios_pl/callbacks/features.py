@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
 
 
 class FeatureWriter(BasePredictionWriter):
@@ -46,3 +47,5 @@ class FeatureWriter(BasePredictionWriter):
             path = root / f"features_{loader}_rank{trainer.global_rank}.pt"
             torch.save(data, path)
             self.paths.append(path)
+            each_rank = f" (and those of the other {trainer.world_size - 1} ranks beside it)" if trainer.world_size > 1 else ""
+            rank_zero_info(f"FeatureWriter: the features of {len(data['targets'])} images of loader {loader} -> {path}{each_rank}")
