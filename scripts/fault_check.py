@@ -317,6 +317,8 @@ FAULTS = [
           "an image folder without class folders trains with nothing to evaluate and says nothing of it"),
     Fault("timm_encoder_without_hint", "encoders.py", 'hint = "; for a timm model, create it with num_classes=0" if hasattr(encoder, "reset_classifier") else ""',
           'hint = ""', "a timm encoder that ends in its classifier is refused without saying how to make it without"),
+    Fault("predict_silent_about_its_files", "callbacks/features.py", "            rank_zero_info(", "            (lambda *_: None)(",
+          "adios-pl predict writes the features without saying where"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo
     Fault("evaluate_fits_on_eval_split", "evaluation.py", "train_x, train_y = extract_features(encoder, loaders[1], device)",
           "train_x, train_y = extract_features(encoder, loaders[0], device)", "the offline probe and kNN fit on the evaluation split"),
