@@ -68,9 +68,52 @@ def test_a_class_path_in_checkpoint_hyper_parameters_is_never_imported(stubbed_d
     sys.path.insert(0, str(tmp_path))
     try:
         main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=2", f"--ckpt_path={ckpt}"])
+        assert not marker.exists(), "resuming imported a class named in the checkpoint"
+        with pytest.raises(ConfigurationError, match=r"names the class 'evil_module.Evil', whose module 'evil_module' is not imported"):
+            ADIOSModule.load_from_checkpoint(ckpt)
+        assert not marker.exists(), "load_from_checkpoint imported a class named in the checkpoint"
     finally:
         sys.path.remove(str(tmp_path))
-    assert not marker.exists(), "a class named in the checkpoint was imported"
+
+
+def _same_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    state = model.state_dict()
+    assert sorted(state) == sorted(saved)
+    different = [name for name in saved if not torch.equal(state[name], saved[name])]
+    assert not different, f"not loaded: {different}"
+
+
+def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path: Path) -> None:
+    """``adios-pl fit`` keeps the objective, its arguments and a class-path mask generator in
+    the checkpoint's hyper-parameters, so ``load_from_checkpoint(path)`` alone rebuilds them."""
+    masks = '{"class_path": "adios_pl.masks.RandomMasks", "init_args": {"num_masks": 4, "image_size": 32, "kind": "random_block"}}'
+    code = main(["fit", "--config", str(ROOT / "configs/cifar10/byol_adios_resnet18.yaml"), *CPU, "--trainer.max_steps=1",
+                 "--model.encoder=small_cnn", "--model.objective.init_args.proj_hidden_dim=48",
+                 "--model.objective.init_args.pred_hidden_dim=24", "--model.objective.init_args.base_tau=0.9",
+                 f"--model.mask_generator={masks}", f"--trainer.default_root_dir={tmp_path}"])
+    assert code == 0
+    (ckpt,) = tmp_path.rglob("*.ckpt")
+    model = ADIOSModule.load_from_checkpoint(ckpt)
+    objective: Any = model.objective
+    assert type(objective).__name__ == "BYOL" and (objective.proj_hidden_dim, objective.pred_hidden_dim, objective.base_tau) == (48, 24, 0.9)
+    assert type(model.mask_generator).__name__ == "RandomMasks" and model.mask_generator.kind == "random_block"
+    _same_weights(model, ckpt)
+
+
+def test_a_script_checkpoint_takes_its_modules_again(tmp_path: Path) -> None:
+    """A module passed in a script is not a hyper-parameter: loading without it names it instead
+    of building the default (SimCLR at another temperature would load the same weights)."""
+    ckpt = _checkpoint(tmp_path, encoder="small_cnn")
+    with pytest.raises(ConfigurationError, match=r"holds the weights of objective but not the arguments to build it.*objective=\.\.\."):
+        ADIOSModule.load_from_checkpoint(ckpt)
+    model = ADIOSModule.load_from_checkpoint(ckpt, objective=SimCLR(temperature=0.2))
+    assert model.objective.temperature == 0.2  # type: ignore[union-attr]
+    _same_weights(model, ckpt)
+    with pytest.raises(TypeError, match="cannot be called on an instance"):
+        model.load_from_checkpoint(ckpt)
+    default = _checkpoint(tmp_path, encoder="small_cnn", objective=None)
+    _same_weights(ADIOSModule.load_from_checkpoint(default), default)
 
 
 def test_another_optimizer_is_a_clear_error(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
+from pytorch_lightning.core.saving import load_hparams_from_yaml
 
 from adios_pl.errors import ConfigurationError
 
@@ -82,6 +84,49 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
         )
+
+
+def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    """The hyper-parameters ``load_from_checkpoint`` would build from: ``hparams_file``'s where
+    given, else the checkpoint's (a local file is memory-mapped, so its tensors are not read)."""
+    if hparams_file is not None:
+        return dict(load_hparams_from_yaml(hparams_file) or {})
+    weights_only = True if weights_only is None else weights_only
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
+    elif hasattr(checkpoint, "seek"):  # a file object: read it, then rewind it for Lightning
+        position = checkpoint.tell()
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+        checkpoint.seek(position)
+    else:
+        with get_filesystem(checkpoint).open(checkpoint, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=weights_only)
+    return dict(loaded.get("hyper_parameters") or {})
+
+
+def refuse_unimported_class_paths(hyper_parameters: Mapping[str, Any], source: Any) -> None:
+    """Raise ``ConfigurationError`` where ``hyper_parameters`` name a class (a ``class_path``,
+    at any depth) whose module is not imported yet.
+
+    Building a model from a LightningCLI checkpoint resolves each class path, and resolving one
+    imports its module, which runs that module's code. Lightning refuses this for the model's own
+    class; this refuses it for the parts nested in its arguments.
+    """
+    def class_paths(value: Any) -> list[str]:
+        if isinstance(value, Mapping):
+            own = [value[key] for key in ("class_path", "_class_path") if isinstance(value.get(key), str)]
+            return own + [path for item in value.values() for path in class_paths(item)]
+        if isinstance(value, (list, tuple)):
+            return [path for item in value for path in class_paths(item)]
+        return []
+
+    for path in class_paths(hyper_parameters):
+        module = path.rpartition(".")[0]
+        if module and module not in sys.modules:
+            raise ConfigurationError(
+                f"{source} names the class {path!r}, whose module {module!r} is not imported; a checkpoint is data and "
+                f"loading one never imports a module it names: if you trust it, run `import {module}` first"
+            )
 
 
 def _remove_stale_temporaries(target: Path) -> None:

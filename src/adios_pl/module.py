@@ -10,10 +10,15 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
+try:  # Lightning's classmethod that refuses a call on an instance (which would return a new model)
+    from pytorch_lightning.utilities.model_helpers import _restricted_classmethod
+except ImportError:  # pragma: no cover
+    _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
 import torch
 from torch import Tensor, nn
 
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
+from adios_pl.checkpoint import read_hyper_parameters, refuse_unimported_class_paths
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
@@ -156,8 +161,14 @@ class ADIOSModule(pl.LightningModule):
             mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
             compile_mask_generator=compile_mask_generator,
         )
-        ignore = ["objective", "mask_generator"] + (["encoder"] if isinstance(encoder, nn.Module) else [])
-        self.save_hyperparameters(ignore=ignore)
+        # A module passed in a script is not a hyper-parameter (its weights are in the state
+        # dict; load_from_checkpoint takes it again as an argument). Under LightningCLI the
+        # hyper-parameters are the run's config, where parts are class paths with their
+        # arguments: all are kept, so load_from_checkpoint(path) rebuilds the model as trained.
+        parts = {"encoder": encoder, "objective": objective, "mask_generator": mask_generator}
+        self.save_hyperparameters(ignore=[name for name, part in parts.items() if isinstance(part, nn.Module)])
+        if "_instantiator" in self.hparams:
+            self.save_hyperparameters()
         self.automatic_optimization = False
 
         encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
@@ -313,6 +324,34 @@ class ADIOSModule(pl.LightningModule):
                 if setting and part is not None:
                     part.compile(options=compile_options(setting))
             self._compiled = True
+
+    @_restricted_classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None, **kwargs: Any,
+    ) -> ADIOSModule:
+        """Lightning's ``load_from_checkpoint``, with two checks first.
+
+        - A checkpoint of ``adios-pl fit`` rebuilds the model as trained: its hyper-parameters
+          hold the objective, encoder and mask generator as class paths with their arguments.
+          A class path whose module is not imported yet is refused (loading a file never
+          imports code it names); import that module first.
+        - A checkpoint of a script holds the weights of the modules passed to ``ADIOSModule``,
+          not their arguments: pass them again (``objective=BYOL(...)``, ``encoder=...``,
+          ``mask_generator=...``); a missing one is an error naming it, not a silent default.
+
+        Other keyword arguments replace saved hyper-parameters, as in Lightning.
+        """
+        saved = read_hyper_parameters(checkpoint_path, hparams_file, kwargs.get("weights_only"))
+        refuse_unimported_class_paths({key: value for key, value in saved.items() if key not in kwargs}, checkpoint_path)
+        missing = [name for name in ("encoder", "objective", "mask_generator") if name not in saved and name not in kwargs]
+        if missing:
+            raise ConfigurationError(
+                f"{checkpoint_path} holds the weights of {', '.join(missing)} but not the arguments to build "
+                f"{'them' if len(missing) > 1 else 'it'} (a script passed a module): pass the same again, "
+                f"ADIOSModule.load_from_checkpoint(path, {', '.join(f'{name}=...' for name in missing)})"
+            )
+        model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+        return model  # type: ignore[return-value]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the ADIOS-s slot sampler so a resumed run draws the same slots; never save the
