@@ -323,6 +323,8 @@ FAULTS = [
           "an image folder without class folders trains with nothing to evaluate and says nothing of it"),
     Fault("timm_encoder_without_hint", "encoders.py", 'hint = "; for a timm model, create it with num_classes=0" if hasattr(encoder, "reset_classifier") else ""',
           'hint = ""', "a timm encoder that ends in its classifier is refused without saying how to make it without"),
+    Fault("mask_pictures_only_to_tensorboard", "callbacks/masks.py", 'elif callable(getattr(logger, "log_image", None)):', "elif False:",
+          "the mask pictures reach TensorBoard only, not a W&B logger"),
     Fault("predict_silent_about_its_files", "callbacks/features.py", "            rank_zero_info(", "            (lambda *_: None)(",
           "adios-pl predict writes the features without saying where"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo

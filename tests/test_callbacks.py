@@ -10,7 +10,8 @@ import torch
 import torchvision
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from torch import Tensor
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
@@ -74,11 +75,37 @@ def test_mask_metrics() -> None:
     assert torch.isnan(foreground_ari(one_segment, torch.zeros_like(true))).all()
 
 
+class ImageLogger(Logger):
+    """A logger with Weights & Biases' ``log_image`` API that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, list[Tensor], int | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "images"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_image(self, key: str, images: list[Tensor], step: int | None = None) -> None:
+        self.images.append((key, images, step))
+
+
 def test_callbacks_log_and_draw(tmp_path: Path) -> None:
     dm = shapes()
     viz = MaskVisualizer(num_images=4)
     callbacks = [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5), MaskQuality(), viz]
-    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, logger=TensorBoardLogger(str(tmp_path)), default_root_dir=str(tmp_path))
+    images = ImageLogger()
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, logger=[TensorBoardLogger(str(tmp_path)), images], default_root_dir=str(tmp_path))
     trainer.fit(small_model(), dm)
     metrics = trainer.callback_metrics
     for key in ["val/linear_top1", "val/linear_top5", "val/knn_top1", "val/knn_top5", "val/mask_fg_ari", "val/mask_mbo", "val/mask_fg_ari_random", "train/linear_loss"]:
@@ -90,6 +117,8 @@ def test_callbacks_log_and_draw(tmp_path: Path) -> None:
         width, height = picture.size
     assert width > height > 0  # 4 rows of 2N+2 = 8 tiles
     assert list(Path(tmp_path).rglob("events.out.tfevents*"))
+    ((key, (grid,), step),) = images.images
+    assert key == "val/masks" and step == trainer.global_step and grid.shape == (3, height, width)
 
 
 def test_knn_callback_equals_offline_knn() -> None:

@@ -62,8 +62,9 @@ class MaskVisualizer(EvaluationCallback):
     """Pictures of the masks of ``num_images`` evaluation images, spread evenly over the split.
 
     Each row: the image (denormalised), the N soft masks (white = hidden), the argmax
-    segmentation in distinct colours, and the N masked images. Logged to TensorBoard
-    (``val/masks``) and written to ``<run dir>/masks/epoch_XXX_step_YYYYYYY.png`` by rank 0.
+    segmentation in distinct colours, and the N masked images. Logged as ``val/masks`` to
+    TensorBoard and to any logger with a ``log_image(key, images, step)`` method (Weights &
+    Biases), and written to ``<run dir>/masks/epoch_XXX_step_YYYYYYY.png`` by rank 0.
 
     Under DDP nothing here is collective: the output folder is resolved on every rank in
     ``setup`` (``trainer.log_dir`` broadcasts), and rank 0 reads its images straight from the
@@ -126,6 +127,8 @@ class MaskVisualizer(EvaluationCallback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/masks", grid, trainer.global_step)
+            elif callable(getattr(logger, "log_image", None)):  # WandbLogger's API
+                logger.log_image(key="val/masks", images=[grid], step=trainer.global_step)
         root = self._root if self._root is not None else Path(self.out_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.last_path = root / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
