@@ -137,7 +137,15 @@ def test_imagenet100_missing_classes(tmp_path: Path) -> None:
     for split in ("train", "val"):
         for c in classes[3:]:
             _write(tmp_path / split / c / "a.JPEG", size=8)
-    with pytest.raises(FileNotFoundError, match=f"3 of the 100.*{classes[0]}"):
+    with pytest.raises(FileNotFoundError, match=f"3 of the 100.*{classes[0]}.*class folders$"):
+        ImageNet100DataModule(str(tmp_path)).setup("fit")
+
+
+def test_imagenet100_unsorted_validation_images_say_how_to_sort_them(tmp_path: Path) -> None:
+    for c in imagenet100_classes():
+        _write(tmp_path / "train" / c / "a.JPEG", size=8)
+    _write(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", size=8)  # the archive unpacks flat
+    with pytest.raises(FileNotFoundError, match=r"100 of the 100 .* are missing from .*val.*not sorted into class folders.*split='val'"):
         ImageNet100DataModule(str(tmp_path)).setup("fit")
 
 

@@ -308,9 +308,14 @@ class ImageNet100DataModule(SSLDataModule):
                 )
             missing = [c for c in self.classes if not (root / c).is_dir()]
             if missing:
+                flat = len(missing) == len(self.classes) and next(root.glob("*.JPEG"), None) is not None
                 raise FileNotFoundError(
                     f"{len(missing)} of the 100 ImageNet100 classes are missing from {root} "
                     f"(first: {', '.join(missing[:5])}); the tree must hold these class folders"
+                    + (f"; its images are not sorted into class folders (ILSVRC-2012's validation archive unpacks flat): "
+                       f"sort them by the devkit's labels, or move {root} away and let torchvision.datasets.ImageNet"
+                       "(data_dir, split='val') unpack ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz there sorted"
+                       if flat else "")
                 )
             splits[split], _ = scan_folder(root, self.classes)
         self.num_classes = len(self.classes)
