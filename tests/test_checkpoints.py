@@ -105,7 +105,7 @@ def test_a_script_checkpoint_takes_its_modules_again(tmp_path: Path) -> None:
     """A module passed in a script is not a hyper-parameter: loading without it names it instead
     of building the default (SimCLR at another temperature would load the same weights)."""
     ckpt = _checkpoint(tmp_path, encoder="small_cnn")
-    with pytest.raises(ConfigurationError, match=r"holds the weights of objective but not the arguments to build it.*objective=\.\.\."):
+    with pytest.raises(ConfigurationError, match=r"holds the weights of objective but not the arguments to build it.*load_from_checkpoint\(path, objective=\.\.\."):
         ADIOSModule.load_from_checkpoint(ckpt)
     model = ADIOSModule.load_from_checkpoint(ckpt, objective=SimCLR(temperature=0.2))
     assert model.objective.temperature == 0.2  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""Checkpoint I/O that never leaves a truncated file and loads checkpoints as data, not code."""
+"""Checkpoint I/O that never leaves a truncated file and loads checkpoints as data, not code;
+the checks before a model is built from a checkpoint's hyper-parameters."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -83,6 +84,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return ConfigurationError(
             f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
+        )
+
+
+def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, Any], parts: Sequence[str]) -> None:
+    """Refuse to build a model from ``checkpoint`` (``load_from_checkpoint``'s arguments) where its
+    hyper-parameters name a class whose module is not imported, or where one of ``parts`` (the
+    module-valued arguments) is neither saved nor in ``overrides``: a script passed it as a
+    module, so the checkpoint holds its weights but not its arguments, and building the default
+    would load those weights into another configuration."""
+    saved = read_hyper_parameters(checkpoint, hparams_file, overrides.get("weights_only"))
+    refuse_unimported_class_paths({key: value for key, value in saved.items() if key not in overrides}, checkpoint)
+    missing = [name for name in parts if name not in saved and name not in overrides]
+    if missing:
+        raise ConfigurationError(
+            f"{checkpoint} holds the weights of {', '.join(missing)} but not the arguments to build "
+            f"{'them' if len(missing) > 1 else 'it'} (a script passed a module): pass the same again, "
+            f"load_from_checkpoint(path, {', '.join(f'{name}=...' for name in missing)})"
         )
 
 

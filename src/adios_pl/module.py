@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
-from adios_pl.checkpoint import read_hyper_parameters, refuse_unimported_class_paths
+from adios_pl.checkpoint import check_loadable
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
@@ -341,15 +341,7 @@ class ADIOSModule(pl.LightningModule):
 
         Other keyword arguments replace saved hyper-parameters, as in Lightning.
         """
-        saved = read_hyper_parameters(checkpoint_path, hparams_file, kwargs.get("weights_only"))
-        refuse_unimported_class_paths({key: value for key, value in saved.items() if key not in kwargs}, checkpoint_path)
-        missing = [name for name in ("encoder", "objective", "mask_generator") if name not in saved and name not in kwargs]
-        if missing:
-            raise ConfigurationError(
-                f"{checkpoint_path} holds the weights of {', '.join(missing)} but not the arguments to build "
-                f"{'them' if len(missing) > 1 else 'it'} (a script passed a module): pass the same again, "
-                f"ADIOSModule.load_from_checkpoint(path, {', '.join(f'{name}=...' for name in missing)})"
-            )
+        check_loadable(checkpoint_path, hparams_file, kwargs, parts=("encoder", "objective", "mask_generator"))
         model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
         return model  # type: ignore[return-value]
 

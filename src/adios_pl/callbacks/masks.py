@@ -127,8 +127,8 @@ class MaskVisualizer(EvaluationCallback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/masks", grid, trainer.global_step)
-            elif callable(getattr(logger, "log_image", None)):  # WandbLogger's API
-                logger.log_image(key="val/masks", images=[grid], step=trainer.global_step)
+            elif callable(log_image := getattr(logger, "log_image", None)):  # WandbLogger's API
+                log_image(key="val/masks", images=[grid], step=trainer.global_step)
         root = self._root if self._root is not None else Path(self.out_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.last_path = root / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
