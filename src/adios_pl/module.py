@@ -10,10 +10,6 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
-try:  # Lightning's classmethod that refuses a call on an instance (which would return a new model)
-    from pytorch_lightning.utilities.model_helpers import _restricted_classmethod
-except ImportError:  # pragma: no cover
-    _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +27,11 @@ from adios_pl.optim import build_optimizer, schedule_factor
 from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 from adios_pl.resume import apply_configured_rates, check_identity
 from adios_pl.step_counting import count_batches_only
+
+try:  # Lightning's classmethod that refuses a call on an instance (which would return a new model)
+    from pytorch_lightning.utilities.model_helpers import _restricted_classmethod
+except ImportError:  # pragma: no cover
+    _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
 
 
 def _leaf_copies(outputs: ViewOutput) -> ViewOutput:
