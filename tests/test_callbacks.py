@@ -263,6 +263,30 @@ def test_augmented_probe_trains_on_new_crops_every_epoch() -> None:
         evaluate_encoder(encoder, shapes(), epochs=1, optimizer="adam")
 
 
+def test_evaluate_encoder_runs_on_the_gpu_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import adios_pl.evaluation as evaluation
+
+    class Stop(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def record(encoder: Any, loader: Any, device: Any = "cpu") -> Any:
+        seen.append(str(device))
+        raise Stop
+
+    encoder = small_model().encoder
+    monkeypatch.setattr(evaluation, "extract_features", record)
+    monkeypatch.setattr(type(encoder), "to", lambda self, *args, **kwargs: self)  # this machine may have no GPU
+    for available in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        with pytest.raises(Stop):
+            evaluate_encoder(encoder, shapes())
+    with pytest.raises(Stop):
+        evaluate_encoder(encoder, shapes(), device="cpu")
+    assert seen == ["cuda", "cpu", "cpu"]
+
+
 def test_evaluate_encoder_fits_on_the_labelled_training_images_with_the_settings_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe and kNN fit on loader 1 (the labelled training images) and score loader 0 (the
     evaluation split), with the epochs, k and temperature passed in, not their defaults."""

@@ -182,7 +182,7 @@ def augmented_linear_probe(
 def evaluate_encoder(
     encoder: nn.Module,
     datamodule: Any,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     epochs: int = 100,
     k: int = 200,
     temperature: float = 0.07,
@@ -194,9 +194,12 @@ def evaluate_encoder(
     Uses ``val_dataloader()``: loader 1 (labelled training images) to fit, loader 0 to score.
     ``augment=True`` trains the probe on augmented images instead of fixed features
     (:func:`augmented_linear_probe`, the reference's protocol with ``optimizer="lars"``).
+    ``device=None`` runs on the GPU where there is one (the encoder is moved there), else the CPU.
     """
     if optimizer not in PROBE_OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is not supported; accepted: {list(PROBE_OPTIMIZERS)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     datamodule.setup("fit")
     loaders = datamodule.val_dataloader()
     if len(loaders) < 2:
