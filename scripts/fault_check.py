@@ -325,6 +325,8 @@ FAULTS = [
           'hint = ""', "a timm encoder that ends in its classifier is refused without saying how to make it without"),
     Fault("mask_pictures_only_to_tensorboard", "callbacks/masks.py", 'elif callable(log_image := getattr(logger, "log_image", None)):', "elif False:",
           "the mask pictures reach TensorBoard only, not a W&B logger"),
+    Fault("cli_drops_why_a_class_failed", "cli.py", 'failed = [_chained_reason(error, c) for c in causes if c.startswith("Problem with given class_path")]',
+          "failed: list[str] = []", "a class that fails to build on the command line is one line without its reason"),
     Fault("predict_silent_about_its_files", "callbacks/features.py", "            rank_zero_info(", "            (lambda *_: None)(",
           "adios-pl predict writes the features without saying where"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo

@@ -87,6 +87,25 @@ def test_missing_data_dir_is_one_line(capsys: pytest.CaptureFixture, tmp_path: P
     assert code == 2 and len(err) == 1 and err[0].startswith("adios-pl: error:") and "nowhere" in err[0]
 
 
+def test_a_class_that_fails_to_build_says_why_in_one_line(capsys: pytest.CaptureFixture, stubbed_data: None, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logger whose package is missing (WandbLogger without wandb): the line gives the class's
+    own reason, not jsonargparse's list of the union's other members."""
+    (tmp_path / "needs_a_package.py").write_text(
+        "from pytorch_lightning.loggers import CSVLogger\n"
+        "class NeedsAPackage(CSVLogger):\n"
+        "    def __init__(self, save_dir: str = '.') -> None:\n"
+        "        raise ModuleNotFoundError(\"Requirement 'somepackage>=1.0' not met. HINT: pip install somepackage\")\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = [a for a in CPU if not a.startswith("--trainer.logger")]
+    code = main(["fit", "--config", str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml"), *args, "--trainer.logger=needs_a_package.NeedsAPackage"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "'needs_a_package.NeedsAPackage': Requirement 'somepackage>=1.0' not met. HINT: pip install somepackage" in err[0], err
+    assert "Expected a" not in err[0], err
+
+
 def test_checkpoint_of_another_objective_is_refused(capsys: pytest.CaptureFixture, stubbed_data: None, tmp_path: Path) -> None:
     from adios_pl import ADIOSModule
     from adios_pl.objectives import SimCLR

@@ -227,9 +227,26 @@ def _one_line(error: BaseException) -> str:
     if text.startswith("Does not validate against any of the Union subtypes"):
         causes = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
         causes = [c for c in causes if not c.startswith("Expected a <class 'NoneType'>")]
+        # a class that failed to build says why in the exception chained below, not in this text
+        failed = [_chained_reason(error, c) for c in causes if c.startswith("Problem with given class_path")]
+        if failed:
+            return "; ".join(failed)
         if causes:
             return "; ".join(causes)
     return text.splitlines()[0]
+
+
+def _chained_reason(error: BaseException, cause: str) -> str:
+    """``cause`` ("Problem with given class_path 'X':") followed by the reason that the exception of
+    that text, chained below ``error``, gives on its next lines."""
+    below = error.__cause__ or error.__context__
+    while below is not None:
+        lines = str(below).strip().splitlines()
+        if lines and lines[0].strip() == cause.strip():
+            reason = " ".join(line.strip() for line in lines[1:] if line.strip())
+            return f"{cause} {reason}" if reason else cause
+        below = below.__cause__ or below.__context__
+    return cause
 
 
 #: Lightning's words for a Trainer setting this machine cannot meet, and what to pass instead.
