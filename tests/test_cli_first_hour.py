@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskVisualizer
 from adios_pl.cli import main
-from adios_pl.data import ShapesDataModule
+from adios_pl.data import ImageFolderDataModule, ShapesDataModule
+from adios_pl.evaluation import evaluate_encoder
 from conftest import make_loader, quiet_trainer
 from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
@@ -140,3 +144,22 @@ def test_example_loads_an_exported_resnet(tmp_path: Path) -> None:
     refused = subprocess.run([sys.executable, script, str(tmp_path / "small.ckpt")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert refused.returncode != 0 and "does not hold a ResNet encoder" in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.pt", "resnet.ckpt", "small.ckpt"]
+
+
+def test_example_evaluates_a_command_line_checkpoint(stubbed_data: None, tmp_path: Path) -> None:
+    assert main(["fit", "--config", CONFIG, *CPU, "--model.encoder=small_cnn", "--trainer.max_steps=1",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 0
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
+    script = str(ROOT / "examples" / "evaluate_checkpoint.py")
+    done = subprocess.run([sys.executable, script, str(ckpt), "--train-dir", str(tmp_path / "images"), "--epochs", "2",
+                           "--batch-size", "4", "--num-workers", "0", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    data = ImageFolderDataModule(str(tmp_path / "images"), image_size=32, batch_size=4, num_workers=0)
+    expected = evaluate_encoder(ADIOSModule.load_from_checkpoint(ckpt).encoder, data, device="cpu", epochs=2)
+    assert {key: result[key] for key in expected} == expected, (result, expected)
