@@ -210,3 +210,20 @@ def test_configured_rates_replace_the_saved_ones_for_both_players(optimizer: str
     assert checkpoint["lr_schedulers"][1]["_last_lr"] == pytest.approx([0.005])
     assert all(g["weight_decay"] == 5e-4 for g in encoder + masks)
     assert all(g["momentum"] == (0.9 if optimizer == "adamw" else 0.8) for g in encoder + masks)
+
+
+def test_load_from_checkpoint_reads_file_objects_and_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks read the hyper-parameters from wherever Lightning reads the checkpoint: an open
+    file (rewound for Lightning after) or a URL (through torch.hub, which keeps the download)."""
+    ckpt = _checkpoint(tmp_path, encoder="small_cnn", objective=None)
+    with open(ckpt, "rb") as f:
+        _same_weights(ADIOSModule.load_from_checkpoint(f), ckpt)
+    urls: list[str] = []
+
+    def from_url(url: str, map_location: Any = None, weights_only: bool = False, **kwargs: Any) -> Any:
+        urls.append(url)
+        return torch.load(ckpt, map_location=map_location, weights_only=weights_only)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", from_url)
+    _same_weights(ADIOSModule.load_from_checkpoint("https://example.org/run.ckpt"), ckpt)
+    assert urls == ["https://example.org/run.ckpt"] * 2

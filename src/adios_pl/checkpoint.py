@@ -112,6 +112,8 @@ def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_onl
     weights_only = True if weights_only is None else weights_only
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
+    elif str(checkpoint).startswith("http"):  # downloaded once: torch.hub keeps it for Lightning's read
+        loaded = torch.hub.load_state_dict_from_url(str(checkpoint), map_location="cpu", weights_only=weights_only)
     elif hasattr(checkpoint, "seek"):  # a file object: read it, then rewind it for Lightning
         position = checkpoint.tell()
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
