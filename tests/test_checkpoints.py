@@ -227,3 +227,16 @@ def test_load_from_checkpoint_reads_file_objects_and_urls(tmp_path: Path, monkey
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", from_url)
     _same_weights(ADIOSModule.load_from_checkpoint("https://example.org/run.ckpt"), ckpt)
     assert urls == ["https://example.org/run.ckpt"] * 2
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "csv"])
+def test_an_hparams_file_is_checked_as_the_checkpoint_would_be(suffix: str, tmp_path: Path) -> None:
+    """Lightning builds from ``hparams_file`` instead of the checkpoint's own; the checks read it."""
+    from pytorch_lightning.core.saving import save_hparams_to_tags_csv, save_hparams_to_yaml
+
+    ckpt = _checkpoint(tmp_path, encoder="small_cnn", objective=None)
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    save = save_hparams_to_tags_csv if suffix == "csv" else save_hparams_to_yaml
+    save(tmp_path / f"hparams.{suffix}", {key: value for key, value in hparams.items() if key != "objective"})
+    with pytest.raises(ConfigurationError, match="holds the weights of objective"):
+        ADIOSModule.load_from_checkpoint(ckpt, hparams_file=tmp_path / f"hparams.{suffix}")

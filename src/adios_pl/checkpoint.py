@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.core.saving import load_hparams_from_yaml
+from pytorch_lightning.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml
 
 from adios_pl.errors import ConfigurationError
 
@@ -107,8 +107,9 @@ def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, A
 def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
     """The hyper-parameters ``load_from_checkpoint`` would build from: ``hparams_file``'s where
     given, else the checkpoint's (a local file is memory-mapped, so its tensors are not read)."""
-    if hparams_file is not None:
-        return dict(load_hparams_from_yaml(hparams_file) or {})
+    if hparams_file is not None:  # read as Lightning reads it: by its extension
+        load = load_hparams_from_tags_csv if str(hparams_file).lower().endswith(".csv") else load_hparams_from_yaml
+        return dict(load(hparams_file) or {})
     weights_only = True if weights_only is None else weights_only
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
