@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import urllib.error
@@ -157,7 +158,8 @@ def test_example_evaluates_a_command_line_checkpoint(stubbed_data: None, tmp_pat
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / label / f"{i}.png")
     script = str(ROOT / "examples" / "evaluate_checkpoint.py")
     done = subprocess.run([sys.executable, script, str(ckpt), "--train-dir", str(tmp_path / "images"), "--epochs", "2",
-                           "--batch-size", "4", "--num-workers", "0", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           "--batch-size", "4", "--num-workers", "0", "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same sums as this process
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     data = ImageFolderDataModule(str(tmp_path / "images"), image_size=32, batch_size=4, num_workers=0)
