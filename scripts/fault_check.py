@@ -303,8 +303,8 @@ FAULTS = [
     # mask quality, the collapse warning, the evaluation epochs, the command line
     Fault("mask_quality_random_is_learned", "callbacks/masks.py", "foreground_ari(random, segmentation)", "foreground_ari(pred, segmentation)",
           "the random-patch baseline scores the learned masks"),
-    Fault("mask_quality_names_swapped", "callbacks/masks.py", '("mask_fg_ari", "mask_mbo", "mask_fg_ari_random")',
-          '("mask_mbo", "mask_fg_ari", "mask_fg_ari_random")', "foreground ARI and mean best overlap logged under each other's names"),
+    Fault("mask_quality_names_swapped", "callbacks/masks.py", 'SCORES = ("mask_fg_ari", "mask_mbo", "mask_fg_ari_random", "mask_ari", "mask_sc")',
+          'SCORES = ("mask_mbo", "mask_fg_ari", "mask_fg_ari_random", "mask_ari", "mask_sc")', "foreground ARI and mean best overlap logged under each other's names"),
     Fault("collapse_threshold_half", "module.py", "collapsed = (collapsed_fraction >= 0.9) & finite", "collapsed = (collapsed_fraction >= 0.5) & finite",
           "a step counts as collapsed when half the images are"),
     Fault("collapse_warned_after_one_step", "module.py", "if steps and collapsed >= steps and not self._collapse_warned:",
@@ -327,6 +327,11 @@ FAULTS = [
           "the mask pictures reach TensorBoard only, not a W&B logger"),
     Fault("cli_drops_why_a_class_failed", "cli.py", 'failed = [_chained_reason(error, c) for c in causes if c.startswith("Problem with given class_path")]',
           "failed: list[str] = []", "a class that fails to build on the command line is one line without its reason"),
+    Fault("ari_on_foreground_only", "metrics.py", "scores = [adjusted_rand_score(p, t).float().cpu() for p, t in zip(pred.flatten(1), true.flatten(1))]",
+          "scores = [adjusted_rand_score(p[t != 0], t[t != 0]).float().cpu() for p, t in zip(pred.flatten(1), true.flatten(1))]",
+          "the full-image ARI leaves the background out"),
+    Fault("covering_unweighted", "metrics.py", "scores.append((sizes * best).sum() / sizes.sum() if len(sizes)", "scores.append(best.mean() if len(sizes)",
+          "segmentation covering ignores the objects' sizes"),
     Fault("predict_silent_about_its_files", "callbacks/features.py", "            rank_zero_info(", "            (lambda *_: None)(",
           "adios-pl predict writes the features without saying where"),
     # offline evaluation, written features, the torchvision DataModules, loaders, checks, pictures, the demo

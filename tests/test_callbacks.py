@@ -18,7 +18,7 @@ from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLin
 from adios_pl.data import ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder, extract_features, knn_accuracy, linear_probe, seeded_linear
 from adios_pl.export import export_encoder
-from adios_pl.metrics import foreground_ari, knn_predict, mean_best_overlap, random_patch_segmentation
+from adios_pl.metrics import adjusted_rand_index, foreground_ari, knn_predict, mean_best_overlap, random_patch_segmentation, segmentation_covering
 from adios_pl.objectives import SimCLR
 from conftest import quiet_trainer
 
@@ -108,7 +108,8 @@ def test_callbacks_log_and_draw(tmp_path: Path) -> None:
     trainer = quiet_trainer(max_epochs=1, callbacks=callbacks, logger=[TensorBoardLogger(str(tmp_path)), images], default_root_dir=str(tmp_path))
     trainer.fit(small_model(), dm)
     metrics = trainer.callback_metrics
-    for key in ["val/linear_top1", "val/linear_top5", "val/knn_top1", "val/knn_top5", "val/mask_fg_ari", "val/mask_mbo", "val/mask_fg_ari_random", "train/linear_loss"]:
+    for key in ["val/linear_top1", "val/linear_top5", "val/knn_top1", "val/knn_top5", "val/mask_fg_ari", "val/mask_mbo", "val/mask_fg_ari_random",
+                "val/mask_ari", "val/mask_sc", "train/linear_loss"]:
         assert key in metrics, key
         assert 0 <= float(metrics[key]) <= 1 or key == "train/linear_loss"
     assert float(metrics["val/linear_top5"]) >= float(metrics["val/linear_top1"])
@@ -177,20 +178,60 @@ def test_probe_rejects_labels_beyond_num_classes() -> None:
         quiet_trainer(max_steps=1, callbacks=[OnlineLinearProbe(num_classes=2)], limit_val_batches=0).fit(small_model(), shapes())
 
 
+def naive_ari(pred: list[int], true: list[int]) -> float:
+    """The adjusted Rand index from its definition over pairs of pixels (Hubert and Arabie)."""
+    pairs = [(i, j) for i in range(len(pred)) for j in range(i + 1, len(pred))]
+    both = sum(pred[i] == pred[j] and true[i] == true[j] for i, j in pairs)
+    in_pred = sum(pred[i] == pred[j] for i, j in pairs)
+    in_true = sum(true[i] == true[j] for i, j in pairs)
+    expected = in_pred * in_true / len(pairs)
+    return (both - expected) / ((in_pred + in_true) / 2 - expected)
+
+
+def naive_covering(pred: list[int], true: list[int], weighted: bool) -> float:
+    """Each object's (true id != 0) best IoU with a predicted segment, from sets of pixel indices."""
+    objects = {o: {i for i, t in enumerate(true) if t == o} for o in set(true) - {0}}
+    segments = [{i for i, p in enumerate(pred) if p == s} for s in set(pred)]
+    best = {o: max(len(pixels & seg) / len(pixels | seg) for seg in segments) for o, pixels in objects.items()}
+    weights = {o: len(pixels) if weighted else 1 for o, pixels in objects.items()}
+    return sum(weights[o] * best[o] for o in best) / sum(weights.values())
+
+
+def test_ari_and_covering_equal_their_definitions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    true = torch.zeros(6, 8, 8, dtype=torch.long)
+    for image in range(6):  # up to three rectangles on a background
+        for obj in range(1, 2 + image % 3):
+            top, left = torch.randint(0, 6, (2,), generator=generator).tolist()
+            true[image, top : top + 3, left : left + 4] = obj
+    pred = torch.randint(0, 4, (6, 8, 8), generator=generator)
+    pred[:3] = torch.where(true[:3] > 0, true[:3] + 1, pred[:3])  # half the images close to the truth
+    for name, got, want in [
+        ("ari", adjusted_rand_index(pred, true), [naive_ari(p.tolist(), t.tolist()) for p, t in zip(pred.flatten(1), true.flatten(1))]),
+        ("sc", segmentation_covering(pred, true), [naive_covering(p.tolist(), t.tolist(), True) for p, t in zip(pred.flatten(1), true.flatten(1))]),
+        ("mbo", mean_best_overlap(pred, true), [naive_covering(p.tolist(), t.tolist(), False) for p, t in zip(pred.flatten(1), true.flatten(1))]),
+    ]:
+        assert torch.allclose(got, torch.tensor(want), atol=1e-5), (name, got, want)
+    sizes_differ = segmentation_covering(pred, true) != mean_best_overlap(pred, true)
+    assert sizes_differ.any(), "the test images do not tell weighted from unweighted covering"
+    assert torch.isnan(segmentation_covering(pred[:1], torch.zeros_like(true[:1]))).all()
+
+
 def test_mask_quality_warns_without_segmentation_or_masks() -> None:
     with pytest.warns(UserWarning, match="no mask generator"):
         quiet_trainer(max_epochs=1, callbacks=[MaskQuality()], limit_train_batches=0).validate(small_model(num_masks=0), shapes())
 
 
 def test_mask_quality_averages_each_images_scores_over_the_split() -> None:
-    """The three logged figures against the metrics (checked in test_mask_metrics) applied image
+    """The five logged figures against the metrics (checked in test_mask_metrics and
+    test_ari_and_covering_equal_their_definitions) applied image
     by image: the learned masks' argmax, and the random patches that MaskQuality draws for each
     batch (seeded by the batch index), averaged over all 40 evaluation images (batches of 16, 16
     and 8)."""
     dm, model = shapes(), small_model()
     trainer = quiet_trainer(max_epochs=1, callbacks=[MaskQuality(patch_size=8)], limit_train_batches=0)
     trainer.validate(model, dm)
-    scores: dict[str, list[float]] = {"mask_fg_ari": [], "mask_mbo": [], "mask_fg_ari_random": []}
+    scores: dict[str, list[float]] = {"mask_fg_ari": [], "mask_mbo": [], "mask_fg_ari_random": [], "mask_ari": [], "mask_sc": []}
     model.eval()
     for index, (images, _, segmentation) in enumerate(dm.val_dataloader()[0]):
         with torch.no_grad():
@@ -201,6 +242,8 @@ def test_mask_quality_averages_each_images_scores_over_the_split() -> None:
             scores["mask_fg_ari"].append(float(foreground_ari(learned[i : i + 1], truth)))
             scores["mask_mbo"].append(float(mean_best_overlap(learned[i : i + 1], truth)))
             scores["mask_fg_ari_random"].append(float(foreground_ari(random[i : i + 1], truth)))
+            scores["mask_ari"].append(float(adjusted_rand_index(learned[i : i + 1], truth)))
+            scores["mask_sc"].append(float(segmentation_covering(learned[i : i + 1], truth)))
     assert len(scores["mask_mbo"]) == 40
     for name, values in scores.items():
         expected = float(torch.tensor(values).nanmean())

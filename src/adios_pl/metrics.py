@@ -2,6 +2,7 @@
 
 - [0] InstDisc (weighted kNN), 2018, https://arxiv.org/abs/1805.01978
 - [1] IODINE (foreground ARI), 2019, https://arxiv.org/abs/1903.00450
+- [2] GENESIS (segmentation covering, mean and weighted), 2020, https://arxiv.org/abs/1907.13052
 """
 
 from __future__ import annotations
@@ -70,8 +71,55 @@ def foreground_ari(pred: Tensor, true: Tensor) -> Tensor:
     return torch.stack(scores) if scores else torch.zeros(0)
 
 
+def adjusted_rand_index(pred: Tensor, true: Tensor) -> Tensor:
+    """Adjusted Rand index on all pixels of each image, the background a segment like the
+    objects: ``(B,)`` (torchmetrics' ARI).
+
+    Args:
+        pred: ``(B, H, W)`` predicted segment ids.
+        true: ``(B, H, W)`` ground-truth ids.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = [adjusted_rand_score(p, t).float().cpu() for p, t in zip(pred.flatten(1), true.flatten(1))]
+    return torch.stack(scores) if scores else torch.zeros(0)
+
+
+def _best_overlaps(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+    """For each ground-truth object of one image (``true`` ids other than 0, flattened), its pixel
+    count and its best IoU with any predicted segment: two ``(objects,)`` tensors."""
+    segments = F.one_hot(pred.long()).bool().T  # (S, P)
+    sizes, best = [], []
+    for obj in true.unique():
+        if obj == 0:
+            continue
+        target = true == obj
+        inter = (segments & target).sum(dim=1).float()
+        union = (segments | target).sum(dim=1).float()
+        sizes.append(target.sum().float())
+        best.append((inter / union).max())
+    if not best:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.stack(sizes).cpu(), torch.stack(best).cpu()
+
+
 def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
-    """Mean over the ground-truth objects of each image of the best IoU with any segment: ``(B,)``.
+    """Mean over the ground-truth objects of each image of the best IoU with any segment: ``(B,)``
+    (the mean segmentation covering, mSC, of GENESIS).
+
+    Args:
+        pred: ``(B, H, W)`` predicted segment ids.
+        true: ``(B, H, W)`` ground-truth ids, 0 = background (not scored).
+
+    Images without objects get NaN.
+    """
+    scores = [_best_overlaps(p, t)[1].mean() for p, t in zip(pred.flatten(1), true.flatten(1))]
+    return torch.stack(scores) if scores else torch.zeros(0)
+
+
+def segmentation_covering(pred: Tensor, true: Tensor) -> Tensor:
+    """Segmentation covering of each image: the ground-truth objects' best IoU with any segment,
+    averaged with each object weighted by its pixel count: ``(B,)``.
 
     Args:
         pred: ``(B, H, W)`` predicted segment ids.
@@ -81,16 +129,8 @@ def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
     """
     scores = []
     for p, t in zip(pred.flatten(1), true.flatten(1)):
-        segments = F.one_hot(p.long()).bool().T  # (S, P)
-        best = []
-        for obj in t.unique():
-            if obj == 0:
-                continue
-            target = t == obj
-            inter = (segments & target).sum(dim=1).float()
-            union = (segments | target).sum(dim=1).float()
-            best.append((inter / union).max())
-        scores.append(torch.stack(best).mean().cpu() if best else torch.tensor(float("nan")))
+        sizes, best = _best_overlaps(p, t)
+        scores.append((sizes * best).sum() / sizes.sum() if len(sizes) else torch.tensor(float("nan")))
     return torch.stack(scores) if scores else torch.zeros(0)
 
 

@@ -13,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order
-from adios_pl.metrics import foreground_ari, mean_best_overlap, random_patch_segmentation
+from adios_pl.metrics import adjusted_rand_index, foreground_ari, mean_best_overlap, random_patch_segmentation, segmentation_covering
 
 #: Distinct colours for the argmax segmentation (Okabe-Ito, then a few more).
 PALETTE = torch.tensor([
@@ -135,13 +135,20 @@ class MaskVisualizer(EvaluationCallback):
         save_image(grid, self.last_path)
 
 
+#: What :class:`MaskQuality` logs (``val/<name>``), in the order of its rows of scores.
+SCORES = ("mask_fg_ari", "mask_mbo", "mask_fg_ari_random", "mask_ari", "mask_sc")
+
+
 class MaskQuality(EvaluationCallback):
     """How well the argmax masks match the ground-truth objects (data with segmentations).
 
-    Logs ``val/mask_fg_ari`` (foreground adjusted Rand index, torchmetrics) and
-    ``val/mask_mbo`` (mean best overlap), averaged over the images of the evaluation split, and
-    ``val/mask_fg_ari_random`` for random square patches of side ``patch_size`` assigned to the
-    same number of slots: the baseline learned masks should beat.
+    Logs, averaged over the images of the evaluation split, the scores the paper reports:
+    ``val/mask_ari`` (adjusted Rand index over all pixels) and ``val/mask_fg_ari`` (over the
+    objects' pixels only; torchmetrics' ARI), ``val/mask_sc`` (segmentation covering: each
+    object's best IoU with a slot, weighted by its size) and ``val/mask_mbo`` (mean best overlap,
+    the same unweighted, GENESIS' mSC); and ``val/mask_fg_ari_random`` for random square patches
+    of side ``patch_size`` dealt to the same number of slots, the baseline learned masks should
+    beat.
 
     Args:
         every_n_epochs: Run on these epochs.
@@ -173,7 +180,8 @@ class MaskQuality(EvaluationCallback):
             pred = generator(images).argmax(dim=1)
         rng = torch.Generator().manual_seed(batch_idx)
         random = random_patch_segmentation(len(pred), pred.shape[-1], generator.num_masks, self.patch_size, rng).to(pred.device)
-        rows = torch.stack([foreground_ari(pred, segmentation), mean_best_overlap(pred, segmentation), foreground_ari(random, segmentation)], dim=1)
+        rows = torch.stack([foreground_ari(pred, segmentation), mean_best_overlap(pred, segmentation), foreground_ari(random, segmentation),
+                            adjusted_rand_index(pred, segmentation), segmentation_covering(pred, segmentation)], dim=1)
         self._scores.append(rows.to(images.device))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -183,5 +191,5 @@ class MaskQuality(EvaluationCallback):
         scores = gather_in_order(torch.cat(self._scores), self._dataset_length(trainer, 0))
         self._scores = []
         means = scores.nanmean(dim=0)
-        for name, value in zip(("mask_fg_ari", "mask_mbo", "mask_fg_ari_random"), means):
+        for name, value in zip(SCORES, means):
             pl_module.log(f"val/{name}", value, add_dataloader_idx=False)
