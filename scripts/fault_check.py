@@ -225,6 +225,8 @@ FAULTS = [
           "a running process's temporary checkpoint is removed"),
     Fault("cli_checkpoint_drops_parts", "module.py", '        if "_instantiator" in self.hparams:\n            self.save_hyperparameters()\n', "",
           "a checkpoint of adios-pl fit loses its objective's and mask generator's config; load_from_checkpoint builds defaults"),
+    Fault("loaded_model_forgets_its_config", "module.py", '        if "_instantiator" in saved:', "        if False:",
+          "a model loaded from a command-line checkpoint drops the parts' config, so its own checkpoints need them passed"),
     Fault("load_imports_class_paths", "checkpoint.py", "if module and module not in sys.modules:", "if False:",
           "load_from_checkpoint imports the modules a checkpoint names"),
     Fault("load_defaults_missing_modules", "checkpoint.py", "    if missing:\n        raise ConfigurationError(", "    if False:\n        raise ConfigurationError(",

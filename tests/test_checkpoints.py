@@ -99,6 +99,9 @@ def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path
     assert type(objective).__name__ == "BYOL" and (objective.proj_hidden_dim, objective.pred_hidden_dim, objective.base_tau) == (48, 24, 0.9)
     assert type(model.mask_generator).__name__ == "RandomMasks" and model.mask_generator.kind == "random_block"
     _same_weights(model, ckpt)
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    for name in ("encoder", "objective", "mask_generator"):  # so the loaded model's own checkpoints load alone too
+        assert model.hparams[name] == saved[name], name
 
 
 def test_a_script_checkpoint_takes_its_modules_again(tmp_path: Path) -> None:

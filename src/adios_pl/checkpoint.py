@@ -87,9 +87,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
 
-def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, Any], parts: Sequence[str]) -> None:
-    """Refuse to build a model from ``checkpoint`` (``load_from_checkpoint``'s arguments) where its
-    hyper-parameters name a class whose module is not imported, or where one of ``parts`` (the
+def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, Any], parts: Sequence[str]) -> dict[str, Any]:
+    """The hyper-parameters a model will be built from (``load_from_checkpoint``'s arguments),
+    refused where they name a class whose module is not imported, or where one of ``parts`` (the
     module-valued arguments) is neither saved nor in ``overrides``: a script passed it as a
     module, so the checkpoint holds its weights but not its arguments, and building the default
     would load those weights into another configuration."""
@@ -102,6 +102,7 @@ def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, A
             f"{'them' if len(missing) > 1 else 'it'} (a script passed a module): pass the same again, "
             f"load_from_checkpoint(path, {', '.join(f'{name}=...' for name in missing)})"
         )
+    return saved
 
 
 def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_only: bool | None = None) -> dict[str, Any]:

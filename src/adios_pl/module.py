@@ -342,8 +342,11 @@ class ADIOSModule(pl.LightningModule):
 
         Other keyword arguments replace saved hyper-parameters, as in Lightning.
         """
-        check_loadable(checkpoint_path, hparams_file, kwargs, parts=("encoder", "objective", "mask_generator"))
+        parts = ("encoder", "objective", "mask_generator")
+        saved = check_loadable(checkpoint_path, hparams_file, kwargs, parts)
         model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+        if "_instantiator" in saved:  # built from the config: keep it, so the model's own checkpoints load alone too
+            model.save_hyperparameters({key: saved[key] for key in (*parts, "_instantiator") if key in saved and key not in kwargs})
         return model  # type: ignore[return-value]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
