@@ -227,6 +227,8 @@ FAULTS = [
           "a checkpoint of adios-pl fit loses its objective's and mask generator's config; load_from_checkpoint builds defaults"),
     Fault("loaded_model_forgets_its_config", "module.py", '        if "_instantiator" in saved:', "        if False:",
           "a model loaded from a command-line checkpoint drops the parts' config, so its own checkpoints need them passed"),
+    Fault("script_parts_not_saved", "module.py", "        elif modules and None not in", "        elif False and None not in",
+          "a script's checkpoint keeps no config of the library's objective it was given, so loading asks for it"),
     Fault("load_imports_class_paths", "checkpoint.py", "if module and module not in sys.modules:", "if False:",
           "load_from_checkpoint imports the modules a checkpoint names"),
     Fault("load_defaults_missing_modules", "checkpoint.py", "    if missing:\n        raise ConfigurationError(", "    if False:\n        raise ConfigurationError(",

@@ -15,6 +15,8 @@ from adios_pl import ADIOSModule
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.errors import ConfigurationError
 from adios_pl.cli import main
+from adios_pl.encoders import SmallConvNet
+from adios_pl.masks import MaskGenerator
 from adios_pl.objectives import SimCLR
 from conftest import make_loader, quiet_trainer
 from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
@@ -104,17 +106,33 @@ def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path
         assert model.hparams[name] == saved[name], name
 
 
-def test_a_script_checkpoint_takes_its_modules_again(tmp_path: Path) -> None:
-    """A module passed in a script is not a hyper-parameter: loading without it names it instead
-    of building the default (SimCLR at another temperature would load the same weights)."""
-    ckpt = _checkpoint(tmp_path, encoder="small_cnn")
-    with pytest.raises(ConfigurationError, match=r"holds the weights of objective but not the arguments to build it.*load_from_checkpoint\(path, objective=\.\.\."):
-        ADIOSModule.load_from_checkpoint(ckpt)
-    model = ADIOSModule.load_from_checkpoint(ckpt, objective=SimCLR(temperature=0.2))
-    assert model.objective.temperature == 0.2  # type: ignore[union-attr]
+class HalfTemperature(SimCLR):
+    """A user's objective whose argument is not kept under its own name: it cannot be read back."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__(temperature=0.5 * scale)
+
+
+def test_a_script_checkpoint_rebuilds_the_librarys_parts_and_asks_for_others(tmp_path: Path) -> None:
+    """The library's objectives, mask generators and small encoder passed in a script are saved
+    with their arguments and rebuilt alone; a user's part that cannot be read back is named,
+    not replaced by the default (SimCLR at another temperature would load the same weights)."""
+    parts = dict(encoder=SmallConvNet(width=8), objective=SimCLR(temperature=0.2, proj_hidden_dim=64),
+                 mask_generator=MaskGenerator(4, 32, width=16, norm="in"))
+    ckpt = _checkpoint(tmp_path, **parts)
+    model = ADIOSModule.load_from_checkpoint(ckpt)
+    assert (model.objective.temperature, model.objective.proj_hidden_dim) == (0.2, 64)  # type: ignore[union-attr]
+    assert (model.encoder.width, model.mask_generator.width, model.mask_generator.norm) == (8, 16, "in")  # type: ignore[union-attr]
     _same_weights(model, ckpt)
     with pytest.raises(TypeError, match="cannot be called on an instance"):
         model.load_from_checkpoint(ckpt)
+
+    users = _checkpoint(tmp_path, encoder="small_cnn", objective=HalfTemperature(scale=0.4))
+    with pytest.raises(ConfigurationError, match=r"holds the weights of objective but not the arguments to build it.*load_from_checkpoint\(path, objective=\.\.\."):
+        ADIOSModule.load_from_checkpoint(users)
+    model = ADIOSModule.load_from_checkpoint(users, objective=HalfTemperature(scale=0.4))
+    assert model.objective.temperature == 0.2  # type: ignore[union-attr]
+    _same_weights(model, users)
     default = _checkpoint(tmp_path, encoder="small_cnn", objective=None)
     _same_weights(ADIOSModule.load_from_checkpoint(default), default)
 

@@ -135,6 +135,10 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (tmp_path / "demo" / "masks.png").exists()
     assert (tmp_path / "demo" / "checkpoints" / "last.ckpt").exists()
     assert (tmp_path / "demo" / "demo_results.json").exists()
+    from adios_pl import ADIOSModule  # the checkpoint the demo points a new user to loads alone
+
+    loaded = ADIOSModule.load_from_checkpoint(tmp_path / "demo" / "checkpoints" / "last.ckpt")
+    assert type(loaded.objective).__name__ == "SimCLR" and loaded.objective.temperature == 0.2  # type: ignore[union-attr]
 
 
 def test_demo_speed_counts_images_not_views() -> None:

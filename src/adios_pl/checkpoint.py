@@ -3,6 +3,7 @@ the checks before a model is built from a checkpoint's hyper-parameters."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import shutil
@@ -85,6 +86,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
             f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
         )
+
+
+#: What Lightning's instantiator for LightningCLI's hyper-parameters is called in a checkpoint.
+CLI_INSTANTIATOR = "pytorch_lightning.cli.instantiate_module"
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def constructor_config(part: Any) -> dict[str, Any] | None:
+    """``{"class_path", "init_args"}`` that rebuild ``part``, as LightningCLI writes a class in a
+    config, or ``None``: for a class outside adios-pl (a user's class may not build from a config,
+    or may live in a script), or where a constructor argument is not kept as an attribute of the
+    same name with a plain value (a number, string, ``None`` or a list of those)."""
+    cls = type(part)
+    if not cls.__module__.startswith("adios_pl."):
+        return None
+    init_args: dict[str, Any] = {}
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(part, name, parameter.empty)
+        if isinstance(value, (list, tuple)) and all(isinstance(item, _PLAIN) for item in value):
+            value = list(value)
+        elif not isinstance(value, _PLAIN):
+            return None
+        init_args[name] = value
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
 def check_loadable(checkpoint: Any, hparams_file: Any, overrides: Mapping[str, Any], parts: Sequence[str]) -> dict[str, Any]:

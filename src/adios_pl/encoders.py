@@ -73,6 +73,7 @@ class SmallConvNet(nn.Module):
 
     def __init__(self, width: int = 16, norm: str = "bn") -> None:
         super().__init__()
+        self.width, self.norm = width, norm  # read back by checkpoints
         widths = [width, 2 * width, 2 * width, 4 * width, 4 * width, 8 * width]
         strides = [1, 2, 1, 2, 1, 2]
         layers: list[nn.Module] = []

@@ -81,7 +81,7 @@ class MaskGenerator(nn.Module):
             )
         self.num_masks = num_masks
         self.image_size = image_size
-        self.num_blocks = num_blocks
+        self.width, self.norm, self.num_blocks = width, norm, num_blocks  # read back by checkpoints
 
         down_channels = [width] * (num_blocks - 3) + [2 * width] * 3
         self.down = nn.ModuleList()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
-from adios_pl.checkpoint import check_loadable
+from adios_pl.checkpoint import CLI_INSTANTIATOR, check_loadable, constructor_config
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
@@ -162,14 +162,18 @@ class ADIOSModule(pl.LightningModule):
             mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
             compile_mask_generator=compile_mask_generator,
         )
-        # A module passed in a script is not a hyper-parameter (its weights are in the state
-        # dict; load_from_checkpoint takes it again as an argument). Under LightningCLI the
-        # hyper-parameters are the run's config, where parts are class paths with their
-        # arguments: all are kept, so load_from_checkpoint(path) rebuilds the model as trained.
+        # Under LightningCLI the hyper-parameters are the run's config, where the parts are class
+        # paths with their arguments: all are kept, so load_from_checkpoint(path) rebuilds the
+        # model as trained. A module passed in a script is saved the same way where its
+        # arguments can be read off it (the library's objectives); otherwise it is left out (its
+        # weights are in the state dict) and load_from_checkpoint asks for it again.
         parts = {"encoder": encoder, "objective": objective, "mask_generator": mask_generator}
-        self.save_hyperparameters(ignore=[name for name, part in parts.items() if isinstance(part, nn.Module)])
+        modules = {name: part for name, part in parts.items() if isinstance(part, nn.Module)}
+        self.save_hyperparameters(ignore=list(modules))
         if "_instantiator" in self.hparams:
             self.save_hyperparameters()
+        elif modules and None not in (configs := {name: constructor_config(part) for name, part in modules.items()}).values():
+            self.save_hyperparameters({**configs, "_instantiator": CLI_INSTANTIATOR})
         self.automatic_optimization = False
 
         encoder_name = encoder if isinstance(encoder, str) else type(encoder).__name__
@@ -336,9 +340,11 @@ class ADIOSModule(pl.LightningModule):
           hold the objective, encoder and mask generator as class paths with their arguments.
           A class path whose module is not imported yet is refused (loading a file never
           imports code it names); import that module first.
-        - A checkpoint of a script holds the weights of the modules passed to ``ADIOSModule``,
-          not their arguments: pass them again (``objective=BYOL(...)``, ``encoder=...``,
-          ``mask_generator=...``); a missing one is an error naming it, not a silent default.
+        - A checkpoint of a script holds the library's own parts (objectives, mask generators,
+          ``SmallConvNet``) the same way, with the arguments read back from them. A module of
+          the user's is saved as weights only: pass it again (``objective=MyLoss(...)``,
+          ``encoder=...``, ``mask_generator=...``); a missing one is an error naming it, not a
+          silent default.
 
         Other keyword arguments replace saved hyper-parameters, as in Lightning.
         """
