@@ -86,12 +86,31 @@ def _same_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     assert not different, f"not loaded: {different}"
 
 
-def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path: Path) -> None:
-    """``adios-pl fit`` keeps the objective, its arguments and a class-path mask generator in
-    the checkpoint's hyper-parameters, so ``load_from_checkpoint(path)`` alone rebuilds them."""
+USERS_ENCODER = """
+import torch
+from torch import nn
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.num_features = channels
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+"""
+
+
+def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adios-pl fit`` keeps the objective, its arguments, a class-path mask generator and a
+    user's encoder class in the checkpoint's hyper-parameters, so ``load_from_checkpoint(path)``
+    alone rebuilds them."""
+    (tmp_path / "users_encoder.py").write_text(USERS_ENCODER)
+    monkeypatch.syspath_prepend(str(tmp_path))
     masks = '{"class_path": "adios_pl.masks.RandomMasks", "init_args": {"num_masks": 4, "image_size": 32, "kind": "random_block"}}'
     code = main(["fit", "--config", str(ROOT / "configs/cifar10/byol_adios_resnet18.yaml"), *CPU, "--trainer.max_steps=1",
-                 "--model.encoder=small_cnn", "--model.objective.init_args.proj_hidden_dim=48",
+                 "--model.encoder=users_encoder.TinyEncoder", "--model.encoder.channels=24", "--model.objective.init_args.proj_hidden_dim=48",
                  "--model.objective.init_args.pred_hidden_dim=24", "--model.objective.init_args.base_tau=0.9",
                  f"--model.mask_generator={masks}", f"--trainer.default_root_dir={tmp_path}"])
     assert code == 0
@@ -100,6 +119,7 @@ def test_a_command_line_checkpoint_loads_as_trained(stubbed_data: None, tmp_path
     objective: Any = model.objective
     assert type(objective).__name__ == "BYOL" and (objective.proj_hidden_dim, objective.pred_hidden_dim, objective.base_tau) == (48, 24, 0.9)
     assert type(model.mask_generator).__name__ == "RandomMasks" and model.mask_generator.kind == "random_block"
+    assert type(model.encoder).__name__ == "TinyEncoder" and model.encoder.num_features == 24
     _same_weights(model, ckpt)
     saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     for name in ("encoder", "objective", "mask_generator"):  # so the loaded model's own checkpoints load alone too
