@@ -335,7 +335,7 @@ FAULTS = [
     Fault("ari_on_foreground_only", "metrics.py", "scores = [adjusted_rand_score(p, t).float().cpu() for p, t in zip(pred.flatten(1), true.flatten(1))]",
           "scores = [adjusted_rand_score(p[t != 0], t[t != 0]).float().cpu() for p, t in zip(pred.flatten(1), true.flatten(1))]",
           "the full-image ARI leaves the background out"),
-    Fault("covering_unweighted", "metrics.py", "scores.append((sizes * best).sum() / sizes.sum() if len(sizes)", "scores.append(best.mean() if len(sizes)",
+    Fault("covering_unweighted", "metrics.py", "weighted.append((sizes * best).sum() / sizes.sum() if len(best)", "weighted.append(best.mean() if len(best)",
           "segmentation covering ignores the objects' sizes"),
     Fault("predict_silent_about_its_files", "callbacks/features.py", "            rank_zero_info(", "            (lambda *_: None)(",
           "adios-pl predict writes the features without saying where"),

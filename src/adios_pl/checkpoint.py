@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml
+from pytorch_lightning.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml, pl_load
 
 from adios_pl.errors import ConfigurationError
 
@@ -142,15 +142,11 @@ def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_onl
     weights_only = True if weights_only is None else weights_only
     if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
         loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
-    elif str(checkpoint).startswith("http"):  # downloaded once: torch.hub keeps it for Lightning's read
-        loaded = torch.hub.load_state_dict_from_url(str(checkpoint), map_location="cpu", weights_only=weights_only)
-    elif hasattr(checkpoint, "seek"):  # a file object: read it, then rewind it for Lightning
-        position = checkpoint.tell()
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-        checkpoint.seek(position)
-    else:
-        with get_filesystem(checkpoint).open(checkpoint, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=weights_only)
+    else:  # Lightning's own reader (a URL through torch.hub, which keeps the download; fsspec; a file object)
+        position = checkpoint.tell() if hasattr(checkpoint, "seek") else None
+        loaded = pl_load(checkpoint, map_location="cpu", weights_only=weights_only)
+        if position is not None:  # rewound for Lightning's read
+            checkpoint.seek(position)
     return dict(loaded.get("hyper_parameters") or {})
 
 

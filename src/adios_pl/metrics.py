@@ -103,9 +103,10 @@ def _best_overlaps(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack(sizes).cpu(), torch.stack(best).cpu()
 
 
-def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
-    """Mean over the ground-truth objects of each image of the best IoU with any segment: ``(B,)``
-    (the mean segmentation covering, mSC, of GENESIS).
+def segmentation_coverings(pred: Tensor, true: Tensor) -> tuple[Tensor, Tensor]:
+    """Both segmentation coverings of each image (GENESIS): each ground-truth object's best IoU
+    with any predicted segment, averaged over the objects plainly (mSC, the mean best overlap)
+    and weighted by their pixel counts (SC): two ``(B,)`` tensors.
 
     Args:
         pred: ``(B, H, W)`` predicted segment ids.
@@ -113,25 +114,24 @@ def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
 
     Images without objects get NaN.
     """
-    scores = [_best_overlaps(p, t)[1].mean() for p, t in zip(pred.flatten(1), true.flatten(1))]
-    return torch.stack(scores) if scores else torch.zeros(0)
+    mean, weighted = [], []
+    for p, t in zip(pred.flatten(1), true.flatten(1)):
+        sizes, best = _best_overlaps(p, t)
+        mean.append(best.mean() if len(best) else torch.tensor(float("nan")))
+        weighted.append((sizes * best).sum() / sizes.sum() if len(best) else torch.tensor(float("nan")))
+    return (torch.stack(mean), torch.stack(weighted)) if mean else (torch.zeros(0), torch.zeros(0))
+
+
+def mean_best_overlap(pred: Tensor, true: Tensor) -> Tensor:
+    """Mean over the ground-truth objects of each image of the best IoU with any segment: ``(B,)``
+    (GENESIS' mean segmentation covering; see :func:`segmentation_coverings`)."""
+    return segmentation_coverings(pred, true)[0]
 
 
 def segmentation_covering(pred: Tensor, true: Tensor) -> Tensor:
-    """Segmentation covering of each image: the ground-truth objects' best IoU with any segment,
-    averaged with each object weighted by its pixel count: ``(B,)``.
-
-    Args:
-        pred: ``(B, H, W)`` predicted segment ids.
-        true: ``(B, H, W)`` ground-truth ids, 0 = background (not scored).
-
-    Images without objects get NaN.
-    """
-    scores = []
-    for p, t in zip(pred.flatten(1), true.flatten(1)):
-        sizes, best = _best_overlaps(p, t)
-        scores.append((sizes * best).sum() / sizes.sum() if len(sizes) else torch.tensor(float("nan")))
-    return torch.stack(scores) if scores else torch.zeros(0)
+    """Segmentation covering of each image: the objects' best IoU weighted by their pixel counts:
+    ``(B,)`` (see :func:`segmentation_coverings`)."""
+    return segmentation_coverings(pred, true)[1]
 
 
 def random_patch_segmentation(batch: int, size: int, num_segments: int, patch: int, generator: torch.Generator | None = None) -> Tensor:

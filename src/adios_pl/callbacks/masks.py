@@ -13,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order
-from adios_pl.metrics import adjusted_rand_index, foreground_ari, mean_best_overlap, random_patch_segmentation, segmentation_covering
+from adios_pl.metrics import adjusted_rand_index, foreground_ari, random_patch_segmentation, segmentation_coverings
 
 #: Distinct colours for the argmax segmentation (Okabe-Ito, then a few more).
 PALETTE = torch.tensor([
@@ -180,8 +180,9 @@ class MaskQuality(EvaluationCallback):
             pred = generator(images).argmax(dim=1)
         rng = torch.Generator().manual_seed(batch_idx)
         random = random_patch_segmentation(len(pred), pred.shape[-1], generator.num_masks, self.patch_size, rng).to(pred.device)
-        rows = torch.stack([foreground_ari(pred, segmentation), mean_best_overlap(pred, segmentation), foreground_ari(random, segmentation),
-                            adjusted_rand_index(pred, segmentation), segmentation_covering(pred, segmentation)], dim=1)
+        mean_covering, covering = segmentation_coverings(pred, segmentation)  # one pass over the objects for both
+        rows = torch.stack([foreground_ari(pred, segmentation), mean_covering, foreground_ari(random, segmentation),
+                            adjusted_rand_index(pred, segmentation), covering], dim=1)
         self._scores.append(rows.to(images.device))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
