@@ -10,6 +10,9 @@ fixed, not chosen on the scored split: SGD 0.1, momentum 0.9, batch 128, lr x0.1
 80 % of the epochs; kNN k=200, T=0.07. ``--augment`` trains the probe on fresh crops and flips
 each epoch with LARS, the reference's protocol (slower). Images are normalised with ImageNet's
 statistics, the folder default; pass ``--mean``/``--std`` if the run used others (CIFAR's, say).
+
+The same from the command line, on any DataModule and with the run's own data settings:
+``adios-pl evaluate --config <log dir>/config.yaml --ckpt_path CHECKPOINT``.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import warnings
@@ -139,6 +140,14 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
     loaded = ADIOSModule.load_from_checkpoint(tmp_path / "demo" / "checkpoints" / "last.ckpt")
     assert type(loaded.objective).__name__ == "SimCLR" and loaded.objective.temperature == 0.2  # type: ignore[union-attr]
+    # the command it prints for the offline scores gives the table's figures
+    (command,) = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("offline scores:")]
+    args = shlex.split(command)
+    assert args[:2] == ["adios-pl", "evaluate"], command
+    assert main([*args[1:], "--evaluate.device=cpu", "--data.num_workers=0"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    after = json.loads((tmp_path / "demo" / "demo_results.json").read_text())["after"]
+    assert (scored["linear_top1"], scored["knn_top1"]) == (after["linear_top1"], after["knn_top1"]), (scored, after)
 
 
 def test_demo_speed_counts_images_not_views() -> None:

@@ -16,12 +16,14 @@ import torch
 import torchvision
 from PIL import Image
 
+import adios_pl.cli
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskVisualizer
 from adios_pl.cli import main
-from adios_pl.data import ImageFolderDataModule, ShapesDataModule
+from adios_pl.data import CIFAR10DataModule, ImageFolderDataModule, ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder
 from conftest import make_loader, quiet_trainer
+from test_checkpoints import HalfTemperature, _checkpoint
 from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
 CONFIG = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
@@ -165,3 +167,45 @@ def test_example_evaluates_a_command_line_checkpoint(stubbed_data: None, tmp_pat
     data = ImageFolderDataModule(str(tmp_path / "images"), image_size=32, batch_size=4, num_workers=0)
     expected = evaluate_encoder(ADIOSModule.load_from_checkpoint(ckpt).encoder, data, device="cpu", epochs=2)
     assert {key: result[key] for key in expected} == expected, (result, expected)
+
+
+def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``adios-pl evaluate -c <the run's config> --ckpt_path ...`` prints what ``evaluate_encoder``
+    gives for the checkpoint's encoder on the run's DataModule, at the checkpoint's image size."""
+    sizes: list[int] = []
+    encoders: list[torch.nn.Module] = []
+
+    def recording(encoder: torch.nn.Module, datamodule: CIFAR10DataModule, **kw: object) -> dict[str, float]:
+        sizes.append(datamodule.image_size)
+        encoders.append(encoder)
+        return evaluate_encoder(encoder, datamodule, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adios_pl.cli, "evaluate_encoder", recording)
+    assert main(["fit", "--config", CONFIG, *CPU, "--model.encoder=small_cnn", "--trainer.max_steps=1",
+                 f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 0
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    (saved,) = (tmp_path / "run").rglob("config.yaml")  # as fit wrote it: trainer, model, weights_only, ... too
+    capsys.readouterr()
+    assert main(["evaluate", "-c", str(saved), "--ckpt_path", str(ckpt), "--data.init_args.image_size=16",
+                 "--evaluate.epochs=3", "--evaluate.device=cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["data"] == "adios_pl.data.CIFAR10DataModule" and result["image_size"] == 32 and result["epochs"] == 3
+    assert sizes == [32], "the images were not evaluated at the size the encoder was trained at"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    evaluated = encoders[0].state_dict()
+    assert evaluated and all(torch.equal(value, trained[f"encoder.{name}"]) for name, value in evaluated.items())
+    data = CIFAR10DataModule(data_dir="data", image_size=32, batch_size=2, num_workers=0)
+    expected = evaluate_encoder(ADIOSModule.load_from_checkpoint(ckpt).encoder, data, device="cpu", epochs=3)
+    assert {key: result[key] for key in expected} == expected, (result, expected)
+
+
+def test_evaluate_errors_are_one_line(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = _checkpoint(tmp_path, encoder="small_cnn", objective=HalfTemperature(scale=0.4))  # cannot be rebuilt alone
+    data = ["--data=CIFAR10DataModule", "--data.num_workers=0"]
+    capsys.readouterr()
+    assert _exit_code(["evaluate", "--ckpt_path", str(ckpt), *data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the weights of objective but not the arguments to build it" in err[0], err
+    assert _exit_code(["evaluate", *data]) == 2
+    assert "required: ckpt_path" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The ``adios-pl`` command line: LightningCLI for ``fit``/``validate``/..., plus ``demo``.
+"""The ``adios-pl`` command line: LightningCLI for ``fit``/``validate``/..., plus ``demo`` and
+``evaluate``.
 
 Every constructor argument of :class:`~adios_pl.ADIOSModule`, the objectives, the DataModules,
 the callbacks and the Trainer is a flag or a YAML key (jsonargparse reads the signatures).
@@ -11,9 +12,12 @@ import sys
 from typing import Any, Sequence
 
 import difflib
+import inspect
+import json
 import warnings
 import re
 
+import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -23,12 +27,13 @@ from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data.base import SSLDataModule
 from adios_pl.errors import UserInputError
+from adios_pl.evaluation import evaluate_encoder
 from adios_pl.module import ADIOSModule
 
 DESCRIPTION = (
     "adios-pl: ADIOS (adversarial masking for self-supervised learning) on PyTorch Lightning. "
-    "Subcommands: fit, validate, predict (writes encoder features), and `adios-pl demo` "
-    "(a CPU demo on built-in data). Every argument of ADIOSModule, the objectives, the "
+    "Subcommands: fit, validate, predict (writes encoder features), `adios-pl evaluate` (offline "
+    "linear probe and kNN of a checkpoint) and `adios-pl demo` (a CPU demo on built-in data). Every argument of ADIOSModule, the objectives, the "
     "DataModules, the callbacks and the Trainer is a flag or a YAML key; see configs/."
 )
 
@@ -178,6 +183,59 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> ADIOSCLI:
     )
 
 
+EVALUATE_DESCRIPTION = (
+    "adios-pl evaluate: the offline linear probe and kNN top-1 of a checkpoint's encoder (fixed settings, "
+    "nothing chosen on the scored split; see adios_pl.evaluation.evaluate_encoder). The model is rebuilt "
+    "from --ckpt_path alone; the data section (a training config's, or --data flags) says what to score: "
+    "the DataModule's evaluation split, with its labelled training images to fit the probe and the kNN "
+    "bank, at the checkpoint's image size. A training config's model and trainer sections are accepted "
+    "and not used. Prints one JSON line."
+)
+
+
+def evaluate_parser() -> SuggestingParser:
+    """The parser of ``adios-pl evaluate``: ``--ckpt_path``, a DataModule (``--data``), the settings of
+    :func:`~adios_pl.evaluation.evaluate_encoder` (``--evaluate.*``) and ``-c/--config``, which may be
+    the config of the training run."""
+    parser = SuggestingParser(prog="adios-pl evaluate", description=EVALUATE_DESCRIPTION, allow_abbrev=False,
+                              dump_header=["adios-pl evaluate"])
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="the checkpoint to evaluate")
+    parser.add_subclass_arguments(SSLDataModule, "data", required=True)
+    parser.add_function_arguments(evaluate_encoder, "evaluate", skip={"encoder", "datamodule"})
+    parser.add_argument("--seed_everything", type=bool | int, default=0,
+                        help="the seed of the probe's crops with --evaluate.augment (true: 0)")
+    # a training config's other keys, read but not used: the model is the checkpoint's
+    for section in ("model", "trainer"):
+        parser.add_argument(f"--{section}", type=dict | None, default=None, help="ignored (the model is the checkpoint's)")
+    fit_only = set(inspect.signature(pl.Trainer.fit).parameters) - {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path"}
+    for name in sorted(fit_only):  # weights_only in Lightning 2.6
+        parser.add_argument(f"--{name}", type=Any, default=None, help="ignored (a key of fit's config)")
+    return parser
+
+
+def run_evaluate_cli(args: Sequence[str]) -> int:
+    """``adios-pl evaluate``: print the offline linear-probe and kNN top-1 of ``--ckpt_path``'s
+    encoder on the configured DataModule as one JSON line; returns the exit code."""
+    parser = evaluate_parser()
+    config = parser.parse_args(list(args))
+    model = ADIOSModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
+    if "image_size" in config.data.init_args:  # the size the encoder was trained at
+        config.data.init_args.image_size = model.image_size
+    seed = config.seed_everything
+    pl.seed_everything(0 if isinstance(seed, bool) else seed, verbose=False)
+    data = parser.instantiate_classes(config).data
+    settings = config.evaluate.as_dict()
+    try:
+        result = evaluate_encoder(model.encoder, data, **settings)
+    except Exception as error:
+        error.adios_while_running = True  # type: ignore[attr-defined]
+        raise
+    print(json.dumps({"checkpoint": config.ckpt_path, "data": config.data.class_path, "image_size": model.image_size,
+                      **settings, **result}))
+    return 0
+
+
 #: Warnings about Lightning's own code that a user of the command line can do nothing about.
 LIGHTNING_INTERNAL_WARNINGS = (
     # Lightning 2.6's pytree helper uses an API that torch 2.14 deprecates; it warns at the first batch
@@ -195,7 +253,8 @@ def hide_lightning_internal_warnings() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adios-pl`` console script; returns the exit code.
 
-    ``adios-pl demo [...]`` runs the demo; anything else goes to LightningCLI. Errors a user can
+    ``adios-pl demo [...]`` runs the demo, ``adios-pl evaluate [...]`` :func:`run_evaluate_cli`;
+    anything else goes to LightningCLI. Errors a user can
     cause are printed as one line (set ``ADIOS_PL_DEBUG=1`` for the traceback).
     """
     args = list(sys.argv[1:] if argv is None else argv)
@@ -208,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from adios_pl.demo import run_demo_cli
 
             return run_demo_cli(args[1:])
+        if args[:1] == ["evaluate"]:
+            return run_evaluate_cli(args[1:])
         build_cli(argv)
         return 0
     except USER_ERRORS as error:

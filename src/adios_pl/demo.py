@@ -8,7 +8,9 @@ masks against random patch masks.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -131,8 +133,19 @@ def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, 
     print(format_table(result))
     print(f"\nmask picture:     {picture}")
     print(f"checkpoint:       {out_dir / 'checkpoints' / 'last.ckpt'}")
+    print(f"offline scores:   {evaluate_command(out_dir / 'checkpoints' / 'last.ckpt', data, probe_epochs=5 if tiny else 30)}")
     print(f"TensorBoard logs: tensorboard --logdir {out_dir / 'tensorboard'}")
     return result
+
+
+def evaluate_command(checkpoint: Path, data: ShapesDataModule, probe_epochs: int) -> str:
+    """The ``adios-pl evaluate`` command that scores ``checkpoint`` on the demo's data as the table's
+    offline rows do (the settings that differ from ``ShapesDataModule``'s defaults are spelt out)."""
+    defaults = inspect.signature(ShapesDataModule.__init__).parameters
+    flags = [f"--data.{name} {getattr(data, name)}" for name in ("train_size", "val_size", "batch_size")
+             if getattr(data, name) != defaults[name].default]
+    return " ".join(["adios-pl evaluate --ckpt_path", shlex.quote(str(checkpoint)), "--data ShapesDataModule", *flags,
+                     f"--evaluate.epochs {probe_epochs}"])
 
 
 def format_table(result: dict[str, Any]) -> str:

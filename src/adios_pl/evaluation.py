@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from adios_pl.errors import ConfigurationError
 from adios_pl.metrics import knn_predict
 from adios_pl.modes import eval_mode
 from adios_pl.optim import LARS
@@ -31,7 +32,7 @@ def _probe_optimizer(name: str, head: nn.Module, lr: float, weight_decay: float)
         return torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "lars":
         return LARS(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={name!r} is not supported; accepted: {list(PROBE_OPTIMIZERS)}")
+    raise ConfigurationError(f"optimizer={name!r} is not supported; accepted: {list(PROBE_OPTIMIZERS)}")
 
 
 def seeded_linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
@@ -85,7 +86,7 @@ def linear_probe(
     keep = train_targets >= 0
     x, y = train_features[keep], train_targets[keep].to(train_features.device)
     if len(y) == 0:
-        raise ValueError("linear_probe: no labelled training features")
+        raise ConfigurationError("linear_probe: no labelled training features (every target is -1)")
     generator = torch.Generator().manual_seed(seed)
     head = seeded_linear(x.shape[1], num_classes, seed).to(x.device)
     opt = _probe_optimizer(optimizer, head, lr, weight_decay)
@@ -149,7 +150,7 @@ def augmented_linear_probe(
 
     datamodule.setup("fit")
     if datamodule.bank_set is None or datamodule.eval_set is None:
-        raise ValueError("augmented_linear_probe needs a DataModule with an evaluation split and labelled training images")
+        raise ConfigurationError("augmented_linear_probe needs a DataModule with an evaluation split and labelled training images")
     augment = probe_augmentation(datamodule.image_size, datamodule.mean, datamodule.std)
     torch.manual_seed(seed)
     train = DataLoader(Transformed(datamodule.bank_set, augment, keep_extra=False), batch_size=batch_size, shuffle=True,
@@ -195,15 +196,25 @@ def evaluate_encoder(
     ``augment=True`` trains the probe on augmented images instead of fixed features
     (:func:`augmented_linear_probe`, the reference's protocol with ``optimizer="lars"``).
     ``device=None`` runs on the GPU where there is one (the encoder is moved there), else the CPU.
+
+    Args:
+        encoder: Maps ``(B, 3, H, W)`` images to ``(B, D)`` features; evaluated frozen, in eval mode.
+        datamodule: An :class:`~adios_pl.data.SSLDataModule` (or any with the same two evaluation loaders).
+        device: Where to compute (``"cpu"``, ``"cuda"``, ...); ``None``: the GPU where there is one.
+        epochs: Epochs of the linear probe (its rate falls x0.1 at 60 % and 80 % of them).
+        k: Neighbours of the kNN classifier.
+        temperature: Temperature of the kNN classifier's weights (cosine similarity).
+        augment: Train the probe on fresh crops and flips each epoch instead of fixed features.
+        optimizer: The probe's optimiser: ``"sgd"`` or ``"lars"``.
     """
     if optimizer not in PROBE_OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not supported; accepted: {list(PROBE_OPTIMIZERS)}")
+        raise ConfigurationError(f"optimizer={optimizer!r} is not supported; accepted: {list(PROBE_OPTIMIZERS)}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     datamodule.setup("fit")
     loaders = datamodule.val_dataloader()
     if len(loaders) < 2:
-        raise ValueError("evaluate_encoder needs a DataModule with an evaluation split and labelled training images")
+        raise ConfigurationError("evaluate_encoder needs a DataModule with an evaluation split and labelled training images")
     encoder = encoder.to(device)
     test_x, test_y = extract_features(encoder, loaders[0], device)
     train_x, train_y = extract_features(encoder, loaders[1], device)
