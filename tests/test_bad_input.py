@@ -128,6 +128,7 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
 BATCHES: list[tuple[str, Any, str]] = [
     ("not a pair", torch.randn(2, 3, 16, 16), "views, targets"),
     ("one view", ([torch.randn(2, 3, 16, 16)], torch.zeros(2, dtype=torch.long)), "two tensors"),
+    ("views not grouped", (torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)), "two tensors"),
     ("mismatched views", ((torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)), torch.zeros(2, dtype=torch.long)), "same shape"),
     ("wrong image size", ((torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)), torch.zeros(2, dtype=torch.long)), "image_size=16"),
     ("grayscale views", ((torch.randn(2, 1, 16, 16), torch.randn(2, 1, 16, 16)), torch.zeros(2, dtype=torch.long)), r"\(B, 3"),

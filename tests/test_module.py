@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR, momentum_tau
@@ -193,3 +197,34 @@ def test_the_cifar_stem_and_the_vit_patch_4_up_to_64_px(size: int, small: bool) 
     resnet, vit = create_encoder("resnet18", image_size=size), create_encoder("vit_tiny", image_size=size)
     assert resnet.conv1.kernel_size == ((3, 3) if small else (7, 7)) and isinstance(resnet.maxpool, nn.Identity) is small
     assert vit.patch_embed.proj.kernel_size == ((4, 4) if small else (16, 16))
+
+
+def test_lightly_dataset_batches_train_and_evaluate(tmp_path: Path) -> None:
+    """A folder read by lightly's ``LightlyDataset`` with its ``SimCLRTransform`` trains as it is, and
+    validates with the callbacks: its batches carry the file names after the targets, which are
+    not a segmentation."""
+    from lightly.data import LightlyDataset
+    from lightly.transforms import SimCLRTransform
+    from torchvision.transforms import v2 as T
+
+    from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    dataset = LightlyDataset(str(tmp_path), transform=SimCLRTransform(input_size=16, gaussian_blur=0.0))
+    loader = DataLoader(dataset, batch_size=4, shuffle=False)
+    views, targets, names = next(iter(loader))
+    assert len(views) == 2 and views[0].shape == (4, 3, 16, 16) and list(names) == ["a/0.png", "a/1.png", "a/2.png", "a/3.png"]
+    evaluation = LightlyDataset(str(tmp_path), transform=T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Resize(16)]))
+    val = [DataLoader(evaluation, batch_size=4), DataLoader(evaluation, batch_size=4)]
+    rec = Recorder()
+    callbacks = [rec, OnlineKNN(k=3), OnlineLinearProbe(num_classes=2), MaskQuality(), MaskVisualizer(num_images=2, out_dir=str(tmp_path / "masks"))]
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks)
+    with pytest.warns(UserWarning, match="carry no segmentation"):
+        trainer.fit(tiny(), loader, val)
+    assert len(rec.rows) == 2 and rec.rows[1]["outputs"]["targets"].tolist() == [1, 1, 1, 1]
+    assert {"val/knn_top1", "val/linear_top1"} <= set(trainer.callback_metrics) and not any(key.startswith("val/mask_") for key in trainer.callback_metrics)
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 1

@@ -126,15 +126,18 @@ def check_arguments(**kw: Any) -> None:
 
 
 def unpack_training_batch(batch: Any, image_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(view_1, view_2, targets)`` of a training batch ``((view_1, view_2), targets)``, checked:
-    two views ``(B, 3, image_size, image_size)`` of the same shape and targets ``(B,)``."""
-    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+    """``(view_1, view_2, targets)`` of a training batch ``((view_1, view_2), targets, *extra)``,
+    checked: two views ``(B, 3, image_size, image_size)`` of the same shape and targets ``(B,)``.
+
+    What follows the targets is not used: lightly's ``LightlyDataset`` adds the file names.
+    """
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise BatchFormatError(
             "a training batch must be (views, targets): views a sequence of two tensors "
             f"(B, 3, H, W) and targets a LongTensor (B,); got {type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
         )
-    views, targets = batch
+    views, targets = batch[0], batch[1]
     if not isinstance(views, (list, tuple)) or len(views) != 2 or not all(isinstance(v, Tensor) for v in views):
         raise BatchFormatError("views must be a sequence of two tensors (B, 3, H, W)")
     x1, x2 = views

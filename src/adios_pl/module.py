@@ -674,7 +674,8 @@ class ADIOSModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Features of evaluation images for the callbacks: ``{"features", "targets"}``.
 
-        ``batch`` is ``(images, targets)`` or ``(images, targets, segmentation)``.
+        ``batch`` is ``(images, targets)`` or ``(images, targets, segmentation)``; anything else after
+        the targets (lightly's file names) is not used.
         """
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             raise BatchFormatError("a validation batch must be (images, targets) or (images, targets, segmentation)")

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
 
 
 class EvaluationCallback(pl.Callback):
@@ -39,6 +40,9 @@ class EvaluationCallback(pl.Callback):
 
 
 def batch_parts(batch: Any) -> tuple[Any, Any, Any]:
-    """``(images, targets, segmentation or None)`` of a validation batch."""
+    """``(images, targets, segmentation or None)`` of a validation batch ``(images, targets, *extra)``.
+
+    Only a tensor after the targets is a segmentation: lightly's ``LightlyDataset`` puts file names there.
+    """
     images, targets, *rest = batch
-    return images, targets, rest[0] if rest else None
+    return images, targets, rest[0] if rest and isinstance(rest[0], Tensor) else None
