@@ -431,6 +431,20 @@ FAULTS = [
           "the mask generator check runs it in training mode (its batch-norm statistics move)"),
     Fault("check_encoder_in_training_mode", "encoders.py", "with eval_mode(encoder), torch.no_grad():", "with torch.no_grad():",
           "the encoder check runs it in training mode (its batch-norm statistics move)"),
+    # batches with more after the targets (lightly's file names)
+    Fault("training_batch_of_three_refused", "checks.py", "or len(batch) < 2:", "or len(batch) != 2:",
+          "a training batch with file names after the targets (lightly's) is refused"),
+    Fault("file_names_taken_for_a_segmentation", "callbacks/base.py", "rest[0] if rest and isinstance(rest[0], Tensor) else None",
+          "rest[0] if rest else None", "the callbacks take a validation batch's file names for a segmentation"),
+    # adios-pl evaluate and the command the demo prints for it
+    Fault("evaluate_at_the_configs_image_size", "cli.py", "        config.data.init_args.image_size = model.image_size\n", "        pass\n",
+          "adios-pl evaluate scores images at the data section's size, not the size the encoder was trained at"),
+    Fault("evaluate_ignores_its_settings", "cli.py", "result = evaluate_encoder(model.encoder, data, **settings)",
+          "result = evaluate_encoder(model.encoder, data, device=settings['device'])", "adios-pl evaluate ignores --evaluate.epochs and the rest"),
+    Fault("evaluate_refuses_a_fit_config", "cli.py", "    for name in sorted(fit_only):", "    for name in []:",
+          "adios-pl evaluate refuses the config fit wrote (its weights_only key)"),
+    Fault("demo_evaluate_command_default_sizes", "demo.py", "if getattr(data, name) != defaults[name].default]", "if False]",
+          "the demo prints an evaluate command for the default Shapes sizes even when it trained on others"),
 ]
 
 
