@@ -47,7 +47,7 @@ def test_test_subcommand_is_gone_and_help_names_the_subcommands(capsys: pytest.C
     capsys.readouterr()
     assert _exit_code(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "predict" in out and "Lightning Trainer command line tool" not in out
+    assert "demo" in out and "predict" in out and "evaluate" in out and "Lightning Trainer command line tool" not in out
     assert main(["--version"]) == 0 and "adios-pl 0." in capsys.readouterr().out
 
 
