@@ -33,8 +33,9 @@ from adios_pl.module import ADIOSModule
 DESCRIPTION = (
     "adios-pl: ADIOS (adversarial masking for self-supervised learning) on PyTorch Lightning. "
     "Subcommands: fit, validate, predict (writes encoder features), `adios-pl evaluate` (offline "
-    "linear probe and kNN of a checkpoint) and `adios-pl demo` (a CPU demo on built-in data). Every argument of ADIOSModule, the objectives, the "
-    "DataModules, the callbacks and the Trainer is a flag or a YAML key; see configs/."
+    "linear probe and kNN of a checkpoint) and `adios-pl demo` (a CPU demo on built-in data). "
+    "Every argument of ADIOSModule, the objectives, the DataModules, the callbacks and the Trainer "
+    "is a flag or a YAML key; see configs/."
 )
 
 #: Errors a user can cause while the command line is parsed and the objects are built; one line.
@@ -203,13 +204,12 @@ def evaluate_parser() -> SuggestingParser:
     parser.add_argument("--ckpt_path", type=str, required=True, help="the checkpoint to evaluate")
     parser.add_subclass_arguments(SSLDataModule, "data", required=True)
     parser.add_function_arguments(evaluate_encoder, "evaluate", skip={"encoder", "datamodule"})
-    parser.add_argument("--seed_everything", type=bool | int, default=0,
-                        help="the seed of the probe's crops with --evaluate.augment (true: 0)")
-    # a training config's other keys, read but not used: the model is the checkpoint's
+    # a training config's other keys, read but not used: the model is the checkpoint's, and the
+    # evaluation draws from seeds of its own
     for section in ("model", "trainer"):
         parser.add_argument(f"--{section}", type=dict | None, default=None, help="ignored (the model is the checkpoint's)")
     fit_only = set(inspect.signature(pl.Trainer.fit).parameters) - {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path"}
-    for name in sorted(fit_only):  # weights_only in Lightning 2.6
+    for name in ["seed_everything", *sorted(fit_only)]:  # weights_only in Lightning 2.6
         parser.add_argument(f"--{name}", type=Any, default=None, help="ignored (a key of fit's config)")
     return parser
 
@@ -222,8 +222,6 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     model = ADIOSModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
     if "image_size" in config.data.init_args:  # the size the encoder was trained at
         config.data.init_args.image_size = model.image_size
-    seed = config.seed_everything
-    pl.seed_everything(0 if isinstance(seed, bool) else seed, verbose=False)
     data = parser.instantiate_classes(config).data
     settings = config.evaluate.as_dict()
     try:
