@@ -441,7 +441,7 @@ FAULTS = [
           "adios-pl evaluate scores images at the data section's size, not the size the encoder was trained at"),
     Fault("evaluate_ignores_its_settings", "cli.py", "result = evaluate_encoder(model.encoder, data, **settings)",
           "result = evaluate_encoder(model.encoder, data, device=settings['device'])", "adios-pl evaluate ignores --evaluate.epochs and the rest"),
-    Fault("evaluate_refuses_a_fit_config", "cli.py", "    for name in sorted(fit_only):", "    for name in []:",
+    Fault("evaluate_refuses_a_fit_config", "cli.py", '    for name in ["seed_everything", *sorted(fit_only)]:', '    for name in ["seed_everything"]:',
           "adios-pl evaluate refuses the config fit wrote (its weights_only key)"),
     Fault("demo_evaluate_command_default_sizes", "demo.py", "if getattr(data, name) != defaults[name].default]", "if False]",
           "the demo prints an evaluate command for the default Shapes sizes even when it trained on others"),

@@ -175,10 +175,12 @@ def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path:
     gives for the checkpoint's encoder on the run's DataModule, at the checkpoint's image size."""
     sizes: list[int] = []
     encoders: list[torch.nn.Module] = []
+    settings: list[dict[str, object]] = []
 
     def recording(encoder: torch.nn.Module, datamodule: CIFAR10DataModule, **kw: object) -> dict[str, float]:
         sizes.append(datamodule.image_size)
         encoders.append(encoder)
+        settings.append(kw)
         return evaluate_encoder(encoder, datamodule, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(adios_pl.cli, "evaluate_encoder", recording)
@@ -188,7 +190,8 @@ def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path:
     (saved,) = (tmp_path / "run").rglob("config.yaml")  # as fit wrote it: trainer, model, weights_only, ... too
     capsys.readouterr()
     assert main(["evaluate", "-c", str(saved), "--ckpt_path", str(ckpt), "--data.init_args.image_size=16",
-                 "--evaluate.epochs=3", "--evaluate.device=cpu"]) == 0
+                 "--evaluate.epochs=3", "--evaluate.device=cpu", "--evaluate.k=2", "--evaluate.temperature=0.5"]) == 0
+    assert settings == [dict(device="cpu", epochs=3, k=2, temperature=0.5, augment=False, optimizer="sgd")]
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["data"] == "adios_pl.data.CIFAR10DataModule" and result["image_size"] == 32 and result["epochs"] == 3
     assert sizes == [32], "the images were not evaluated at the size the encoder was trained at"
@@ -196,7 +199,7 @@ def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path:
     evaluated = encoders[0].state_dict()
     assert evaluated and all(torch.equal(value, trained[f"encoder.{name}"]) for name, value in evaluated.items())
     data = CIFAR10DataModule(data_dir="data", image_size=32, batch_size=2, num_workers=0)
-    expected = evaluate_encoder(ADIOSModule.load_from_checkpoint(ckpt).encoder, data, device="cpu", epochs=3)
+    expected = evaluate_encoder(ADIOSModule.load_from_checkpoint(ckpt).encoder, data, device="cpu", epochs=3, k=2, temperature=0.5)
     assert {key: result[key] for key in expected} == expected, (result, expected)
 
 
