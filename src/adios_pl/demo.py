@@ -40,9 +40,11 @@ class TrainSpeed(pl.Callback):
         self._start = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Start the batch's clock."""
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Add the batch's time and its images (not views)."""
         self.seconds += time.perf_counter() - self._start
         self.images += len(batch[1])
 

@@ -537,6 +537,7 @@ class ADIOSModule(pl.LightningModule):
 
     @skipped_batches.setter
     def skipped_batches(self, value: int) -> None:
+        """Set the counter (a checkpoint's value when resuming)."""
         self._skipped = torch.full((), int(value), dtype=torch.long, device=self._skipped.device)
 
     def _terms(self, slots: Tensor | None) -> Sequence[int | Tensor]:

@@ -154,6 +154,7 @@ class PerViewSyncBatchNorm(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
         running_var: Tensor | None, views: int, momentum: float, eps: float, group: Any,
     ) -> Tensor:
+        """Normalise each of the ``views`` parts of ``x`` with its statistics over every rank (one gather)."""
         kernels = _kernels(x)
         x = x.contiguous(memory_format=_memory_format(x))
         channels = x.shape[1]
@@ -186,6 +187,7 @@ class PerViewSyncBatchNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        """Gradients of ``x``, weight and bias; each view's reductions summed over every rank (one all-reduce)."""
         x, weight, counts, *saved = ctx.saved_tensors
         views, kernels = ctx.views, _kernels(x)
         means, invstds = saved[:views], saved[views:]

@@ -355,6 +355,7 @@ class DeviceAugmentation(nn.Module):
         return x
 
     def extra_repr(self) -> str:
+        """The pipeline's settings, for ``repr``."""
         return (
             f"image_size={self.image_size}, scale={self.scale}, ratio={self.ratio}, jitter={self.jitter}, "
             f"jitter_prob={self.jitter_prob}, grayscale_prob={self.grayscale_prob}, blur_prob={self.blur_prob}, "
