@@ -31,7 +31,9 @@ def main() -> None:
     model = ADIOSModule(
         encoder="resnet18", objective=BYOL(proj_output_dim=256), num_masks=6, image_size=96,
         mask_width=64, mask_norm="gn", sparsity_weight=1.719, optimizer="lars", lr=0.292,
-        mask_lr=0.093, weight_decay=1e-5, warmup_epochs=10, channels_last=True,
+        mask_lr=0.093, weight_decay=1e-5, warmup_epochs=10, warmup_start_lr=0.003,
+        schedule_interval="epoch",  # the reference steps its schedules once an epoch
+        channels_last=True,
         # the clean and the 6 masked views of a batch through the encoder at once: the same
         # training with fewer kernel launches, for the activations of 7 views alive together
         masked_views="batched",
