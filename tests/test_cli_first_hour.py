@@ -216,6 +216,8 @@ def test_evaluate_errors_are_one_line(stubbed_data: None, tmp_path: Path, capsys
     assert len(err) == 1 and "holds the weights of objective but not the arguments to build it" in err[0], err
     assert _exit_code(["evaluate", *data]) == 2
     assert "required: ckpt_path" in capsys.readouterr().err
+    assert _exit_code(["evaluate", "--help"]) == 0
+    assert "--evaluate.epochs" in capsys.readouterr().out
 
 
 def test_multi_gpu_example_trains_the_published_setting(monkeypatch: pytest.MonkeyPatch) -> None:
