@@ -198,6 +198,7 @@ def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path:
     assert settings == [dict(device="cpu", epochs=3, k=2, temperature=0.5, augment=False, optimizer="sgd")]
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["data"] == "adios_pl.data.CIFAR10DataModule" and result["image_size"] == 32 and result["epochs"] == 3
+    assert result["device"] == "cpu"
     assert sizes == [32], "the images were not evaluated at the size the encoder was trained at"
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
     evaluated = encoders[0].state_dict()

@@ -229,6 +229,8 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     except Exception as error:
         error.adios_while_running = True  # type: ignore[attr-defined]
         raise
+    ran_on = next(model.encoder.parameters(), None)  # where evaluate_encoder put the encoder
+    settings["device"] = str(ran_on.device) if ran_on is not None else settings["device"]
     print(json.dumps({"checkpoint": config.ckpt_path, "data": config.data.class_path, "image_size": model.image_size,
                       **settings, **result}))
     return 0
