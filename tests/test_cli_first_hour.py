@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -254,3 +255,30 @@ def test_multi_gpu_example_trains_the_published_setting(monkeypatch: pytest.Monk
         got = getattr(data, key) if hasattr(data, key) else (data.jitter | data.probabilities)[key]
         assert got == (pytest.approx(value, rel=0.01) if isinstance(value, float) else value), key
     assert built["trainer"]["max_epochs"] == config["trainer"]["max_epochs"]
+
+
+def _documented_commands(path: Path) -> list[list[str]]:
+    """The ``adios-pl fit`` command lines in the code blocks of ``path`` whose config is a real file
+    (placeholders such as ``--config ...`` left out), as argument lists after ``fit``."""
+    commands, inside = [], False
+    for block_line in path.read_text().replace("\\\n", " ").splitlines():
+        if block_line.startswith("```"):
+            inside = not inside
+            continue
+        words = shlex.split(block_line.split("#", 1)[0]) if inside else []
+        starts = [i for i, word in enumerate(words) if word.endswith(("adios-pl", "adios-pl)")) and words[i + 1 : i + 2] == ["fit"]]
+        if starts and "..." not in block_line:
+            commands.append(words[starts[0] + 2 :])
+    return commands
+
+
+@pytest.mark.parametrize("document", ["README.md", "examples/multi_node.md"])
+def test_documented_fit_commands_parse(document: str, capsys: pytest.CaptureFixture) -> None:
+    """Every ``adios-pl fit`` line the documentation shows parses with today's flags (``--print_config``:
+    nothing is built), so a renamed argument cannot leave a stale command behind."""
+    commands = _documented_commands(ROOT / document)
+    assert len(commands) >= 2, commands
+    for args in commands:
+        args = [str(ROOT / arg) if arg.startswith("configs/") else arg for arg in args if arg != "--print_config"]
+        assert _exit_code(["fit", *args, "--print_config"]) == 0, (args, capsys.readouterr().err)
+        assert "model:" in capsys.readouterr().out
