@@ -282,3 +282,27 @@ def test_documented_fit_commands_parse(document: str, capsys: pytest.CaptureFixt
         args = [str(ROOT / arg) if arg.startswith("configs/") else arg for arg in args if arg != "--print_config"]
         assert _exit_code(["fit", *args, "--print_config"]) == 0, (args, capsys.readouterr().err)
         assert "model:" in capsys.readouterr().out
+
+
+def test_readme_api_example_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two Python blocks of the README's "The API in 15 lines" build with today's names: a real
+    Trainer (on the CPU, one device) and the modules, with ``fit`` recorded instead of run."""
+    section = (ROOT / "README.md").read_text().split("## The API in 15 lines", 1)[1].split("\n## ", 1)[0]
+    blocks = [part.split("```", 1)[0] for part in section.split("```python\n")[1:]]
+    assert len(blocks) == 2, "the section holds two Python blocks"
+    fitted: list[tuple[Any, Any]] = []
+
+    class OnThisMachine(pl.Trainer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**{**kwargs, "accelerator": "cpu", "devices": 1, "logger": False})
+
+        def fit(self, model: Any, datamodule: Any = None, **kwargs: Any) -> None:  # type: ignore[override]
+            fitted.append((model, datamodule))
+
+    monkeypatch.setattr(pl, "Trainer", OnThisMachine)
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the project's own README)
+    (stl_model, stl_data), (cpu_model, cpu_data) = fitted
+    assert stl_model.num_masks == 6 and stl_model.image_size == stl_data.image_size == 96
+    assert cpu_model.num_masks == 4 and cpu_model.image_size == cpu_data.image_size == 32
