@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,20 @@ def test_empty_or_truncated_checkpoint_is_one_line(content: bytes, stubbed_data:
     assert main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=1", f"--ckpt_path={bad}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a readable checkpoint" in err[0] and f"{len(content)} bytes" in err[0], err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated", None], ids=["empty", "truncated", "folder"])
+def test_loading_an_unreadable_checkpoint_is_one_line(content: bytes | None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``load_from_checkpoint`` and ``adios-pl evaluate`` name the file and what is wrong with it."""
+    bad = tmp_path / "bad.ckpt"
+    bad.mkdir() if content is None else bad.write_bytes(content)
+    expected = "is a folder; pass a checkpoint file" if content is None else f"is not a readable checkpoint \\({len(content)} bytes"
+    with pytest.raises(ConfigurationError, match=expected):
+        ADIOSModule.load_from_checkpoint(bad)
+    capsys.readouterr()
+    assert main(["evaluate", "--ckpt_path", str(bad), "--data=CIFAR10DataModule"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
 
 
 def test_a_checkpoint_is_loaded_as_data_unless_asked_otherwise(tmp_path: Path) -> None:

@@ -66,26 +66,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with fs.open(path, "rb") as f:  # not super(): its weights_only argument is new in Lightning 2.6
                 checkpoint: dict[str, Any] = torch.load(f, map_location=map_location, weights_only=True if weights_only is None else weights_only)
                 return checkpoint
-        except pickle.UnpicklingError as error:
-            if "Weights only load failed" in str(error):  # a readable file, with objects beyond weights in it
-                found = next((line.split("Unsupported global:")[1].split(" was not")[0].replace("GLOBAL", "").strip()
-                              for line in str(error).splitlines() if "Unsupported global:" in line), "")
-                raise ConfigurationError(
-                    f"{path} holds Python objects beyond tensors and plain containers{f' (the first: {found})' if found else ''}, and "
-                    "checkpoints are loaded as data. If you trust where it came from, load it with weights_only=False "
-                    "(AtomicCheckpointIO().load_checkpoint(path, weights_only=False))"
-                ) from error
-            raise self._unreadable(path, error) from error
-        except (EOFError, RuntimeError) as error:
-            raise self._unreadable(path, error) from error
+        except UNREADABLE as error:
+            raise unreadable_checkpoint(path, error) from error
 
-    @staticmethod
-    def _unreadable(path: Any, error: BaseException) -> ConfigurationError:
-        size = Path(path).stat().st_size if Path(path).exists() else 0
+
+#: What ``torch.load`` raises for a file that is not a checkpoint it may read.
+UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError)
+
+
+def unreadable_checkpoint(path: Any, error: BaseException) -> ConfigurationError:
+    """The error to show for ``path``, which ``torch.load`` refused with ``error`` (one of
+    :data:`UNREADABLE`): a file holding objects beyond weights, or one that is empty or truncated."""
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+        found = next((line.split("Unsupported global:")[1].split(" was not")[0].replace("GLOBAL", "").strip()
+                      for line in str(error).splitlines() if "Unsupported global:" in line), "")
         return ConfigurationError(
-            f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
+            f"{path} holds Python objects beyond tensors and plain containers{f' (the first: {found})' if found else ''}, and "
+            "checkpoints are loaded as data. If you trust where it came from, load it with weights_only=False "
+            "(AtomicCheckpointIO().load_checkpoint(path, weights_only=False))"
         )
+    size = Path(path).stat().st_size if isinstance(path, (str, os.PathLike)) and Path(path).is_file() else 0
+    return ConfigurationError(
+        f"{path} is not a readable checkpoint ({size} bytes; {type(error).__name__}: "
+        f"{str(error).strip().splitlines()[0] if str(error).strip() else 'empty'}); it may be truncated: use another one"
+    )
 
 
 #: What Lightning's instantiator for LightningCLI's hyper-parameters is called in a checkpoint.
@@ -140,13 +144,18 @@ def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_onl
         load = load_hparams_from_tags_csv if str(hparams_file).lower().endswith(".csv") else load_hparams_from_yaml
         return dict(load(hparams_file) or {})
     weights_only = True if weights_only is None else weights_only
-    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
-    else:  # Lightning's own reader (a URL through torch.hub, which keeps the download; fsspec; a file object)
-        position = checkpoint.tell() if hasattr(checkpoint, "seek") else None
-        loaded = pl_load(checkpoint, map_location="cpu", weights_only=weights_only)
-        if position is not None:  # rewound for Lightning's read
-            checkpoint.seek(position)
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
+        raise ConfigurationError(f"{checkpoint} is a folder; pass a checkpoint file (a .ckpt in it)")
+    try:
+        if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)
+        else:  # Lightning's own reader (a URL through torch.hub, which keeps the download; fsspec; a file object)
+            position = checkpoint.tell() if hasattr(checkpoint, "seek") else None
+            loaded = pl_load(checkpoint, map_location="cpu", weights_only=weights_only)
+            if position is not None:  # rewound for Lightning's read
+                checkpoint.seek(position)
+    except UNREADABLE as error:
+        raise unreadable_checkpoint(checkpoint, error) from error
     return dict(loaded.get("hyper_parameters") or {})
 
 
