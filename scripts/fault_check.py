@@ -436,6 +436,11 @@ FAULTS = [
           "a training batch with file names after the targets (lightly's) is refused"),
     Fault("file_names_taken_for_a_segmentation", "callbacks/base.py", "rest[0] if rest and isinstance(rest[0], Tensor) else None",
           "rest[0] if rest else None", "the callbacks take a validation batch's file names for a segmentation"),
+    # reading a checkpoint's hyper-parameters before building from them
+    Fault("hyper_parameters_read_unguarded", "checkpoint.py", "raise unreadable_checkpoint(checkpoint, error) from error", "raise",
+          "load_from_checkpoint shows torch's traceback for an empty or truncated file"),
+    Fault("checkpoint_folder_not_named", "checkpoint.py", "and os.path.isdir(checkpoint):", "and False:",
+          "load_from_checkpoint on a folder ends in IsADirectoryError's traceback"),
     # adios-pl evaluate and the command the demo prints for it
     Fault("evaluate_at_the_configs_image_size", "cli.py", "        config.data.init_args.image_size = model.image_size\n", "        pass\n",
           "adios-pl evaluate scores images at the data section's size, not the size the encoder was trained at"),
