@@ -7,9 +7,10 @@ the callbacks and the Trainer is a flag or a YAML key (jsonargparse reads the si
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import difflib
 import inspect
@@ -95,6 +96,17 @@ def _class_path_cause(message: str) -> str:
     return text
 
 
+@contextlib.contextmanager
+def while_running() -> Iterator[None]:
+    """Mark an exception raised in the block as raised while running, not while parsing: :func:`main`
+    then keeps the traceback of any but :data:`RUN_USER_ERRORS` (a bug, not a user's mistake)."""
+    try:
+        yield
+    except Exception as error:
+        error.adios_while_running = True  # type: ignore[attr-defined]
+        raise
+
+
 class SuggestingParser(LightningArgumentParser):
     """A parser whose "unknown option" errors suggest the closest known key."""
 
@@ -154,11 +166,8 @@ class ADIOSCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run, marking exceptions as raised while running (see :func:`main`)."""
-        try:
+        with while_running():
             super()._run_subcommand(subcommand)
-        except Exception as error:
-            error.adios_while_running = True  # type: ignore[attr-defined]
-            raise
 
     def before_predict(self) -> None:
         """Write the features to disk unless a prediction writer is configured."""
@@ -224,11 +233,8 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
         config.data.init_args.image_size = model.image_size
     data = parser.instantiate_classes(config).data
     settings = config.evaluate.as_dict()
-    try:
+    with while_running():
         result = evaluate_encoder(model.encoder, data, **settings)
-    except Exception as error:
-        error.adios_while_running = True  # type: ignore[attr-defined]
-        raise
     ran_on = next(model.encoder.parameters(), None)  # where evaluate_encoder put the encoder
     settings["device"] = str(ran_on.device) if ran_on is not None else settings["device"]
     print(json.dumps({"checkpoint": config.ckpt_path, "data": config.data.class_path, "image_size": model.image_size,
