@@ -450,6 +450,19 @@ FAULTS = [
           "adios-pl evaluate refuses the config fit wrote (its weights_only key)"),
     Fault("demo_evaluate_command_default_sizes", "demo.py", "if getattr(data, name) != defaults[name].default]", "if False]",
           "the demo prints an evaluate command for the default Shapes sizes even when it trained on others"),
+    # --ckpt_path last across the logger's versions
+    Fault("ckpt_path_last_left_to_lightning", "cli.py", '        if kwargs.get("ckpt_path") == "last":', "        if False:",
+          "a restart with --ckpt_path last trains from scratch, and validate scores untrained weights"),
+    Fault("last_checkpoint_oldest", "resume.py", "return max(sorted(candidates), key=candidates.__getitem__)",
+          "return min(sorted(candidates), key=candidates.__getitem__)", "--ckpt_path last resumes the oldest run"),
+    Fault("last_checkpoint_this_version_only", "resume.py", 'str(logger.name), "*", "checkpoints")',
+          'str(logger.name), f"version_{logger.version}", "checkpoints")', "--ckpt_path last looks in the new run's own version folder only"),
+    Fault("requeue_checkpoint_not_a_candidate", "resume.py", '    patterns.append(os.path.join(str(trainer.default_root_dir), "hpc_ckpt_*.ckpt"))\n', "",
+          "--ckpt_path last ignores a newer SLURM requeue checkpoint"),
+    Fault("validate_last_without_checkpoint_runs", "cli.py", '                if subcommand != "fit":', "                if False:",
+          "validate --ckpt_path last with no checkpoint scores untrained weights"),
+    Fault("evaluate_last_is_a_file_name", "cli.py", '    if config.ckpt_path == "last":', "    if False:",
+          "adios-pl evaluate --ckpt_path last looks for a file called last"),
 ]
 
 

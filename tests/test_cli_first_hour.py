@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -84,6 +85,78 @@ def test_predict_writes_features(stubbed_data: None, tmp_path: Path, caplog: pyt
     x = torch.randn(2, 3, 16, 16)
     model.eval()
     assert torch.equal(model(x), model.embed(x))
+
+
+def test_ckpt_path_last_resumes_the_newest_run(stubbed_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    """A job restarted with ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the logger's
+    earlier versions (Lightning's own "last" looks in the new, empty version folder and trains
+    from scratch); ``validate`` without one stops instead of scoring untrained weights."""
+    loaded: list[tuple[str, Any]] = []
+    for name in ("fit", "validate"):
+        original = getattr(pl.Trainer, name)
+
+        @functools.wraps(original)  # the CLI reads the subcommand's arguments from the signature
+        def recording(self: pl.Trainer, *args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            loaded.append((_name, kwargs.get("ckpt_path")))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(pl.Trainer, name, recording)
+    logged = [a for a in CPU if not a.startswith("--trainer.logger")]  # Lightning's default logger: version_N folders
+    run = [*logged, "--model.encoder=small_cnn", f"--trainer.default_root_dir={tmp_path}", "--ckpt_path=last"]
+    capsys.readouterr()
+    assert _exit_code(["validate", "--config", CONFIG, *run]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--ckpt_path last: no checkpoint matches {tmp_path / 'lightning_logs' / '*' / 'checkpoints' / 'last*.ckpt'}, " in err[0], err
+    with caplog.at_level(logging.INFO):
+        assert main(["fit", "--config", CONFIG, *run, "--trainer.max_epochs=1"]) == 0
+    assert "no checkpoint matches" in caplog.text and "training from the start" in caplog.text
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert main(["fit", "--config", CONFIG, *run, "--trainer.max_epochs=2"]) == 0
+    second = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert main(["validate", "--config", CONFIG, *run]) == 0
+    assert loaded == [("fit", None), ("fit", str(first)), ("validate", str(second))], loaded
+    steps = [torch.load(path, weights_only=True)["global_step"] for path in (first, second)]
+    assert steps[1] == 2 * steps[0] > 0, steps  # the second run trained its one epoch on top of the first
+
+
+def test_find_last_checkpoint_follows_lightnings_folders(tmp_path: Path) -> None:
+    """The folders ModelCheckpoint writes into: its dirpath; else every version of the first
+    logger's folder; else ``<default_root_dir>/checkpoints``; and SLURM's requeue checkpoint. The
+    newest ``last*.ckpt`` or ``hpc_ckpt_*.ckpt`` wins; temporaries and other checkpoints are not
+    candidates."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    from adios_pl.resume import find_last_checkpoint
+
+    def write(relative: str, mtime: float) -> Path:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+        return path
+
+    def trainer(**kwargs: Any) -> pl.Trainer:
+        return pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False, **kwargs)
+
+    assert find_last_checkpoint(trainer(logger=CSVLogger(tmp_path / "logs", name="exp"))) is None
+    write("logs/exp/version_0/checkpoints/last.ckpt", 1000)
+    newest = write("logs/exp/version_1/checkpoints/last-v1.ckpt", 3000)
+    write("logs/exp/version_1/checkpoints/last.ckpt", 2000)
+    write("logs/exp/version_2/checkpoints/.last.ckpt.tmp123", 9000)  # a save that was killed
+    write("logs/exp/version_2/checkpoints/epoch=3-step=8.ckpt", 9000)
+    write("logs/other/version_0/checkpoints/last.ckpt", 9000)  # another logger name: another experiment
+    assert find_last_checkpoint(trainer(logger=CSVLogger(tmp_path / "logs", name="exp"))) == str(newest)
+    without_logger = write("checkpoints/last.ckpt", 500)
+    assert find_last_checkpoint(trainer(logger=False)) == str(without_logger)
+    chosen = write("elsewhere/last.ckpt", 100)
+    assert find_last_checkpoint(trainer(logger=False, callbacks=[ModelCheckpoint(dirpath=tmp_path / "elsewhere")])) == str(chosen)
+    assert find_last_checkpoint(trainer(logger=False, enable_checkpointing=False)) is None
+    requeued = write("hpc_ckpt_2.ckpt", 4000)  # Lightning's SLURM requeue, at the signal
+    write("hpc_ckpt_1.ckpt", 1500)
+    assert find_last_checkpoint(trainer(logger=CSVLogger(tmp_path / "logs", name="exp"))) == str(requeued)
+    assert find_last_checkpoint(trainer(logger=False, enable_checkpointing=False)) == str(requeued)
 
 
 def test_failed_download_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -194,10 +267,11 @@ def test_evaluate_scores_a_run_with_its_own_config(stubbed_data: None, tmp_path:
     (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
     (saved,) = (tmp_path / "run").rglob("config.yaml")  # as fit wrote it: trainer, model, weights_only, ... too
     capsys.readouterr()
-    assert main(["evaluate", "-c", str(saved), "--ckpt_path", str(ckpt), "--data.init_args.image_size=16",
+    assert main(["evaluate", "-c", str(saved), "--ckpt_path", "last", "--data.init_args.image_size=16",  # the run's last.ckpt
                  "--evaluate.epochs=3", "--evaluate.device=cpu", "--evaluate.k=2", "--evaluate.temperature=0.5"]) == 0
     assert settings == [dict(device="cpu", epochs=3, k=2, temperature=0.5, augment=False, optimizer="sgd")]
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["checkpoint"] == str(ckpt)
     assert result["data"] == "adios_pl.data.CIFAR10DataModule" and result["image_size"] == 32 and result["epochs"] == 3
     assert result["device"] == "cpu"
     assert sizes == [32], "the images were not evaluated at the size the encoder was trained at"
@@ -218,6 +292,11 @@ def test_evaluate_errors_are_one_line(stubbed_data: None, tmp_path: Path, capsys
     assert len(err) == 1 and "holds the weights of objective but not the arguments to build it" in err[0], err
     assert _exit_code(["evaluate", *data]) == 2
     assert "required: ckpt_path" in capsys.readouterr().err
+    assert _exit_code(["evaluate", "--ckpt_path", "last", *data]) == 2
+    assert "--ckpt_path last needs -c <the run's config.yaml>" in capsys.readouterr().err
+    assert _exit_code(["evaluate", "-c", CONFIG, "--ckpt_path", "last", *data]) == 2  # a published config: no run beside it
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no checkpoint matches {ROOT / 'configs' / 'cifar10' / 'checkpoints' / 'last*.ckpt'}" in err[0], err
     assert _exit_code(["evaluate", "--help"]) == 0
     assert "--evaluate.epochs" in capsys.readouterr().out
 

@@ -163,7 +163,14 @@ def test_shipped_config_with_all_its_callbacks_on_two_processes(tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     pictures = sorted(tmp_path.rglob("masks/*.png"))
     assert len(pictures) == 2, f"expected one mask picture per validation, found {pictures}"
-    assert list(tmp_path.rglob("last.ckpt")), "ModelCheckpoint wrote no last.ckpt"
+    (first,) = tmp_path.rglob("last.ckpt")
+    # a restart with the same command and --ckpt_path last continues that run (a third epoch only)
+    resumed = [a.replace("--trainer.max_epochs=2", "--trainer.max_epochs=3") for a in args] + ["--ckpt_path=last"]
+    done = subprocess.run(resumed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (second,) = set(tmp_path.rglob("last.ckpt")) - {first}
+    steps = [torch.load(path, weights_only=True)["global_step"] for path in (first, second)]
+    assert 2 * steps[1] == 3 * steps[0] > 0, steps
 
 
 class SaveFirstViews(pl.Callback):

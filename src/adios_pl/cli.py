@@ -22,14 +22,16 @@ import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from adios_pl import __version__
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data.base import SSLDataModule
-from adios_pl.errors import UserInputError
+from adios_pl.errors import ConfigurationError, UserInputError
 from adios_pl.evaluation import evaluate_encoder
 from adios_pl.module import ADIOSModule
+from adios_pl.resume import find_last_checkpoint, last_checkpoint_patterns, newest_checkpoint
 
 DESCRIPTION = (
     "adios-pl: ADIOS (adversarial masking for self-supervised learning) on PyTorch Lightning. "
@@ -164,6 +166,27 @@ class ADIOSCLI(LightningCLI):
         :meth:`ADIOSModule.on_load_checkpoint` refuses a checkpoint of another architecture.
         """
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """The subcommand's arguments, with ``--ckpt_path last`` made the newest ``last*.ckpt`` of
+        any version of the logger's folder (:func:`~adios_pl.resume.find_last_checkpoint`).
+
+        Lightning's ``"last"`` looks only in the new run's own version folder, so a restarted job
+        trained from scratch, and ``validate``/``predict`` ran on untrained weights, each after a
+        warning. Without a last checkpoint ``fit`` starts from the beginning (a job's first run);
+        ``validate`` and ``predict`` stop with one line.
+        """
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            kwargs["ckpt_path"] = find_last_checkpoint(self.trainer)
+            if kwargs["ckpt_path"] is None:
+                searched = ", ".join(last_checkpoint_patterns(self.trainer))
+                if subcommand != "fit":
+                    raise ConfigurationError(
+                        f"--ckpt_path last: no checkpoint matches {searched}; pass the checkpoint file, or the "
+                        "--trainer.default_root_dir (or logger) of the run that wrote it")
+                rank_zero_info(f"--ckpt_path last: no checkpoint matches {searched} yet; training from the start")
+        return kwargs
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run, marking exceptions as raised while running (see :func:`main`)."""
         with while_running():
@@ -228,6 +251,8 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     encoder on the configured DataModule as one JSON line; returns the exit code."""
     parser = evaluate_parser()
     config = parser.parse_args(list(args))
+    if config.ckpt_path == "last":
+        config.ckpt_path = _last_beside_config(config.get("config") or [])
     model = ADIOSModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
     if "image_size" in config.data.init_args:  # the size the encoder was trained at
         config.data.init_args.image_size = model.image_size
@@ -240,6 +265,20 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     print(json.dumps({"checkpoint": config.ckpt_path, "data": config.data.class_path, "image_size": model.image_size,
                       **settings, **result}))
     return 0
+
+
+def _last_beside_config(configs: Sequence[Any]) -> str:
+    """``adios-pl evaluate --ckpt_path last``: the newest ``last*.ckpt`` in the ``checkpoints``
+    folder beside the (last) ``--config``, where ``fit`` writes it beside the run's config.yaml."""
+    if not configs:
+        raise ConfigurationError("--ckpt_path last needs -c <the run's config.yaml> (fit writes checkpoints/ beside "
+                                 "it); or pass the checkpoint file")
+    pattern = os.path.join(os.path.dirname(configs[-1].absolute), "checkpoints", "last*.ckpt")
+    found = newest_checkpoint([pattern])
+    if found is None:
+        raise ConfigurationError(f"--ckpt_path last: no checkpoint matches {pattern} (beside the config); pass -c "
+                                 "the config.yaml of a run, or the checkpoint file")
+    return found
 
 
 #: Warnings about Lightning's own code that a user of the command line can do nothing about.
