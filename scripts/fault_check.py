@@ -463,6 +463,11 @@ FAULTS = [
           "validate --ckpt_path last with no checkpoint scores untrained weights"),
     Fault("evaluate_last_is_a_file_name", "cli.py", '    if config.ckpt_path == "last":', "    if False:",
           "adios-pl evaluate --ckpt_path last looks for a file called last"),
+    # the published configs, found from any folder
+    Fault("shipped_config_over_the_users_file", "cli.py", '    if not value.endswith((".yaml", ".yml", ".json")) or os.path.exists(value):',
+          '    if not value.endswith((".yaml", ".yml", ".json")):', "a user's configs/... file is replaced by the shipped one of that name"),
+    Fault("config_equals_form_not_resolved", "cli.py", '        elif arg.startswith(("--config=", "-c=")):', "        elif False:",
+          "--config=configs/... outside the repository is not found"),
 ]
 
 

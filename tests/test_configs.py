@@ -101,3 +101,49 @@ def test_spot_values_read_by_hand(capsys: pytest.CaptureFixture) -> None:
     byol_s = _resolved(ROOT / "configs/imagenet100/byol_adios_s_resnet18.yaml", capsys)
     assert byol_s["model"]["num_masks"] == 6 and byol_s["model"]["mask_lr"] == 0.12952098519347935
     assert (byol_s["data"]["init_args"]["brightness"], byol_s["data"]["init_args"]["hue"]) == (0.5, 0.05)
+
+
+def test_the_package_ships_every_published_config(tmp_path: Path) -> None:
+    """What an install puts in the package (setuptools' ``build_py``, the step that picks a wheel's
+    files, run on a copy of the source) holds every config of ``configs/``, byte for byte."""
+    import shutil
+    import subprocess
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    done = subprocess.run([sys.executable, "-c", "from setuptools import setup; setup()", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                          cwd=source, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shipped = {p.relative_to(tmp_path / "lib" / "adios_pl" / "configs") for p in (tmp_path / "lib" / "adios_pl" / "configs").rglob("*.yaml")}
+    published = {p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml")}
+    assert shipped == published and len(published) == 52, sorted(published ^ shipped)
+    for name in published:
+        assert filecmp.cmp(ROOT / "configs" / name, tmp_path / "lib" / "adios_pl" / "configs" / name, shallow=False), name
+
+
+def test_published_config_paths_work_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """``--config configs/<dataset>/<name>.yaml`` outside the repository (a wheel install has no
+    ``configs/`` folder) is the shipped config; a misspelt one is one line naming the closest."""
+    here = ROOT / "configs" / "stl10" / "byol_adios_resnet18.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(here), "--print_config"])
+    expected = capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    for args in (["--config", "configs/stl10/byol_adios_resnet18.yaml"], ["-c", "configs/stl10/byol_adios_resnet18.yaml"],
+                 ["--config=configs/stl10/byol_adios_resnet18.yaml"]):
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config"])
+        assert capsys.readouterr().out == expected, args
+    assert main(["fit", "--config", "configs/stl10/byol_adios_resnt18.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["adios-pl: error: --config configs/stl10/byol_adios_resnt18.yaml: no such file -- did you mean "
+                   "'configs/stl10/byol_adios_resnet18.yaml'?"], err
+    (tmp_path / "configs" / "stl10").mkdir(parents=True)  # a file of the user's own wins over the shipped one
+    assert "max_epochs: 400" in here.read_text()
+    (tmp_path / "configs" / "stl10" / "byol_adios_resnet18.yaml").write_text(here.read_text().replace("max_epochs: 400", "max_epochs: 7"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/stl10/byol_adios_resnet18.yaml", "--print_config"])
+    assert "max_epochs: 7" in capsys.readouterr().out

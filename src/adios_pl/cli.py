@@ -17,6 +17,7 @@ import inspect
 import json
 import warnings
 import re
+from pathlib import Path
 
 import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile
@@ -38,8 +39,12 @@ DESCRIPTION = (
     "Subcommands: fit, validate, predict (writes encoder features), `adios-pl evaluate` (offline "
     "linear probe and kNN of a checkpoint) and `adios-pl demo` (a CPU demo on built-in data). "
     "Every argument of ADIOSModule, the objectives, the DataModules, the callbacks and the Trainer "
-    "is a flag or a YAML key; see configs/."
+    "is a flag or a YAML key. The published configurations ship with the package: --config "
+    "configs/<dataset>/<name>.yaml finds them from any folder (see the README, \"Configurations\")."
 )
+
+#: The published configurations, shipped in the package (the repository's ``configs/`` links here).
+PUBLISHED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 #: Errors a user can cause while the command line is parsed and the objects are built; one line.
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, TypeError, MisconfigurationException, KeyError)
@@ -295,6 +300,43 @@ def hide_lightning_internal_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+def published_configs() -> list[str]:
+    """The published configurations shipped in the package, as ``configs/<dataset>/<name>.yaml``."""
+    return sorted(f"configs/{path.relative_to(PUBLISHED_CONFIGS).as_posix()}" for path in PUBLISHED_CONFIGS.glob("*/*.yaml"))
+
+
+def resolve_config_paths(args: Sequence[str]) -> list[str]:
+    """``args`` with each ``-c``/``--config`` file that does not exist written as the published one
+    it names: ``configs/<dataset>/<name>.yaml`` is the file shipped in the package, so the README's
+    commands run from any folder after any install (a wheel has no repository ``configs/``).
+
+    A config file that exists is left as it is, as is a config given inline (not ending in
+    ``.yaml``, ``.yml`` or ``.json``). Any other missing file is a :class:`ConfigurationError`
+    naming the closest published config.
+    """
+    resolved = list(args)
+    for index, arg in enumerate(resolved):
+        if arg in ("-c", "--config") and index + 1 < len(resolved):
+            resolved[index + 1] = _config_file(resolved[index + 1])
+        elif arg.startswith(("--config=", "-c=")):
+            flag, value = arg.split("=", 1)
+            resolved[index] = f"{flag}={_config_file(value)}"
+    return resolved
+
+
+def _config_file(value: str) -> str:
+    """The path of the config file ``value`` names (see :func:`resolve_config_paths`)."""
+    if not value.endswith((".yaml", ".yml", ".json")) or os.path.exists(value):
+        return value
+    name = os.path.normpath(value).replace(os.sep, "/")
+    published = published_configs()
+    if name in published:
+        return str(PUBLISHED_CONFIGS / name.removeprefix("configs/"))
+    close = difflib.get_close_matches(name, published, n=1, cutoff=0.6)
+    hint = f" -- did you mean '{close[0]}'?" if close else f" (the published ones: {', '.join(published[:3])}, ... {len(published)} in all)"
+    raise ConfigurationError(f"--config {value}: no such file{hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adios-pl`` console script; returns the exit code.
 
@@ -305,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     hide_lightning_internal_warnings()
     try:
+        args = resolve_config_paths(args)
         if args[:1] in (["--version"], ["-V"]):
             print(f"adios-pl {__version__}")
             return 0
@@ -314,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo_cli(args[1:])
         if args[:1] == ["evaluate"]:
             return run_evaluate_cli(args[1:])
-        build_cli(argv)
+        build_cli(args)
         return 0
     except USER_ERRORS as error:
         running = getattr(error, "adios_while_running", False)
