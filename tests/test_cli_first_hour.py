@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import urllib.error
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,11 @@ def test_ckpt_path_last_resumes_the_newest_run(stubbed_data: None, tmp_path: Pat
     assert _exit_code(["validate", "--config", CONFIG, *run]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ckpt_path last: no checkpoint matches {tmp_path / 'lightning_logs' / '*' / 'checkpoints' / 'last*.ckpt'}, " in err[0], err
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert main(["fit", "--config", CONFIG, *run, "--trainer.max_epochs=1"]) == 0
     assert "no checkpoint matches" in caplog.text and "training from the start" in caplog.text
+    assert not [w for w in caught if "saves last.ckpt" in str(w.message)]  # the config's ModelCheckpoint does
     first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert main(["fit", "--config", CONFIG, *run, "--trainer.max_epochs=2"]) == 0
     second = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
@@ -118,6 +121,10 @@ def test_ckpt_path_last_resumes_the_newest_run(stubbed_data: None, tmp_path: Pat
     assert loaded == [("fit", None), ("fit", str(first)), ("validate", str(second))], loaded
     steps = [torch.load(path, weights_only=True)["global_step"] for path in (first, second)]
     assert steps[1] == 2 * steps[0] > 0, steps  # the second run trained its one epoch on top of the first
+    # a run whose checkpoints include no last.ckpt (Lightning's default ModelCheckpoint) is told
+    elsewhere = [a.replace(str(tmp_path), str(tmp_path / "no_last")) for a in run]
+    with pytest.warns(UserWarning, match="no ModelCheckpoint of this run saves last.ckpt"):
+        assert main(["fit", "--config", CONFIG, *elsewhere, "--trainer.max_steps=1", "--trainer.callbacks=[]"]) == 0
 
 
 def test_find_last_checkpoint_follows_lightnings_folders(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 from jsonargparse import ActionConfigFile
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from adios_pl import __version__
 from adios_pl.callbacks.features import FeatureWriter
@@ -189,6 +189,9 @@ class ADIOSCLI(LightningCLI):
                     raise ConfigurationError(
                         f"--ckpt_path last: no checkpoint matches {searched}; pass the checkpoint file, or the "
                         "--trainer.default_root_dir (or logger) of the run that wrote it")
+                if not any(getattr(callback, "save_last", False) for callback in self.trainer.checkpoint_callbacks):
+                    rank_zero_warn(f"--ckpt_path last: no ModelCheckpoint of this run saves last.ckpt, so a restart will not "
+                                   "find one either; add --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.save_last=true")
                 rank_zero_info(f"--ckpt_path last: no checkpoint matches {searched} yet; training from the start")
         return kwargs
 
