@@ -190,7 +190,7 @@ class ADIOSCLI(LightningCLI):
                         f"--ckpt_path last: no checkpoint matches {searched}; pass the checkpoint file, or the "
                         "--trainer.default_root_dir (or logger) of the run that wrote it")
                 if not any(getattr(callback, "save_last", False) for callback in self.trainer.checkpoint_callbacks):
-                    rank_zero_warn(f"--ckpt_path last: no ModelCheckpoint of this run saves last.ckpt, so a restart will not "
+                    rank_zero_warn("--ckpt_path last: no ModelCheckpoint of this run saves last.ckpt, so a restart will not "
                                    "find one either; add --trainer.callbacks+=ModelCheckpoint --trainer.callbacks.save_last=true")
                 rank_zero_info(f"--ckpt_path last: no checkpoint matches {searched} yet; training from the start")
         return kwargs
