@@ -468,6 +468,13 @@ FAULTS = [
           '    if not value.endswith((".yaml", ".yml", ".json")):', "a user's configs/... file is replaced by the shipped one of that name"),
     Fault("config_equals_form_not_resolved", "cli.py", '        elif arg.startswith(("--config=", "-c=")):', "        elif False:",
           "--config=configs/... outside the repository is not found"),
+    # adios-pl export
+    Fault("export_written_to_the_working_folder", "cli.py", 'str(Path(checkpoint).with_name(f"{Path(checkpoint).stem}_encoder.pt"))',
+          'f"{Path(checkpoint).stem}_encoder.pt"', "adios-pl export writes into the working folder, not beside the checkpoint"),
+    Fault("export_last_is_a_file_name", "cli.py", 'if config.ckpt_path == "last" else config.ckpt_path',
+          "if False else config.ckpt_path", "adios-pl export --ckpt_path last looks for a file called last"),
+    Fault("export_folder_not_named", "export.py", "    if os.path.isdir(checkpoint):\n", "    if False:\n",
+          "exporting from a folder ends in IsADirectoryError's traceback"),
 ]
 
 

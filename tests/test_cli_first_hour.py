@@ -54,7 +54,7 @@ def test_test_subcommand_is_gone_and_help_names_the_subcommands(capsys: pytest.C
     capsys.readouterr()
     assert _exit_code(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "demo" in out and "predict" in out and "evaluate" in out and "Lightning Trainer command line tool" not in out
+    assert "demo" in out and "predict" in out and "evaluate" in out and "export" in out and "Lightning Trainer command line tool" not in out
     assert main(["--version"]) == 0 and "adios-pl 0." in capsys.readouterr().out
 
 
@@ -306,6 +306,38 @@ def test_evaluate_errors_are_one_line(stubbed_data: None, tmp_path: Path, capsys
     assert len(err) == 1 and f"no checkpoint matches {ROOT / 'configs' / 'cifar10' / 'checkpoints' / 'last*.ckpt'}" in err[0], err
     assert _exit_code(["evaluate", "--help"]) == 0
     assert "--evaluate.epochs" in capsys.readouterr().out
+
+
+def test_export_command_writes_the_encoder_weights(stubbed_data: None, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``adios-pl export -c <run config> --ckpt_path last`` writes exactly the checkpoint's
+    ``encoder.*`` tensors, without the prefix, where a plain torchvision ResNet18 loads them; bad
+    checkpoints are one line."""
+    assert main(["fit", "--config", CONFIG, *CPU, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path / 'run'}"]) == 0
+    (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
+    (saved,) = (tmp_path / "run").rglob("config.yaml")
+    capsys.readouterr()
+    assert main(["export", "-c", str(saved), "--ckpt_path", "last"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = ckpt.parent / "last_encoder.pt"
+    assert printed["out"] == str(out) and printed["checkpoint"] == str(ckpt) and printed["encoder"] == "resnet18"
+    assert printed["image_size"] == 32
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    expected = {name[len("encoder."):]: value for name, value in trained.items() if name.startswith("encoder.")}
+    exported = torch.load(out, weights_only=True)
+    assert exported.keys() == expected.keys() and printed["tensors"] == len(expected) > 100
+    assert all(torch.equal(exported[name], expected[name]) for name in expected)
+    plain = torchvision.models.resnet18()  # as the README says: the CIFAR stem at 32 px, no classifier
+    plain.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    plain.maxpool, plain.fc = torch.nn.Identity(), torch.nn.Identity()
+    plain.load_state_dict(exported)  # strict: every key matches
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    for args, words in ((["--ckpt_path", str(tmp_path / "empty.ckpt")], "is not a readable checkpoint (0 bytes"),
+                        (["--ckpt_path", str(tmp_path / "run")], "is a folder; pass a checkpoint file"),
+                        (["--ckpt_path", str(ckpt), "--out", str(ckpt)], "is the checkpoint itself"),
+                        (["--ckpt_path", "last"], "--ckpt_path last needs -c")):
+        assert _exit_code(["export", *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (args, err)
 
 
 def test_multi_gpu_example_trains_the_published_setting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from jsonargparse import ActionConfigFile
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -27,17 +28,19 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from adios_pl import __version__
 from adios_pl.callbacks.features import FeatureWriter
-from adios_pl.checkpoint import AtomicCheckpointIO
+from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters
 from adios_pl.data.base import SSLDataModule
 from adios_pl.errors import ConfigurationError, UserInputError
 from adios_pl.evaluation import evaluate_encoder
+from adios_pl.export import export_encoder
 from adios_pl.module import ADIOSModule
 from adios_pl.resume import find_last_checkpoint, last_checkpoint_patterns, newest_checkpoint
 
 DESCRIPTION = (
     "adios-pl: ADIOS (adversarial masking for self-supervised learning) on PyTorch Lightning. "
     "Subcommands: fit, validate, predict (writes encoder features), `adios-pl evaluate` (offline "
-    "linear probe and kNN of a checkpoint) and `adios-pl demo` (a CPU demo on built-in data). "
+    "linear probe and kNN of a checkpoint), `adios-pl export` (the encoder's weights as a plain "
+    "state_dict) and `adios-pl demo` (a CPU demo on built-in data). "
     "Every argument of ADIOSModule, the objectives, the DataModules, the callbacks and the Trainer "
     "is a flag or a YAML key. The published configurations ship with the package: --config "
     "configs/<dataset>/<name>.yaml finds them from any folder (see the README, \"Configurations\")."
@@ -260,7 +263,8 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     parser = evaluate_parser()
     config = parser.parse_args(list(args))
     if config.ckpt_path == "last":
-        config.ckpt_path = _last_beside_config(config.get("config") or [])
+        configs = config.get("config") or []
+        config.ckpt_path = _last_beside_config(configs[-1].absolute if configs else None)
     model = ADIOSModule.load_from_checkpoint(config.ckpt_path, map_location="cpu")
     if "image_size" in config.data.init_args:  # the size the encoder was trained at
         config.data.init_args.image_size = model.image_size
@@ -275,18 +279,52 @@ def run_evaluate_cli(args: Sequence[str]) -> int:
     return 0
 
 
-def _last_beside_config(configs: Sequence[Any]) -> str:
-    """``adios-pl evaluate --ckpt_path last``: the newest ``last*.ckpt`` in the ``checkpoints``
-    folder beside the (last) ``--config``, where ``fit`` writes it beside the run's config.yaml."""
-    if not configs:
+def _last_beside_config(config: str | None) -> str:
+    """``--ckpt_path last`` of ``evaluate`` and ``export``: the newest ``last*.ckpt`` in the
+    ``checkpoints`` folder beside ``config``, where ``fit`` writes it beside the run's config.yaml."""
+    if not config:
         raise ConfigurationError("--ckpt_path last needs -c <the run's config.yaml> (fit writes checkpoints/ beside "
                                  "it); or pass the checkpoint file")
-    pattern = os.path.join(os.path.dirname(configs[-1].absolute), "checkpoints", "last*.ckpt")
+    pattern = os.path.join(os.path.dirname(os.path.abspath(config)), "checkpoints", "last*.ckpt")
     found = newest_checkpoint([pattern])
     if found is None:
         raise ConfigurationError(f"--ckpt_path last: no checkpoint matches {pattern} (beside the config); pass -c "
                                  "the config.yaml of a run, or the checkpoint file")
     return found
+
+
+EXPORT_DESCRIPTION = (
+    "adios-pl export: write the encoder's weights from a checkpoint as a plain state_dict that loads "
+    "without adios-pl (into torchvision's ResNet with fc = nn.Identity(), and the CIFAR stem at 64 px or "
+    "less, or into timm's ViT; see adios_pl.export.export_encoder). Prints one JSON line."
+)
+
+
+def export_parser() -> SuggestingParser:
+    """The parser of ``adios-pl export``: ``--ckpt_path``, ``--out`` and ``-c/--config`` (the run's
+    config.yaml, which only locates ``--ckpt_path last``)."""
+    parser = SuggestingParser(prog="adios-pl export", description=EXPORT_DESCRIPTION, allow_abbrev=False)
+    parser.add_argument("--ckpt_path", type=str, required=True,
+                        help="the checkpoint; 'last': the newest last*.ckpt in checkpoints/ beside --config")
+    parser.add_argument("-c", "--config", type=str | None, default=None,
+                        help="the config.yaml fit wrote for the run (only to find --ckpt_path last)")
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="where to write the weights (default: <checkpoint name>_encoder.pt beside the checkpoint)")
+    return parser
+
+
+def run_export_cli(args: Sequence[str]) -> int:
+    """``adios-pl export``: write ``--ckpt_path``'s encoder weights with
+    :func:`~adios_pl.export.export_encoder` and print what was written as one JSON line; returns
+    the exit code."""
+    config = export_parser().parse_args(list(args))
+    checkpoint = _last_beside_config(config.config) if config.ckpt_path == "last" else config.ckpt_path
+    out = config.out or str(Path(checkpoint).with_name(f"{Path(checkpoint).stem}_encoder.pt"))
+    path = export_encoder(checkpoint, out)
+    hyper_parameters = read_hyper_parameters(checkpoint)
+    print(json.dumps({"checkpoint": checkpoint, "out": str(path), "tensors": len(torch.load(path, weights_only=True)),
+                      **{key: hyper_parameters.get(key) for key in ("encoder", "encoder_kwargs", "image_size")}}, default=str))
+    return 0
 
 
 #: Warnings about Lightning's own code that a user of the command line can do nothing about.
@@ -343,7 +381,8 @@ def _config_file(value: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``adios-pl`` console script; returns the exit code.
 
-    ``adios-pl demo [...]`` runs the demo, ``adios-pl evaluate [...]`` :func:`run_evaluate_cli`;
+    ``adios-pl demo [...]`` runs the demo, ``adios-pl evaluate [...]`` :func:`run_evaluate_cli`,
+    ``adios-pl export [...]`` :func:`run_export_cli`;
     anything else goes to LightningCLI. Errors a user can
     cause are printed as one line (set ``ADIOS_PL_DEBUG=1`` for the traceback).
     """
@@ -360,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo_cli(args[1:])
         if args[:1] == ["evaluate"]:
             return run_evaluate_cli(args[1:])
+        if args[:1] == ["export"]:
+            return run_export_cli(args[1:])
         build_cli(args)
         return 0
     except USER_ERRORS as error:

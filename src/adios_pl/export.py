@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from adios_pl.checkpoint import AtomicCheckpointIO
+from adios_pl.errors import ConfigurationError
 
 ENCODER_PREFIX = "encoder."
 
@@ -13,13 +17,17 @@ ENCODER_PREFIX = "encoder."
 def encoder_state_dict(checkpoint: str | Path) -> dict[str, Tensor]:
     """The encoder's weights from a Lightning checkpoint of :class:`~adios_pl.ADIOSModule`.
 
-    The checkpoint is read with ``torch.load(weights_only=True)``: data, not code.
+    The checkpoint is read with ``torch.load(weights_only=True)``: data, not code. A missing,
+    empty or truncated file, a folder, or a file without encoder weights is a one-line
+    :class:`~adios_pl.errors.ConfigurationError` (``FileNotFoundError`` for a missing one).
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if os.path.isdir(checkpoint):
+        raise ConfigurationError(f"{checkpoint} is a folder; pass a checkpoint file (a .ckpt in it)")
+    state = AtomicCheckpointIO().load_checkpoint(checkpoint)  # onto the CPU
     weights = state.get("state_dict", state)
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
     if not encoder:
-        raise ValueError(f"{checkpoint} holds no '{ENCODER_PREFIX}*' weights; is it an ADIOSModule checkpoint?")
+        raise ConfigurationError(f"{checkpoint} holds no '{ENCODER_PREFIX}*' weights; is it an ADIOSModule checkpoint?")
     return encoder
 
 
