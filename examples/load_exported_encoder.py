@@ -6,7 +6,8 @@
 ``configs/``); the demo's checkpoint holds the small CNN, not a ResNet, and is refused with a
 message. torchvision's ResNet18 takes the weights once shaped like adios-pl's: at 64 px or less
 the stem is a 3x3 stride-1 convolution without max-pool, and ``fc`` is ``nn.Identity()`` (the
-exported weights have no classifier).
+exported weights have no classifier). ``adios-pl export --ckpt_path CHECKPOINT`` writes the same
+file from the command line.
 """
 
 from __future__ import annotations
