@@ -475,6 +475,8 @@ FAULTS = [
           "if False else config.ckpt_path", "adios-pl export --ckpt_path last looks for a file called last"),
     Fault("export_folder_not_named", "export.py", "    if os.path.isdir(checkpoint):\n", "    if False:\n",
           "exporting from a folder ends in IsADirectoryError's traceback"),
+    Fault("validate_picture_named_step_zero", "callbacks/masks.py", "        if trainer.state.fn == TrainerFn.FITTING:\n",
+          "        if True:\n", "validate's mask picture is named epoch_000_step_0000000 whatever checkpoint it shows"),
 ]
 
 

@@ -213,6 +213,18 @@ def test_mask_pictures_are_named_by_step_and_spread_over_the_split(tmp_path: Pat
     dataset = loaders[0].dataset
     expected = torch.stack([dataset[i][0] for i in (0, 13, 26, 39)])
     assert chosen is not None and torch.equal(chosen, expected)
+    # validate restores no epoch or step: its picture is named by the checkpoint, and shows the
+    # masks of the weights that drew the last picture of fit
+    trainer = quiet_trainer(max_epochs=1, val_check_interval=2, callbacks=[viz], num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    last_of_fit = viz.last_path
+    fresh = ADIOSModule(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=32, num_masks=2, mask_width=8, warmup_epochs=0)
+    quiet_trainer(callbacks=[viz]).validate(fresh, data, ckpt_path=tmp_path / "trained.ckpt")
+    assert viz.last_path == tmp_path / "validate_trained.png"
+    assert last_of_fit is not None and viz.last_path.read_bytes() == last_of_fit.read_bytes()
+    quiet_trainer(callbacks=[viz]).validate(fresh, data)
+    assert viz.last_path == tmp_path / "validate_model.png"
 
 
 def test_plain_torchvision_resnet_is_refused_with_the_fix() -> None:

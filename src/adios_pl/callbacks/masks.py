@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
@@ -64,7 +65,8 @@ class MaskVisualizer(EvaluationCallback):
     Each row: the image (denormalised), the N soft masks (white = hidden), the argmax
     segmentation in distinct colours, and the N masked images. Logged as ``val/masks`` to
     TensorBoard and to any logger with a ``log_image(key, images, step)`` method (Weights &
-    Biases), and written to ``<run dir>/masks/epoch_XXX_step_YYYYYYY.png`` by rank 0.
+    Biases), and written to ``<run dir>/masks/epoch_XXX_step_YYYYYYY.png`` by rank 0 (outside
+    ``fit``, e.g. ``adios-pl validate --ckpt_path last``: ``validate_<checkpoint name>.png``).
 
     Under DDP nothing here is collective: the output folder is resolved on every rank in
     ``setup`` (``trainer.log_dir`` broadcasts), and rank 0 reads its images straight from the
@@ -131,8 +133,18 @@ class MaskVisualizer(EvaluationCallback):
                 log_image(key="val/masks", images=[grid], step=trainer.global_step)
         root = self._root if self._root is not None else Path(self.out_dir or trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.last_path = root / f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
+        self.last_path = root / self._file_name(trainer)
         save_image(grid, self.last_path)
+
+    @staticmethod
+    def _file_name(trainer: pl.Trainer) -> str:
+        """``epoch_XXX_step_YYYYYYY.png`` while fitting; otherwise (``validate``, which restores no
+        loop state, so epoch and step read 0) the stage and the checkpoint's name, as
+        ``validate_last.png``."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            return f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
+        checkpoint = Path(str(trainer.ckpt_path)).stem if trainer.ckpt_path else "model"
+        return f"{trainer.state.fn.value}_{checkpoint}.png"
 
 
 #: What :class:`MaskQuality` logs (``val/<name>``), in the order of its rows of scores.
