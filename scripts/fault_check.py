@@ -453,8 +453,10 @@ FAULTS = [
     # --ckpt_path last across the logger's versions
     Fault("ckpt_path_last_left_to_lightning", "cli.py", '        if kwargs.get("ckpt_path") == "last":', "        if False:",
           "a restart with --ckpt_path last trains from scratch, and validate scores untrained weights"),
-    Fault("last_checkpoint_oldest", "resume.py", "return max(sorted(candidates), key=candidates.__getitem__)",
-          "return min(sorted(candidates), key=candidates.__getitem__)", "--ckpt_path last resumes the oldest run"),
+    Fault("last_checkpoint_oldest", "resume.py", "return max(candidates, key=lambda name:", "return min(candidates, key=lambda name:",
+          "--ckpt_path last resumes the oldest run"),
+    Fault("last_checkpoint_tie_by_text", "resume.py", "[int(part) if part.isdigit() else part", "[part",
+          "--ckpt_path last takes version_9 over version_10 written in the same second"),
     Fault("last_checkpoint_this_version_only", "resume.py", 'str(logger.name), "*", "checkpoints")',
           'str(logger.name), f"version_{logger.version}", "checkpoints")', "--ckpt_path last looks in the new run's own version folder only"),
     Fault("requeue_checkpoint_not_a_candidate", "resume.py", '    patterns.append(os.path.join(str(trainer.default_root_dir), "hpc_ckpt_*.ckpt"))\n', "",

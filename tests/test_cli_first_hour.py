@@ -155,6 +155,9 @@ def test_find_last_checkpoint_follows_lightnings_folders(tmp_path: Path) -> None
     write("logs/exp/version_2/checkpoints/epoch=3-step=8.ckpt", 9000)
     write("logs/other/version_0/checkpoints/last.ckpt", 9000)  # another logger name: another experiment
     assert find_last_checkpoint(trainer(logger=CSVLogger(tmp_path / "logs", name="exp"))) == str(newest)
+    write("logs/exp/version_9/checkpoints/last.ckpt", 3000)  # the same second as version_1's newest
+    tenth = write("logs/exp/version_10/checkpoints/last.ckpt", 3000)
+    assert find_last_checkpoint(trainer(logger=CSVLogger(tmp_path / "logs", name="exp"))) == str(tenth)
     without_logger = write("checkpoints/last.ckpt", 500)
     assert find_last_checkpoint(trainer(logger=False)) == str(without_logger)
     chosen = write("elsewhere/last.ckpt", 100)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -108,7 +109,7 @@ def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
 
 def newest_checkpoint(patterns: Sequence[str]) -> str | None:
     """The most recently modified file matching any of the glob ``patterns`` (local or remote),
-    or ``None``. Temporaries of a save in progress (``.last.ckpt.tmpPID``) match no ``last*``
+    the one with the higher numbers in its path where two have the same time, or ``None``. Temporaries of a save in progress (``.last.ckpt.tmpPID``) match no ``last*``
     pattern."""
     candidates: dict[str, float] = {}
     for pattern in patterns:
@@ -118,4 +119,6 @@ def newest_checkpoint(patterns: Sequence[str]) -> str | None:
             candidates[name] = float(fs.modified(path).timestamp())
     if not candidates:
         return None
-    return max(sorted(candidates), key=candidates.__getitem__)
+    # equal times (a file system that keeps whole seconds): the later version, version_10 after version_9
+    return max(candidates, key=lambda name: (candidates[name], [int(part) if part.isdigit() else part
+                                                                for part in re.split(r"(\d+)", name)]))
