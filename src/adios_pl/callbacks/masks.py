@@ -143,8 +143,9 @@ class MaskVisualizer(EvaluationCallback):
         ``validate_last.png``."""
         if trainer.state.fn == TrainerFn.FITTING:
             return f"epoch_{trainer.current_epoch:03d}_step_{trainer.global_step:07d}.png"
+        stage = trainer.state.fn.value if trainer.state.fn is not None else "validate"
         checkpoint = Path(str(trainer.ckpt_path)).stem if trainer.ckpt_path else "model"
-        return f"{trainer.state.fn.value}_{checkpoint}.png"
+        return f"{stage}_{checkpoint}.png"
 
 
 #: What :class:`MaskQuality` logs (``val/<name>``), in the order of its rows of scores.
