@@ -439,7 +439,7 @@ FAULTS = [
     # reading a checkpoint's hyper-parameters before building from them
     Fault("hyper_parameters_read_unguarded", "checkpoint.py", "raise unreadable_checkpoint(checkpoint, error) from error", "raise",
           "load_from_checkpoint shows torch's traceback for an empty or truncated file"),
-    Fault("checkpoint_folder_not_named", "checkpoint.py", "and os.path.isdir(checkpoint):", "and False:",
+    Fault("checkpoint_folder_not_named", "checkpoint.py", "    refuse_folder(checkpoint)\n", "",
           "load_from_checkpoint on a folder ends in IsADirectoryError's traceback"),
     # adios-pl evaluate and the command the demo prints for it
     Fault("evaluate_at_the_configs_image_size", "cli.py", "        config.data.init_args.image_size = model.image_size\n", "        pass\n",
@@ -475,8 +475,8 @@ FAULTS = [
           'f"{Path(checkpoint).stem}_encoder.pt"', "adios-pl export writes into the working folder, not beside the checkpoint"),
     Fault("export_last_is_a_file_name", "cli.py", 'if config.ckpt_path == "last" else config.ckpt_path',
           "if False else config.ckpt_path", "adios-pl export --ckpt_path last looks for a file called last"),
-    Fault("export_folder_not_named", "export.py", "    if os.path.isdir(checkpoint):\n", "    if False:\n",
-          "exporting from a folder ends in IsADirectoryError's traceback"),
+    Fault("export_folder_not_named", "checkpoint.py", "        refuse_folder(path)\n", "",
+          "exporting from a folder (AtomicCheckpointIO's reader) ends in IsADirectoryError's traceback"),
     Fault("validate_picture_named_step_zero", "callbacks/masks.py", "        if trainer.state.fn == TrainerFn.FITTING:\n",
           "        if True:\n", "validate's mask picture is named epoch_000_step_0000000 whatever checkpoint it shows"),
 ]

@@ -58,16 +58,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 temporary.unlink()
 
     def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        """Load with ``weights_only=True`` by default; an empty or truncated file is a clear error."""
+        """Load with ``weights_only=True`` by default; an empty or truncated file, or a folder, is a clear error."""
         fs = get_filesystem(path)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
+        refuse_folder(path)
         try:
             with fs.open(path, "rb") as f:  # not super(): its weights_only argument is new in Lightning 2.6
                 checkpoint: dict[str, Any] = torch.load(f, map_location=map_location, weights_only=True if weights_only is None else weights_only)
                 return checkpoint
         except UNREADABLE as error:
             raise unreadable_checkpoint(path, error) from error
+
+
+def refuse_folder(path: Any) -> None:
+    """Raise :class:`ConfigurationError` naming ``path`` when it is a local folder, which ``torch.load``
+    would refuse with a bare ``IsADirectoryError``."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        raise ConfigurationError(f"{path} is a folder; pass a checkpoint file (a .ckpt in it)")
 
 
 #: What ``torch.load`` raises for a file that is not a checkpoint it may read.
@@ -144,8 +152,7 @@ def read_hyper_parameters(checkpoint: Any, hparams_file: Any = None, weights_onl
         load = load_hparams_from_tags_csv if str(hparams_file).lower().endswith(".csv") else load_hparams_from_yaml
         return dict(load(hparams_file) or {})
     weights_only = True if weights_only is None else weights_only
-    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint):
-        raise ConfigurationError(f"{checkpoint} is a folder; pass a checkpoint file (a .ckpt in it)")
+    refuse_folder(checkpoint)
     try:
         if isinstance(checkpoint, (str, os.PathLike)) and os.path.isfile(checkpoint):
             loaded = torch.load(checkpoint, map_location="cpu", weights_only=weights_only, mmap=True)

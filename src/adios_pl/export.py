@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ def encoder_state_dict(checkpoint: str | Path) -> dict[str, Tensor]:
     empty or truncated file, a folder, or a file without encoder weights is a one-line
     :class:`~adios_pl.errors.ConfigurationError` (``FileNotFoundError`` for a missing one).
     """
-    if os.path.isdir(checkpoint):
-        raise ConfigurationError(f"{checkpoint} is a folder; pass a checkpoint file (a .ckpt in it)")
     state = AtomicCheckpointIO().load_checkpoint(checkpoint)  # onto the CPU
     weights = state.get("state_dict", state)
     encoder = {k[len(ENCODER_PREFIX):]: v for k, v in weights.items() if k.startswith(ENCODER_PREFIX)}
