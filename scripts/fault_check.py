@@ -479,6 +479,19 @@ FAULTS = [
           "exporting from a folder (AtomicCheckpointIO's reader) ends in IsADirectoryError's traceback"),
     Fault("validate_picture_named_step_zero", "callbacks/masks.py", "        if trainer.state.fn == TrainerFn.FITTING:\n",
           "        if True:\n", "validate's mask picture is named epoch_000_step_0000000 whatever checkpoint it shows"),
+    # the Lightning package (adios_pl.backend)
+    Fault("lightning_variable_ignored", "backend.py", '    chosen = environ.get(ENV_VAR, "").strip()\n', '    chosen = ""\n',
+          "ADIOS_PL_LIGHTNING does not choose the package"),
+    Fault("lightning_script_not_followed", "backend.py", '        return "lightning"\n    return "pytorch_lightning" if', '        pass\n    return "pytorch_lightning" if',
+          "a script that imported lightning first gets pytorch_lightning classes (its Trainer refuses them)"),
+    Fault("callback_on_pytorch_lightning", "callbacks/knn.py", "from adios_pl.backend import pl\n", "import pytorch_lightning as pl\n",
+          "OnlineKNN is a pytorch_lightning callback whatever the package"),
+    Fault("published_checkpoint_callback_by_path", "configs/cifar10/simclr_adios_resnet18.yaml", "class_path: ModelCheckpoint\n",
+          "class_path: pytorch_lightning.callbacks.ModelCheckpoint\n", "a published config's ModelCheckpoint is pytorch_lightning's, refused under lightning"),
+    Fault("other_packages_checkpoint_refused", "module.py", 'if saved.get("_instantiator") in CLI_INSTANTIATORS else {}', "if False else {}",
+          "a command-line checkpoint written under the other Lightning package does not load"),
+    Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",
+          "a model built while both Lightning packages are imported says nothing"),
 ]
 
 

@@ -145,7 +145,7 @@ def put(config: dict[str, Any], key: str, value: Any) -> None:
     for part in parents:
         if part.startswith("callbacks["):
             name = part[len("callbacks[") : -1]
-            node = next(c["init_args"] for c in node["callbacks"] if c["class_path"].endswith("." + name))
+            node = next(c["init_args"] for c in node["callbacks"] if c["class_path"].rsplit(".", 1)[-1] == name)
         else:
             node = node.setdefault(part, {})
     node[last] = value
@@ -157,7 +157,7 @@ def get(config: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         if part.startswith("callbacks["):
             name = part[len("callbacks[") : -1]
-            node = next(c["init_args"] for c in node["callbacks"] if c["class_path"].endswith("." + name))
+            node = next(c["init_args"] for c in node["callbacks"] if c["class_path"].rsplit(".", 1)[-1] == name)
         else:
             node = node[part]
     return node
@@ -167,7 +167,8 @@ def _callbacks(classes: int, masks: bool) -> list[dict[str, Any]]:
     callbacks = [
         {"class_path": "adios_pl.callbacks.OnlineLinearProbe", "init_args": {"num_classes": classes}},
         {"class_path": "adios_pl.callbacks.OnlineKNN", "init_args": {"k": 200, "temperature": 0.07}},
-        {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"save_last": True, "every_n_epochs": 10}},
+        # by its class name, which LightningCLI finds in whichever Lightning package adios-pl uses
+        {"class_path": "ModelCheckpoint", "init_args": {"save_last": True, "every_n_epochs": 10}},
     ]
     if masks:
         callbacks.insert(2, {"class_path": "adios_pl.callbacks.MaskVisualizer", "init_args": {"every_n_epochs": 1, "num_images": 8}})

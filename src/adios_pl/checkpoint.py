@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.core.saving import load_hparams_from_tags_csv, load_hparams_from_yaml, pl_load
 
+from adios_pl.backend import PACKAGES, pl, get_filesystem, load_hparams_from_tags_csv, load_hparams_from_yaml, pl_load, TorchCheckpointIO
 from adios_pl.errors import ConfigurationError
 
 
@@ -101,7 +99,10 @@ def unreadable_checkpoint(path: Any, error: BaseException) -> ConfigurationError
 
 
 #: What Lightning's instantiator for LightningCLI's hyper-parameters is called in a checkpoint.
-CLI_INSTANTIATOR = "pytorch_lightning.cli.instantiate_module"
+CLI_INSTANTIATOR = f"{pl.__name__}.cli.instantiate_module"
+#: Its name in either Lightning package (:mod:`adios_pl.backend`): a checkpoint written with one
+#: loads with the other, which allows only its own name.
+CLI_INSTANTIATORS = frozenset(f"{trainer}.cli.instantiate_module" for trainer, _ in PACKAGES.values())
 
 _PLAIN = (bool, int, float, str, type(None))
 

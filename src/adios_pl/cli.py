@@ -19,14 +19,11 @@ import warnings
 import re
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from jsonargparse import ActionConfigFile
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from adios_pl import __version__
+from adios_pl.backend import pl, LightningArgumentParser, LightningCLI, MisconfigurationException, rank_zero_info, rank_zero_warn
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters
 from adios_pl.data.base import SSLDataModule

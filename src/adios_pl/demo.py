@@ -16,11 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
 
+from adios_pl.backend import pl, ModelCheckpoint, TensorBoardLogger
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data import SSLDataModule, ShapesDataModule

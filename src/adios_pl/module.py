@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+from importlib import import_module
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import Tensor, nn
 
+from adios_pl.backend import pl, mixed_packages_warning, rank_zero_warn
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
-from adios_pl.checkpoint import CLI_INSTANTIATOR, check_loadable, constructor_config
+from adios_pl.checkpoint import CLI_INSTANTIATOR, CLI_INSTANTIATORS, check_loadable, constructor_config
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
@@ -28,10 +30,8 @@ from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 from adios_pl.resume import apply_configured_rates, check_identity
 from adios_pl.step_counting import count_batches_only
 
-try:  # Lightning's classmethod that refuses a call on an instance (which would return a new model)
-    from pytorch_lightning.utilities.model_helpers import _restricted_classmethod
-except ImportError:  # pragma: no cover
-    _restricted_classmethod = classmethod  # type: ignore[assignment,misc]
+# Lightning's classmethod that refuses a call on an instance (which would return a new model)
+_restricted_classmethod: Any = getattr(import_module(f"{pl.__name__}.utilities.model_helpers"), "_restricted_classmethod", classmethod)
 
 
 def _leaf_copies(outputs: ViewOutput) -> ViewOutput:
@@ -153,6 +153,8 @@ class ADIOSModule(pl.LightningModule):
         compile_mask_generator: bool | str = False,
     ) -> None:
         super().__init__()
+        if (mixed := mixed_packages_warning(os.environ, sys.modules)) is not None:
+            rank_zero_warn(mixed)
         check_arguments(
             num_masks=num_masks, mask_mode=mask_mode, sparsity_weight=sparsity_weight,
             entropy_weight=entropy_weight, image_size=image_size, mask_norm=mask_norm,
@@ -350,7 +352,10 @@ class ADIOSModule(pl.LightningModule):
         """
         parts = ("encoder", "objective", "mask_generator")
         saved = check_loadable(checkpoint_path, hparams_file, kwargs, parts)
-        model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+        # written with either Lightning package (each allows only its own name): built with this one's
+        instantiator = {"_instantiator": CLI_INSTANTIATOR} if saved.get("_instantiator") in CLI_INSTANTIATORS else {}
+        saved.update(instantiator)
+        model = super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **{**instantiator, **kwargs})
         if "_instantiator" in saved:  # built from the config: keep it, so the model's own checkpoints load alone too
             model.save_hyperparameters({key: saved[key] for key in (*parts, "_instantiator") if key in saved and key not in kwargs})
         return model  # type: ignore[return-value]

@@ -14,10 +14,8 @@ import os
 import re
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
-from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.callbacks import ModelCheckpoint
 
+from adios_pl.backend import pl, get_filesystem, ModelCheckpoint
 from adios_pl.errors import ConfigurationError
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
+from adios_pl.backend import pl
+
 
 _HOOKS = ("_on_before_step", "_on_after_step")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+
+from adios_pl.backend import pl, rank_zero_warn
 
 
 class EvaluationCallback(pl.Callback):

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BasePredictionWriter
-from pytorch_lightning.utilities import rank_zero_info
+
+from adios_pl.backend import pl, BasePredictionWriter, rank_zero_info
 
 
 class FeatureWriter(BasePredictionWriter):

@@ -6,10 +6,10 @@ import math
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from adios_pl.backend import pl
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order, is_distributed
 from adios_pl.metrics import knn_predict

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 
+from adios_pl.backend import pl
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.errors import ConfigurationError
 from adios_pl.distributed import gather_in_order, gather_rows

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from adios_pl.backend import pl, TensorBoardLogger, TrainerFn
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order
 from adios_pl.metrics import adjusted_rand_index, foreground_ari, random_patch_segmentation, segmentation_coverings

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from adios_pl.backend import pl
 from adios_pl.checks import check_compile_setting
 from adios_pl.errors import ConfigurationError
 from adios_pl.data.device_augment import DeviceAugmentation

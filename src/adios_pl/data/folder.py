@@ -11,9 +11,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Subset
 
+from adios_pl.backend import rank_zero_warn
 from adios_pl.errors import ConfigurationError, UserInputError
 from adios_pl.data.base import SSLDataModule
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD

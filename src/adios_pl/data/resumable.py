@@ -23,8 +23,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+from adios_pl.backend import rank_zero_warn
 
 
 def batch_seed(*keys: int) -> int:
