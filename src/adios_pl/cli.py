@@ -23,7 +23,7 @@ import torch
 from jsonargparse import ActionConfigFile
 
 from adios_pl import __version__
-from adios_pl.backend import pl, LightningArgumentParser, LightningCLI, MisconfigurationException, rank_zero_info, rank_zero_warn
+from adios_pl.backend import LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters
 from adios_pl.data.base import SSLDataModule

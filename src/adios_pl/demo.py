@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from adios_pl.backend import pl, ModelCheckpoint, TensorBoardLogger
+from adios_pl.backend import ModelCheckpoint, TensorBoardLogger, pl
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.checkpoint import AtomicCheckpointIO
 from adios_pl.data import SSLDataModule, ShapesDataModule

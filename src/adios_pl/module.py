@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from adios_pl.backend import pl, mixed_packages_warning, rank_zero_warn
+from adios_pl.backend import mixed_packages_warning, pl, rank_zero_warn
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
 from adios_pl.checkpoint import CLI_INSTANTIATOR, CLI_INSTANTIATORS, check_loadable, constructor_config
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch

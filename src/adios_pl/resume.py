@@ -15,7 +15,7 @@ import re
 from typing import Any, Sequence
 
 
-from adios_pl.backend import pl, get_filesystem, ModelCheckpoint
+from adios_pl.backend import ModelCheckpoint, get_filesystem, pl
 from adios_pl.errors import ConfigurationError
 
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from adios_pl.backend import pl, BasePredictionWriter, rank_zero_info
+from adios_pl.backend import BasePredictionWriter, pl, rank_zero_info
 
 
 class FeatureWriter(BasePredictionWriter):

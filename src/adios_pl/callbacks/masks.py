@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from adios_pl.backend import pl, TensorBoardLogger, TrainerFn
+from adios_pl.backend import TensorBoardLogger, TrainerFn, pl
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
 from adios_pl.distributed import gather_in_order
 from adios_pl.metrics import adjusted_rand_index, foreground_ari, random_patch_segmentation, segmentation_coverings
