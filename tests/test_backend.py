@@ -109,6 +109,16 @@ def test_the_command_line_on_the_unified_lightning_package(tmp_path: Path) -> No
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/knn_top1" in validate.stdout
+    # resumed on pytorch_lightning (the default) from the checkpoint written on lightning
+    default = {key: value for key, value in os.environ.items() if key != ENV_VAR}
+    resume = subprocess.run([sys.executable, "-m", "adios_pl.cli", "fit", "--config", "configs/cifar10/simclr_adios_resnet18.yaml",
+                             "--trainer.max_epochs=2", *small, "--ckpt_path=last"], cwd=tmp_path, env=default,
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    # version_1 is validate's (logs only); the resumed fit writes version_2
+    steps = [torch.load(tmp_path / f"run/lightning_logs/version_{v}/checkpoints/last.ckpt", weights_only=True)["global_step"]
+             for v in (0, 2)]
+    assert steps[0] > 0 and steps[1] == 2 * steps[0], steps
 
     # the checkpoint loads in this process, which is on the other package (or on the same)
     checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
