@@ -466,8 +466,8 @@ FAULTS = [
     Fault("evaluate_last_is_a_file_name", "cli.py", '    if config.ckpt_path == "last":', "    if False:",
           "adios-pl evaluate --ckpt_path last looks for a file called last"),
     # the published configs, found from any folder
-    Fault("shipped_config_over_the_users_file", "cli.py", '    if not value.endswith((".yaml", ".yml", ".json")) or os.path.exists(value):',
-          '    if not value.endswith((".yaml", ".yml", ".json")):', "a user's configs/... file is replaced by the shipped one of that name"),
+    Fault("shipped_config_over_the_users_file", "cli.py", "    if os.path.exists(value):\n", "    if False:\n",
+          "a user's configs/... file is replaced by the shipped one of that name"),
     Fault("config_equals_form_not_resolved", "cli.py", '        elif arg.startswith(("--config=", "-c=")):', "        elif False:",
           "--config=configs/... outside the repository is not found"),
     # adios-pl export
@@ -490,6 +490,8 @@ FAULTS = [
           "class_path: pytorch_lightning.callbacks.ModelCheckpoint\n", "a published config's ModelCheckpoint is pytorch_lightning's, refused under lightning"),
     Fault("other_packages_checkpoint_refused", "module.py", 'if saved.get("_instantiator") in CLI_INSTANTIATORS else {}', "if False else {}",
           "a command-line checkpoint written under the other Lightning package does not load"),
+    Fault("other_lightning_config_passed_on", "cli.py", "        _refuse_the_other_lightning(value)\n", "",
+          "a run config of the other Lightning package ends in jsonargparse's usage text"),
     Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",
           "a model built while both Lightning packages are imported says nothing"),
 ]

@@ -15,6 +15,7 @@ import torch
 
 from adios_pl import ADIOSModule
 from adios_pl.backend import ENV_VAR, PACKAGE, choose_package, mixed_packages_warning
+from adios_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTH = {"pytorch_lightning", "lightning"}
@@ -130,3 +131,16 @@ def test_the_command_line_on_the_unified_lightning_package(tmp_path: Path) -> No
     state = model.state_dict()
     assert state.keys() == checkpoint["state_dict"].keys()
     assert all(torch.equal(state[key], value) for key, value in checkpoint["state_dict"].items())
+
+
+@pytest.mark.parametrize("quoted", [False, True], ids=["yaml", "json"])
+def test_a_config_of_the_other_package_is_one_line(quoted: bool, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run's config.yaml names the callbacks of the package it ran on; under the other package
+    the command line says which variable to set instead of printing jsonargparse's usage."""
+    other, module = {"pytorch_lightning": ("lightning", "lightning.pytorch"), "lightning": ("pytorch_lightning", "pytorch_lightning")}[PACKAGE]
+    config = tmp_path / ("config.json" if quoted else "config.yaml")
+    config.write_text(f'{{"trainer": {{"callbacks": [{{"class_path": "{module}.callbacks.ModelCheckpoint"}}]}}}}' if quoted
+                      else f"trainer:\n  callbacks:\n  - class_path: {module}.callbacks.ModelCheckpoint\n")
+    assert main(["validate", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"names {module}.callbacks.ModelCheckpoint" in err[0] and f"{ENV_VAR}={other}" in err[0], err

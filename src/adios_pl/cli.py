@@ -23,7 +23,9 @@ import torch
 from jsonargparse import ActionConfigFile
 
 from adios_pl import __version__
-from adios_pl.backend import LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn
+from adios_pl.backend import (
+    ENV_VAR, PACKAGE, PACKAGES, LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn,
+)
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters
 from adios_pl.data.base import SSLDataModule
@@ -364,7 +366,10 @@ def resolve_config_paths(args: Sequence[str]) -> list[str]:
 
 def _config_file(value: str) -> str:
     """The path of the config file ``value`` names (see :func:`resolve_config_paths`)."""
-    if not value.endswith((".yaml", ".yml", ".json")) or os.path.exists(value):
+    if not value.endswith((".yaml", ".yml", ".json")):
+        return value
+    if os.path.exists(value):
+        _refuse_the_other_lightning(value)
         return value
     name = os.path.normpath(value).replace(os.sep, "/")
     published = published_configs()
@@ -373,6 +378,24 @@ def _config_file(value: str) -> str:
     close = difflib.get_close_matches(name, published, n=1, cutoff=0.6)
     hint = f" -- did you mean '{close[0]}'?" if close else f" (the published ones: {', '.join(published[:3])}, ... {len(published)} in all)"
     raise ConfigurationError(f"--config {value}: no such file{hint}")
+
+
+def _refuse_the_other_lightning(path: str) -> None:
+    """One line for a config that names a class of the Lightning package this process does not
+    use (:mod:`adios_pl.backend`): a run's ``config.yaml`` names the callbacks of the package it
+    ran on, and given back under the other, jsonargparse refuses them with its usage text."""
+    other = next(name for name in PACKAGES if name != PACKAGE)
+    prefixes = "|".join(re.escape(f"{module}.") for module in PACKAGES[other])
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:  # a folder or an unreadable file: jsonargparse says so
+        return
+    found = re.search(rf"class_path[\"']?\s*:\s*[\"']?((?:{prefixes})[\w.]+)", text)
+    if found:
+        raise ConfigurationError(
+            f"--config {path} names {found.group(1)}, a class of the {other} package, and adios-pl runs on "
+            f"{PACKAGE} here: run it with {ENV_VAR}={other} (a run's config.yaml names the classes of the package it ran on)"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
