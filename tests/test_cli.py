@@ -81,6 +81,22 @@ def test_print_config_and_misspelt_key(capsys: pytest.CaptureFixture, stubbed_da
     assert "did you mean 'model.sparsity_weight'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("wrong", "right"), [
+    ("adios_pl.callbacks.OnlineKNNN", "adios_pl.callbacks.OnlineKNN"),  # a class of a list (trainer.callbacks)
+    ("adios_pl.callback.OnlineKNN", "adios_pl.callbacks.OnlineKNN"),  # its module
+    ("adios_pl.objectives.SimCRL", "adios_pl.objectives.SimCLR"),  # a single part (model.objective)
+])
+def test_a_misspelt_class_path_in_a_config_names_the_closest(wrong: str, right: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text((ROOT / "configs/cifar10/simclr_adios_resnet18.yaml").read_text().replace(f"class_path: {right}\n", f"class_path: {wrong}\n", 1))
+    assert wrong in config.read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"-- did you mean '{right}'?")
+
+
 def test_missing_data_dir_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code = main(["fit", "--config", str(ROOT / "configs/imagenet100_s/simclr_adios_resnet18.yaml"), *CPU,
                  f"--data.init_args.data_dir={tmp_path / 'nowhere'}", "--trainer.fast_dev_run=1"])

@@ -105,6 +105,22 @@ def _class_path_cause(message: str) -> str:
     return text
 
 
+def _suggest_class_path(message: str) -> str:
+    """Add "did you mean ..." to jsonargparse's "module 'm' has no attribute 'x'" (a misspelt
+    ``class_path`` in a config), from the public names of the module that was found."""
+    missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
+    module = sys.modules.get(missing.group(1)) if missing else None
+    if missing is None or module is None:
+        return message
+    names = [name for name in dir(module) if not name.startswith("_")]
+    close = difflib.get_close_matches(missing.group(2), names, n=1, cutoff=0.6)
+    if not close:
+        return message
+    wrong, right = f"{missing.group(1)}.{missing.group(2)}", f"{missing.group(1)}.{close[0]}"
+    given = re.search(rf"\(({re.escape(wrong)}(?:\.\w+)*)\)", message)
+    return f"{message} -- did you mean '{given.group(1).replace(wrong, right, 1) if given else right}'?"
+
+
 @contextlib.contextmanager
 def while_running() -> Iterator[None]:
     """Mark an exception raised in the block as raised while running, not while parsing: :func:`main`
@@ -123,6 +139,7 @@ class SuggestingParser(LightningArgumentParser):
         """Add "did you mean ..." to errors about unknown keys; name the real cause of errors in a
         class given by ``class_path`` instead of jsonargparse's "does not validate" summary."""
         message = _class_path_cause(message)
+        message = _suggest_class_path(message)
         match = re.search(r"option '([^']+)'|unrecognized arguments: --(\S+)|Key '([^']+)' is not expected", message)
         if match:
             wrong = next(g for g in match.groups() if g)
