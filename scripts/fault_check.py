@@ -492,6 +492,8 @@ FAULTS = [
           "a command-line checkpoint written under the other Lightning package does not load"),
     Fault("class_path_typo_not_suggested", "cli.py", "        message = _suggest_class_path(message)\n", "",
           "a misspelt class_path in a config gets no suggestion"),
+    Fault("subclass_typo_not_suggested", "cli.py", "        return _suggest_subclass(message)\n", "        return message\n",
+          "a misspelt class name given as a flag's value gets no suggestion"),
     Fault("other_lightning_config_passed_on", "cli.py", "        _refuse_the_other_lightning(value)\n", "",
           "a run config of the other Lightning package ends in jsonargparse's usage text"),
     Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",

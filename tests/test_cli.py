@@ -97,6 +97,21 @@ def test_a_misspelt_class_path_in_a_config_names_the_closest(wrong: str, right: 
     assert capsys.readouterr().err.rstrip().endswith(f"-- did you mean '{right}'?")
 
 
+@pytest.mark.parametrize(("flag", "wrong", "right"), [
+    ("--model.objective", "SimCRL", "SimCLR"),
+    ("--data", "CIFAR10DataModul", "CIFAR10DataModule"),
+    ("--trainer.logger", "TensorboardLogger", "TensorBoardLogger"),  # a subclass of Lightning's
+    ("--model.objective", "Zzzzzz", None),
+])
+def test_a_misspelt_class_given_as_a_flag_names_the_closest(flag: str, wrong: str, right: str | None,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml"), f"{flag}={wrong}", "--print_config"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.rstrip()
+    assert err.endswith(f"-- did you mean '{right}'?") if right else "did you mean" not in err
+
+
 def test_missing_data_dir_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code = main(["fit", "--config", str(ROOT / "configs/imagenet100_s/simclr_adios_resnet18.yaml"), *CPU,
                  f"--data.init_args.data_dir={tmp_path / 'nowhere'}", "--trainer.fast_dev_run=1"])

@@ -107,10 +107,14 @@ def _class_path_cause(message: str) -> str:
 
 def _suggest_class_path(message: str) -> str:
     """Add "did you mean ..." to jsonargparse's "module 'm' has no attribute 'x'" (a misspelt
-    ``class_path`` in a config), from the public names of the module that was found."""
+    ``class_path`` in a config), from the public names of the module that was found, and to its
+    "Expected a dot import path string: x" (a misspelt class name given as a flag's value), from
+    the subclasses of the types the flag takes."""
     missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
-    module = sys.modules.get(missing.group(1)) if missing else None
-    if missing is None or module is None:
+    if missing is None:
+        return _suggest_subclass(message)
+    module = sys.modules.get(missing.group(1))
+    if module is None:
         return message
     names = [name for name in dir(module) if not name.startswith("_")]
     close = difflib.get_close_matches(missing.group(2), names, n=1, cutoff=0.6)
@@ -119,6 +123,27 @@ def _suggest_class_path(message: str) -> str:
     wrong, right = f"{missing.group(1)}.{missing.group(2)}", f"{missing.group(1)}.{close[0]}"
     given = re.search(rf"\(({re.escape(wrong)}(?:\.\w+)*)\)", message)
     return f"{message} -- did you mean '{given.group(1).replace(wrong, right, 1) if given else right}'?"
+
+
+def _suggest_subclass(message: str) -> str:
+    """See :func:`_suggest_class_path`: the closest subclass, by name or by full path as given."""
+    given = re.search(r"Expected a dot import path string: ([\w.]+)", message)
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    if given is None or subtypes is None:
+        return message
+    classes: list[type] = []
+    for path in re.findall(r"<class '([\w.]+)'>", subtypes.group(1)):
+        module, _, name = path.rpartition(".")
+        base = getattr(sys.modules.get(module), name, None)
+        stack = [base] if isinstance(base, type) and base.__module__ != "builtins" else []
+        while stack:  # the base and its subclasses, at any depth
+            cls = stack.pop()
+            classes.append(cls)
+            stack += cls.__subclasses__()
+    full = "." in given.group(1)
+    names = sorted({f"{cls.__module__}.{cls.__qualname__}" if full else cls.__name__ for cls in classes if not cls.__name__.startswith("_")})
+    close = difflib.get_close_matches(given.group(1), names, n=1, cutoff=0.6)
+    return f"{message} -- did you mean '{close[0]}'?" if close else message
 
 
 @contextlib.contextmanager
