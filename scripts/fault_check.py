@@ -494,6 +494,8 @@ FAULTS = [
           "a misspelt class_path in a config gets no suggestion"),
     Fault("subclass_typo_not_suggested", "cli.py", "        return _suggest_subclass(message)\n", "        return message\n",
           "a misspelt class name given as a flag's value gets no suggestion"),
+    Fault("subcommand_not_checked", "cli.py", "        _check_subcommand(args)\n", "",
+          "a missing or misspelt subcommand names only LightningCLI's three, after its usage text"),
     Fault("other_lightning_config_passed_on", "cli.py", "        _refuse_the_other_lightning(value)\n", "",
           "a run config of the other Lightning package ends in jsonargparse's usage text"),
     Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",

@@ -112,6 +112,18 @@ def test_a_misspelt_class_given_as_a_flag_names_the_closest(flag: str, wrong: st
     assert err.endswith(f"-- did you mean '{right}'?") if right else "did you mean" not in err
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], "a subcommand is needed: fit, validate, predict, evaluate, export, demo"),
+    (["fti", "--config", "x.yaml"], "unknown subcommand 'fti' -- did you mean 'fit'?"),
+    (["evalute", "--ckpt_path", "last"], "unknown subcommand 'evalute' -- did you mean 'evaluate'?"),
+])
+def test_a_missing_or_misspelt_subcommand_is_one_line(args: list[str], expected: str, capsys: pytest.CaptureFixture) -> None:
+    """LightningCLI alone names only fit, validate and predict; the line names all six."""
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
 def test_missing_data_dir_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     code = main(["fit", "--config", str(ROOT / "configs/imagenet100_s/simclr_adios_resnet18.yaml"), *CPU,
                  f"--data.init_args.data_dir={tmp_path / 'nowhere'}", "--trainer.fast_dev_run=1"])

@@ -451,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     hide_lightning_internal_warnings()
     try:
+        _check_subcommand(args)
         args = resolve_config_paths(args)
         if args[:1] in (["--version"], ["-V"]):
             print(f"adios-pl {__version__}")
@@ -471,6 +472,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"adios-pl: error: {_with_hint(_one_line(error))}", file=sys.stderr)
         return 2
+
+
+#: Every subcommand of ``adios-pl``: LightningCLI's, then the library's own.
+SUBCOMMANDS = ("fit", "validate", "predict", "evaluate", "export", "demo")
+
+
+def _check_subcommand(args: Sequence[str]) -> None:
+    """A :class:`ConfigurationError` naming all six subcommands when ``args`` has none, or starts
+    with a word that is not one (LightningCLI alone knows only its three)."""
+    if not args:
+        raise ConfigurationError(f"a subcommand is needed: {', '.join(SUBCOMMANDS)} (adios-pl --help; adios-pl demo to try it)")
+    if not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+        close = difflib.get_close_matches(args[0], SUBCOMMANDS, n=1, cutoff=0.6)
+        hint = f" -- did you mean '{close[0]}'?" if close else ""
+        raise ConfigurationError(f"unknown subcommand '{args[0]}'{hint} (the subcommands: {', '.join(SUBCOMMANDS)})")
 
 
 def _one_line(error: BaseException) -> str:
