@@ -492,7 +492,7 @@ FAULTS = [
           "a command-line checkpoint written under the other Lightning package does not load"),
     Fault("class_path_typo_not_suggested", "cli.py", "        message = _suggest_class_path(message)\n", "",
           "a misspelt class_path in a config gets no suggestion"),
-    Fault("subclass_typo_not_suggested", "cli.py", "        return _suggest_subclass(message)\n", "        return message\n",
+    Fault("subclass_typo_not_suggested", "cli.py", "        message = _suggest_subclass(message)\n", "",
           "a misspelt class name given as a flag's value gets no suggestion"),
     Fault("subcommand_not_checked", "cli.py", "        _check_subcommand(args)\n", "",
           "a missing or misspelt subcommand names only LightningCLI's three, after its usage text"),

@@ -107,14 +107,10 @@ def _class_path_cause(message: str) -> str:
 
 def _suggest_class_path(message: str) -> str:
     """Add "did you mean ..." to jsonargparse's "module 'm' has no attribute 'x'" (a misspelt
-    ``class_path`` in a config), from the public names of the module that was found, and to its
-    "Expected a dot import path string: x" (a misspelt class name given as a flag's value), from
-    the subclasses of the types the flag takes."""
+    ``class_path`` in a config), from the public names of the module that was found."""
     missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
-    if missing is None:
-        return _suggest_subclass(message)
-    module = sys.modules.get(missing.group(1))
-    if module is None:
+    module = sys.modules.get(missing.group(1)) if missing else None
+    if missing is None or module is None:
         return message
     names = [name for name in dir(module) if not name.startswith("_")]
     close = difflib.get_close_matches(missing.group(2), names, n=1, cutoff=0.6)
@@ -126,10 +122,12 @@ def _suggest_class_path(message: str) -> str:
 
 
 def _suggest_subclass(message: str) -> str:
-    """See :func:`_suggest_class_path`: the closest subclass, by name or by full path as given."""
+    """Add "did you mean ..." to jsonargparse's "Expected a dot import path string: x" (a misspelt
+    class name given as a flag's value): the closest of the subclasses of the types the flag takes,
+    by name or by full path as given. Nothing where a suggestion was made already."""
     given = re.search(r"Expected a dot import path string: ([\w.]+)", message)
     subtypes = re.search(r"Subtypes: \[(.*)\]", message)
-    if given is None or subtypes is None:
+    if given is None or subtypes is None or "did you mean" in message:
         return message
     classes: list[type] = []
     for path in re.findall(r"<class '([\w.]+)'>", subtypes.group(1)):
@@ -165,6 +163,7 @@ class SuggestingParser(LightningArgumentParser):
         class given by ``class_path`` instead of jsonargparse's "does not validate" summary."""
         message = _class_path_cause(message)
         message = _suggest_class_path(message)
+        message = _suggest_subclass(message)
         match = re.search(r"option '([^']+)'|unrecognized arguments: --(\S+)|Key '([^']+)' is not expected", message)
         if match:
             wrong = next(g for g in match.groups() if g)
