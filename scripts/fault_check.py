@@ -496,6 +496,8 @@ FAULTS = [
           "a misspelt class name given as a flag's value gets no suggestion"),
     Fault("subcommand_not_checked", "cli.py", "        _check_subcommand(args)\n", "",
           "a missing or misspelt subcommand names only LightningCLI's three, after its usage text"),
+    Fault("demo_flags_abbreviated", "demo.py", ", description=__doc__, allow_abbrev=False)", ", description=__doc__)",
+          "adios-pl demo takes --minute for --minutes"),
     Fault("other_lightning_config_passed_on", "cli.py", "        _refuse_the_other_lightning(value)\n", "",
           "a run config of the other Lightning package ends in jsonargparse's usage text"),
     Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",

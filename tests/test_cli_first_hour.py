@@ -64,6 +64,12 @@ def test_abbreviated_flags_are_refused(flag: str, capsys: pytest.CaptureFixture)
     assert "did you mean" in capsys.readouterr().err
 
 
+def test_abbreviated_demo_flags_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """As in every other subcommand: --minute is not taken for --minutes."""
+    assert _exit_code(["demo", "--minute=0.01", "--tiny", f"--out={tmp_path}"]) == 2
+    assert "unrecognized arguments: --minute=0.01" in capsys.readouterr().err
+
+
 def test_misspelt_or_bad_data_key_names_the_cause(capsys: pytest.CaptureFixture) -> None:
     assert _exit_code(["fit", "--config", CONFIG, "--data.init_args.batch_sise=3"]) != 0
     assert "did you mean 'data.init_args.batch_size'" in capsys.readouterr().err

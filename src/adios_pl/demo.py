@@ -167,7 +167,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run_demo_cli(argv: Sequence[str]) -> int:
     """``adios-pl demo [--minutes M] [--max-steps S] [--out DIR] [--tiny] [--seed N]``."""
-    parser = argparse.ArgumentParser(prog="adios-pl demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="adios-pl demo", description=__doc__, allow_abbrev=False)
     parser.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many batches")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
