@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import difflib
 import inspect
@@ -99,10 +99,16 @@ def _class_path_cause(message: str) -> str:
     text = f'Parser key "{key.group(1)}": {reason} ({class_path})'
     wrong = re.search(r"Option '([^']+)' is not accepted|Key '([^']+)' is not expected", reason)
     if wrong:
-        close = difflib.get_close_matches(next(g for g in wrong.groups() if g), _init_parameters(class_path), n=1, cutoff=0.6)
-        if close:
-            text += f" -- did you mean '{key.group(1)}.init_args.{close[0]}'?"
+        prefix = key.group(1)
+        text += _did_you_mean(next(g for g in wrong.groups() if g), _init_parameters(class_path), lambda name: f"{prefix}.init_args.{name}")
     return text
+
+
+def _did_you_mean(word: str, candidates: Iterable[str], spell: Callable[[str], str] = str) -> str:
+    """`` -- did you mean '<x>'?`` for the closest ``x`` of ``candidates`` to ``word`` (difflib's
+    ratio 0.6 or more), written out by ``spell``; ``""`` when none is that close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" -- did you mean '{spell(close[0])}'?" if close else ""
 
 
 def _suggest_class_path(message: str) -> str:
@@ -112,13 +118,11 @@ def _suggest_class_path(message: str) -> str:
     module = sys.modules.get(missing.group(1)) if missing else None
     if missing is None or module is None:
         return message
+    wrong = f"{missing.group(1)}.{missing.group(2)}"
+    given = re.search(rf"\(({re.escape(wrong)}(?:\.\w+)*)\)", message)  # the whole class path, where shown
+    whole = given.group(1) if given else wrong
     names = [name for name in dir(module) if not name.startswith("_")]
-    close = difflib.get_close_matches(missing.group(2), names, n=1, cutoff=0.6)
-    if not close:
-        return message
-    wrong, right = f"{missing.group(1)}.{missing.group(2)}", f"{missing.group(1)}.{close[0]}"
-    given = re.search(rf"\(({re.escape(wrong)}(?:\.\w+)*)\)", message)
-    return f"{message} -- did you mean '{given.group(1).replace(wrong, right, 1) if given else right}'?"
+    return message + _did_you_mean(missing.group(2), names, lambda name: whole.replace(wrong, f"{missing.group(1)}.{name}", 1))
 
 
 def _suggest_subclass(message: str) -> str:
@@ -140,8 +144,7 @@ def _suggest_subclass(message: str) -> str:
             stack += cls.__subclasses__()
     full = "." in given.group(1)
     names = sorted({f"{cls.__module__}.{cls.__qualname__}" if full else cls.__name__ for cls in classes if not cls.__name__.startswith("_")})
-    close = difflib.get_close_matches(given.group(1), names, n=1, cutoff=0.6)
-    return f"{message} -- did you mean '{close[0]}'?" if close else message
+    return message + _did_you_mean(given.group(1), names)
 
 
 @contextlib.contextmanager
@@ -167,9 +170,7 @@ class SuggestingParser(LightningArgumentParser):
         match = re.search(r"option '([^']+)'|unrecognized arguments: --(\S+)|Key '([^']+)' is not expected", message)
         if match:
             wrong = next(g for g in match.groups() if g)
-            close = difflib.get_close_matches(wrong, sorted(set(_known_keys(self))), n=1, cutoff=0.6)
-            if close:
-                message = f"{message} -- did you mean '{close[0]}'?"
+            message += _did_you_mean(wrong, sorted(set(_known_keys(self))))
         return super().error(message, *args, **kwargs)
 
 
@@ -416,8 +417,7 @@ def _config_file(value: str) -> str:
     published = published_configs()
     if name in published:
         return str(PUBLISHED_CONFIGS / name.removeprefix("configs/"))
-    close = difflib.get_close_matches(name, published, n=1, cutoff=0.6)
-    hint = f" -- did you mean '{close[0]}'?" if close else f" (the published ones: {', '.join(published[:3])}, ... {len(published)} in all)"
+    hint = _did_you_mean(name, published) or f" (the published ones: {', '.join(published[:3])}, ... {len(published)} in all)"
     raise ConfigurationError(f"--config {value}: no such file{hint}")
 
 
@@ -483,9 +483,7 @@ def _check_subcommand(args: Sequence[str]) -> None:
     if not args:
         raise ConfigurationError(f"a subcommand is needed: {', '.join(SUBCOMMANDS)} (adios-pl --help; adios-pl demo to try it)")
     if not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
-        close = difflib.get_close_matches(args[0], SUBCOMMANDS, n=1, cutoff=0.6)
-        hint = f" -- did you mean '{close[0]}'?" if close else ""
-        raise ConfigurationError(f"unknown subcommand '{args[0]}'{hint} (the subcommands: {', '.join(SUBCOMMANDS)})")
+        raise ConfigurationError(f"unknown subcommand '{args[0]}'{_did_you_mean(args[0], SUBCOMMANDS)} (the subcommands: {', '.join(SUBCOMMANDS)})")
 
 
 def _one_line(error: BaseException) -> str:
