@@ -47,8 +47,9 @@ def _installed() -> set[str]:
 
 #: The package this process uses: ``"pytorch_lightning"`` or ``"lightning"``.
 PACKAGE = choose_package(os.environ, sys.modules, _installed())
-#: The module of the other package, whose classes this process's do not mix with.
-OTHER = next(PACKAGES[name][0] for name in PACKAGES if name != PACKAGE)
+#: The other package, whose classes this process's do not mix with, and its trainer module.
+OTHER_PACKAGE = next(name for name in PACKAGES if name != PACKAGE)
+OTHER = PACKAGES[OTHER_PACKAGE][0]
 
 # Type checkers read the pytorch_lightning names: both packages have the same API.
 if TYPE_CHECKING or PACKAGE == "pytorch_lightning":
@@ -75,7 +76,7 @@ else:
     from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 __all__ = [
-    "ENV_VAR", "PACKAGES", "PACKAGE", "OTHER", "choose_package", "mixed_packages_warning", "pl", "TorchCheckpointIO",
+    "ENV_VAR", "PACKAGES", "PACKAGE", "OTHER_PACKAGE", "OTHER", "choose_package", "mixed_packages_warning", "pl", "TorchCheckpointIO",
     "get_filesystem", "BasePredictionWriter", "ModelCheckpoint", "LightningArgumentParser", "LightningCLI",
     "load_hparams_from_tags_csv", "load_hparams_from_yaml", "pl_load", "TensorBoardLogger", "TrainerFn",
     "MisconfigurationException", "rank_zero_info", "rank_zero_warn",
@@ -92,6 +93,5 @@ def mixed_packages_warning(environ: Mapping[str, str], imported: Container[str])
     return (
         f"adios-pl is built on {name} in this process, and {OTHER} is imported too: a Trainer, "
         f"callback or logger from {OTHER} refuses adios-pl's classes. Take them from {name}, or set "
-        f"{ENV_VAR}={'lightning' if PACKAGE == 'pytorch_lightning' else 'pytorch_lightning'} in the "
-        f"environment to build adios-pl on {OTHER} (see adios_pl.backend)"
+        f"{ENV_VAR}={OTHER_PACKAGE} in the environment to build adios-pl on {OTHER} (see adios_pl.backend)"
     )

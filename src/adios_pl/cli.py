@@ -24,7 +24,7 @@ from jsonargparse import ActionConfigFile
 
 from adios_pl import __version__
 from adios_pl.backend import (
-    ENV_VAR, PACKAGE, PACKAGES, LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn,
+    ENV_VAR, OTHER_PACKAGE, PACKAGE, PACKAGES, LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn,
 )
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters
@@ -425,8 +425,7 @@ def _refuse_the_other_lightning(path: str) -> None:
     """One line for a config that names a class of the Lightning package this process does not
     use (:mod:`adios_pl.backend`): a run's ``config.yaml`` names the callbacks of the package it
     ran on, and given back under the other, jsonargparse refuses them with its usage text."""
-    other = next(name for name in PACKAGES if name != PACKAGE)
-    prefixes = "|".join(re.escape(f"{module}.") for module in PACKAGES[other])
+    prefixes = "|".join(re.escape(f"{module}.") for module in PACKAGES[OTHER_PACKAGE])
     try:
         text = Path(path).read_text(errors="replace")
     except OSError:  # a folder or an unreadable file: jsonargparse says so
@@ -434,8 +433,8 @@ def _refuse_the_other_lightning(path: str) -> None:
     found = re.search(rf"class_path[\"']?\s*:\s*[\"']?((?:{prefixes})[\w.]+)", text)
     if found:
         raise ConfigurationError(
-            f"--config {path} names {found.group(1)}, a class of the {other} package, and adios-pl runs on "
-            f"{PACKAGE} here: run it with {ENV_VAR}={other} (a run's config.yaml names the classes of the package it ran on)"
+            f"--config {path} names {found.group(1)}, a class of the {OTHER_PACKAGE} package, and adios-pl runs on "
+            f"{PACKAGE} here: run it with {ENV_VAR}={OTHER_PACKAGE} (a run's config.yaml names the classes of the package it ran on)"
         )
 
 
