@@ -363,7 +363,7 @@ def run_export_cli(args: Sequence[str]) -> int:
     out = config.out or str(Path(checkpoint).with_name(f"{Path(checkpoint).stem}_encoder.pt"))
     path = export_encoder(checkpoint, out)
     hyper_parameters = read_hyper_parameters(checkpoint)
-    print(json.dumps({"checkpoint": checkpoint, "out": str(path), "tensors": len(torch.load(path, weights_only=True)),
+    print(json.dumps({"checkpoint": checkpoint, "out": str(path), "tensors": len(torch.load(path, weights_only=True, mmap=True)),
                       **{key: hyper_parameters.get(key) for key in ("encoder", "encoder_kwargs", "image_size")}}, default=str))
     return 0
 
