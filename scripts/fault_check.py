@@ -502,6 +502,8 @@ FAULTS = [
           "a run config of the other Lightning package ends in jsonargparse's usage text"),
     Fault("mixed_packages_silent", "module.py", "            rank_zero_warn(mixed)\n", "            pass\n",
           "a model built while both Lightning packages are imported says nothing"),
+    Fault("sharding_strategy_trained", "module.py", "            check_strategy(self.trainer.strategy)\n", "            pass\n",
+          "a fit under FSDP, DeepSpeed or ModelParallel trains, averaging sharded gradients again"),
 ]
 
 

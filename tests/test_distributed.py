@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, gather_in_order
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, check_strategy, gather_in_order
 from adios_pl.masking import sample_slots
 from adios_pl.objectives import BYOL, SimCLR
 from conftest import TwoViewTensors, free_port, quiet_trainer
@@ -318,3 +318,36 @@ def _finite_worker(rank: int, port: int) -> None:
 def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank() -> None:
     """``nonfinite="skip"`` must take one decision on all ranks, or their weights part."""
     mp.spawn(_finite_worker, args=(free_port(),), nprocs=2)
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
+def test_strategies_that_shard_the_parameters_are_refused(name: str) -> None:
+    """FSDP, DeepSpeed and ModelParallel hand each rank a shard of the parameters and reduce its
+    gradients in their own hooks; the step's own average of whole gradients would then train wrong
+    without an error, so each is refused by name. (Made without ``__init__``: DeepSpeed's needs the
+    ``deepspeed`` package, and ``isinstance`` is all the check reads.)"""
+    strategy = object.__new__(getattr(pl.strategies, name))
+    with pytest.raises(ValueError, match=rf"^strategy: .*single-device or DDP.*; got {name}\. "):
+        check_strategy(strategy)
+
+
+def test_single_device_and_ddp_strategies_are_accepted() -> None:
+    class MyDDP(pl.strategies.DDPStrategy):
+        """A user's variant of DDP."""
+
+    for strategy in (pl.strategies.SingleDeviceStrategy("cpu"), pl.strategies.DDPStrategy(), MyDDP()):
+        check_strategy(strategy)
+
+
+def test_a_fit_under_a_sharding_strategy_stops_before_its_first_step() -> None:
+    """Through a Trainer: ModelParallelStrategy, the one of them that runs on a CPU, stops at
+    ``setup`` with the message, before a batch is trained (it trained silently before)."""
+    model = ADIOSModule(encoder="small_cnn", num_masks=2, image_size=16, warmup_epochs=0)
+    trainer = quiet_trainer(strategy=pl.strategies.ModelParallelStrategy(), max_steps=2)
+    try:
+        with pytest.raises(ValueError, match=r"^strategy: .*got ModelParallelStrategy\."):
+            trainer.fit(model, DataLoader(TwoViewTensors(8, size=16), batch_size=4))
+    finally:  # the strategy started a process group of one in this process: later tests start their own
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert trainer.global_step == 0

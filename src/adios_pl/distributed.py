@@ -14,10 +14,36 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from adios_pl.backend import pl
+from adios_pl.errors import ConfigurationError
+
 
 def is_distributed() -> bool:
     """Whether a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_strategy(strategy: pl.strategies.Strategy) -> None:
+    """Refuse a strategy that shards parameters (FSDP, DeepSpeed, ModelParallel, ...).
+
+    The averaging here needs every rank to hold every parameter whole, as single-device and DDP
+    strategies do. FSDP and DeepSpeed hand each rank a shard of the parameters and reduce the
+    gradients in their own hooks during the backward; averaging those shards again would train
+    wrong without an error. ``ModelParallelStrategy`` shards what the module's ``configure_model``
+    shards: nothing here, which is DDP under another name. So only single-device strategies and
+    DDP (``ddp``, ``ddp_spawn``, ``ddp_notebook`` and their variants: subclasses of
+    ``DDPStrategy``) are accepted.
+    """
+    strategies = pl.strategies
+    whole = isinstance(strategy, (strategies.SingleDeviceStrategy, strategies.DDPStrategy))
+    if whole and not isinstance(strategy, strategies.DeepSpeedStrategy):
+        return
+    raise ConfigurationError(
+        f"strategy: ADIOSModule trains with a single-device or DDP strategy (strategy=\"auto\", \"ddp\", "
+        f"\"ddp_spawn\", \"ddp_notebook\" and their variants); got {type(strategy).__name__}. Strategies that "
+        "shard the parameters (FSDP, DeepSpeed, ModelParallel) are not supported: the two-player step "
+        "averages each player's whole gradients itself"
+    )
 
 
 def disable_ddp_grad_sync(model: nn.Module | None) -> bool:

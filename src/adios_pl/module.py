@@ -14,11 +14,11 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from adios_pl.backend import mixed_packages_warning, pl, rank_zero_warn
+from adios_pl.backend import TrainerFn, mixed_packages_warning, pl, rank_zero_warn
 from adios_pl.batched_views import forward_views, synchronised_batch_norm
 from adios_pl.checkpoint import CLI_INSTANTIATOR, CLI_INSTANTIATORS, check_loadable, constructor_config
 from adios_pl.checks import check_arguments, check_mask_generator, compile_options, replays_as_cuda_graphs, unpack_training_batch
-from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, disable_ddp_grad_sync
+from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, check_strategy, disable_ddp_grad_sync
 from adios_pl.encoders import check_encoder, create_encoder
 from adios_pl.errors import BatchFormatError, ConfigurationError
 from adios_pl.masking import masked_view, reverse_gradient, sample_slots
@@ -302,6 +302,11 @@ class ADIOSModule(pl.LightningModule):
         return optimizers, schedulers
 
     # -------------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        """Before a fit, refuse a strategy that shards the parameters (see :func:`check_strategy`)."""
+        if stage == TrainerFn.FITTING:
+            check_strategy(self.trainer.strategy)
+
     def on_train_start(self) -> None:
         """Seed the ADIOS-s slot sampler, differently on each rank; put the counters on the device."""
         self._skipped = self._skipped.to(self.device)  # logged every step: keep it where the logs are
