@@ -504,6 +504,8 @@ FAULTS = [
           "a model built while both Lightning packages are imported says nothing"),
     Fault("sharding_strategy_trained", "module.py", "            check_strategy(self.trainer.strategy)\n", "            pass\n",
           "a fit under FSDP, DeepSpeed or ModelParallel trains, averaging sharded gradients again"),
+    Fault("lightning_advert_shown", "cli.py", "    hide_lightning_adverts()\n", "",
+          "the demo and every command show Lightning's tip for its cloud logger"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import warnings
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch._dynamo
 from PIL import Image
 from torch.utils.data import Dataset
@@ -165,14 +167,34 @@ def test_checkpoint_of_another_objective_is_refused(capsys: pytest.CaptureFixtur
     assert code == 2 and re.search(r"objective: checkpoint 'SimCLR', this model 'BYOL'", err), err
 
 
+class _Lines(logging.Handler):
+    """The messages logged to the logger it is added to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The demo runs and reports; it shows no warning about Lightning's own code (Lightning 2.6
-    under torch 2.14 warns of a deprecated pytree API at the first batch)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # what a user sees, without the test configuration's filters
-        assert main(["demo", "--tiny", "--max-steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    under torch 2.14 warns of a deprecated pytree API at the first batch), and not Lightning's
+    advert for its cloud logger among Lightning's report of the devices."""
+    lightning_log = logging.getLogger(f"{pl.__name__}.utilities.rank_zero")  # where rank_zero_info logs
+    lines = _Lines()
+    lightning_log.addHandler(lines)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # what a user sees, without the test configuration's filters
+            assert main(["demo", "--tiny", "--max-steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    finally:
+        lightning_log.removeHandler(lines)
     internal = [str(w.message) for w in caught if "LeafSpec" in str(w.message)]
     assert not internal, internal
+    assert any(line.startswith("GPU available: ") for line in lines.lines), lines.lines
+    assert not [line for line in lines.lines if "Tip:" in line or "litlogger" in line], lines.lines
     out = capsys.readouterr().out
     for row in ("kNN top-1", "linear top-1", "mask FG-ARI", "random 8-px patch FG-ARI", "training images/s"):
         assert row in out

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import difflib
 import inspect
 import json
+import logging
 import warnings
 import re
 from pathlib import Path
@@ -382,6 +383,23 @@ def hide_lightning_internal_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+#: The start of Lightning's lines that advertise a product instead of reporting on the run:
+#: Lightning 2.6 logs a tip for its cloud logger whenever a Trainer is built without it.
+LIGHTNING_ADVERTS = ("\N{ELECTRIC LIGHT BULB} Tip:",)
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(LIGHTNING_ADVERTS)
+
+
+def hide_lightning_adverts() -> None:
+    """Drop the log lines of :data:`LIGHTNING_ADVERTS` for the rest of the process (the command
+    line only: a script that imports the library keeps Lightning's logging as it is)."""
+    logger = logging.getLogger(f"{pl.__name__}.utilities.rank_zero")  # where rank_zero_info logs
+    if _not_an_advert not in logger.filters:
+        logger.addFilter(_not_an_advert)
+
+
 def published_configs() -> list[str]:
     """The published configurations shipped in the package, as ``configs/<dataset>/<name>.yaml``."""
     return sorted(f"configs/{path.relative_to(PUBLISHED_CONFIGS).as_posix()}" for path in PUBLISHED_CONFIGS.glob("*/*.yaml"))
@@ -448,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     hide_lightning_internal_warnings()
+    hide_lightning_adverts()
     try:
         _check_subcommand(args)
         args = resolve_config_paths(args)
