@@ -506,6 +506,8 @@ FAULTS = [
           "a fit under FSDP, DeepSpeed or ModelParallel trains, averaging sharded gradients again"),
     Fault("lightning_advert_shown", "cli.py", "    hide_lightning_adverts()\n", "",
           "the demo and every command show Lightning's tip for its cloud logger"),
+    Fault("package_imports_lightning", "__init__.py", "if TYPE_CHECKING:\n    from adios_pl.module", "if True:\n    from adios_pl.module",
+          "a bad ADIOS_PL_LIGHTNING stops adios-pl with a traceback from importing the package"),
 ]
 
 

@@ -62,6 +62,25 @@ def test_choose_package_follows_the_variable_then_the_script() -> None:
         choose_package({ENV_VAR: "lightning.pytorch"}, set(), BOTH)
 
 
+def test_the_command_line_reports_a_bad_variable_in_one_line(tmp_path: Path) -> None:
+    """The console script chooses the package before it imports the command line, so a bad
+    ``ADIOS_PL_LIGHTNING`` is a user error like the others: one line, exit code 2 (it was a
+    traceback from the import of the library). Importing ``adios_pl`` alone imports no Lightning."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="adios-pl")
+    assert script.value == "adios_pl.console:console_main"
+    env = {**os.environ, ENV_VAR: "lightening"}
+    env.pop("ADIOS_PL_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "adios_pl.console", "demo", "--tiny", f"--out={tmp_path}"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == [f"adios-pl: error: {ENV_VAR}='lightening': accepted values are 'pytorch_lightning', 'lightning'"], done.stderr
+    probe = "import sys, adios_pl; print(sorted(m for m in sys.modules if 'lightning' in m))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done
+
+
 def test_a_module_warns_when_the_other_package_is_imported(monkeypatch: pytest.MonkeyPatch) -> None:
     other = "lightning.pytorch" if PACKAGE == "pytorch_lightning" else "pytorch_lightning"
     monkeypatch.delenv(ENV_VAR, raising=False)

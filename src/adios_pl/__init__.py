@@ -3,7 +3,28 @@
 - [0] ADIOS, 2022, https://arxiv.org/abs/2201.13100
 """
 
-from adios_pl.module import ADIOSModule
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adios_pl.module import ADIOSModule
 
 __version__ = "0.1.0"
 __all__ = ["ADIOSModule", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """``ADIOSModule``, imported at its first use: importing the package alone imports no
+    Lightning, so the ``adios-pl`` command can report a bad ``ADIOS_PL_LIGHTNING`` in one line
+    (:mod:`adios_pl.console`)."""
+    if name == "ADIOSModule":
+        from adios_pl.module import ADIOSModule
+
+        return ADIOSModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, ``ADIOSModule`` among them before its first use."""
+    return sorted({*globals(), *__all__})

@@ -3,7 +3,9 @@
 Lightning ships the same code twice: as ``pytorch_lightning`` (with ``lightning_fabric``) and
 inside ``lightning`` (``lightning.pytorch``, ``lightning.fabric``). The classes of one are not
 the classes of the other, and a Trainer refuses a module, callback or logger of the other
-package. So the library is built on one of them per process, chosen once, at its first import:
+package. So the library is built on one of them per process, chosen once, when this module is
+first imported: by the first import of ``ADIOSModule`` or of another part of the library that
+uses Lightning (the callbacks, the DataModules, the command line, ...):
 
 1. ``ADIOS_PL_LIGHTNING=lightning`` or ``=pytorch_lightning`` in the environment, when set;
 2. else ``lightning``, when the script imported ``lightning`` before adios-pl and not
@@ -20,6 +22,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, Container, Mapping
 
+from adios_pl.errors import LightningPackageError
+
 #: The environment variable that chooses the package.
 ENV_VAR = "ADIOS_PL_LIGHTNING"
 
@@ -34,7 +38,7 @@ def choose_package(environ: Mapping[str, str], imported: Container[str], install
     chosen = environ.get(ENV_VAR, "").strip()
     if chosen:
         if chosen not in PACKAGES:
-            raise ImportError(f"{ENV_VAR}={chosen!r}: accepted values are {', '.join(map(repr, PACKAGES))}")
+            raise LightningPackageError(f"{ENV_VAR}={chosen!r}: accepted values are {', '.join(map(repr, PACKAGES))}")
         return chosen
     if "lightning.pytorch" in imported and "pytorch_lightning" not in imported:
         return "lightning"

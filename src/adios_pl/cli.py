@@ -550,9 +550,11 @@ def _with_hint(message: str) -> str:
 
 
 def console_main() -> None:
-    """``adios-pl`` console script."""
-    raise SystemExit(main())
+    """``adios-pl`` console script of installs made before :mod:`adios_pl.console` held it."""
+    from adios_pl.console import console_main as run
+
+    run()
 
 
 if __name__ == "__main__":
-    console_main()
+    raise SystemExit(main())

@@ -17,3 +17,8 @@ class ConfigurationError(UserInputError, ValueError):
 
 class BatchFormatError(UserInputError, TypeError):
     """A batch that is not in the documented format (a ``TypeError``)."""
+
+
+class LightningPackageError(UserInputError, ImportError):
+    """``ADIOS_PL_LIGHTNING`` names no Lightning package that adios-pl can build on (an
+    ``ImportError``: it is raised while :mod:`adios_pl.backend` is imported)."""
