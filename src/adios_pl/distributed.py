@@ -39,8 +39,8 @@ def check_strategy(strategy: pl.strategies.Strategy) -> None:
     if whole and not isinstance(strategy, strategies.DeepSpeedStrategy):
         return
     raise ConfigurationError(
-        f"strategy: ADIOSModule trains with a single-device or DDP strategy (strategy=\"auto\", \"ddp\", "
-        f"\"ddp_spawn\", \"ddp_notebook\" and their variants); got {type(strategy).__name__}. Strategies that "
+        'strategy: ADIOSModule trains with a single-device or DDP strategy (strategy="auto", "ddp", '
+        f'"ddp_spawn", "ddp_notebook" and their variants); got {type(strategy).__name__}. Strategies that '
         "shard the parameters (FSDP, DeepSpeed, ModelParallel) are not supported: the two-player step "
         "averages each player's whole gradients itself"
     )
