@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import runpy
+import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +57,34 @@ def test_test_subcommand_is_gone_and_help_names_the_subcommands(capsys: pytest.C
     out = capsys.readouterr().out
     assert "demo" in out and "predict" in out and "evaluate" in out and "export" in out and "Lightning Trainer command line tool" not in out
     assert main(["--version"]) == 0 and "adios-pl 0." in capsys.readouterr().out
+
+
+def test_fit_help_lists_the_librarys_modules_not_every_module(capsys: pytest.CaptureFixture) -> None:
+    """jsonargparse lists every importable ``nn.Module`` subclass for ``--model.encoder`` and
+    ``--model.mask_generator`` (about 1,600 each: ``fit --help`` ran to 3,524 lines); the help keeps
+    the library's classes of each kind and counts the others. Short lists stay whole."""
+    assert _exit_code(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 1000, len(out.splitlines())
+    flat = " ".join(out.split())  # the help is wrapped to the terminal's width; an option's last mention is its entry
+    for flag, kept in (("--model.encoder ENCODER", ["adios_pl.encoders.SmallConvNet"]),
+                       ("--model.mask_generator MASK_GENERATOR", ["adios_pl.masks.MaskGenerator", "adios_pl.masks.RandomMasks"])):
+        listed = flat.rsplit(flag, 1)[1].split("known subclasses: ", 1)[1].split(")", 1)[0].split(", ")
+        assert listed[:-1] == kept and re.fullmatch(r"and \d{3,} others: any importable class path", listed[-1]), listed
+    objectives = flat.rsplit("--model.objective OBJECTIVE", 1)[1].split("known subclasses: ", 1)[1].split(")", 1)[0]
+    library = {f"adios_pl.objectives.{name}" for name in ("Objective", "BYOL", "SimCLR", "SimSiam")}
+    assert library <= set(objectives.split(", ")) and "others" not in objectives, objectives  # (with the tests' own subclasses)
+
+
+def test_a_long_subclass_list_is_cut_to_the_kept_prefix() -> None:
+    from adios_pl.cli import shorten_subclass_list
+
+    many = ", ".join([f"torch.nn.M{i}" for i in range(50)] + ["adios_pl.masks.A", "adios_pl.encoders.B"])
+    text = f"Any module. (type: Module, default: null, known subclasses: {many})"
+    assert shorten_subclass_list(text, "adios_pl.masks.") == "Any module. (type: Module, default: null, known subclasses: adios_pl.masks.A, and 51 others: any importable class path)"
+    assert shorten_subclass_list(text) == "Any module. (type: Module, default: null, known subclasses: adios_pl.masks.A, adios_pl.encoders.B, and 50 others: any importable class path)"
+    short = "An objective. (type: Objective, known subclasses: adios_pl.objectives.SimCLR, adios_pl.objectives.BYOL)"
+    assert shorten_subclass_list(short) == short and shorten_subclass_list("A number. (type: int)") == "A number. (type: int)"
 
 
 @pytest.mark.parametrize("flag", ["--trainer.max_step=3", "--model.num_mask=2"])

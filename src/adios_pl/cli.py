@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile
+from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 
 from adios_pl import __version__
 from adios_pl.backend import (
@@ -159,6 +159,38 @@ def while_running() -> Iterator[None]:
         raise
 
 
+#: The most known subclasses the help lists for one argument; a longer list is cut.
+MOST_SUBCLASSES_LISTED = 40
+#: What a cut list keeps, by argument: the library's classes of that kind (else all of its classes).
+OWN_CLASSES = {"model.encoder": "adios_pl.encoders.", "model.mask_generator": "adios_pl.masks."}
+
+
+def shorten_subclass_list(help_text: str, keep: str = "adios_pl.", most: int = MOST_SUBCLASSES_LISTED) -> str:
+    """``help_text`` with a list of "known subclasses" longer than ``most`` cut to the class paths
+    that start with ``keep`` and a count of the others. jsonargparse lists every importable
+    subclass of a type; for an ``nn.Module`` argument (``--model.encoder``,
+    ``--model.mask_generator``) that is some 1,600 classes of torch, torchvision and timm: three
+    thousand lines of ``fit --help``."""
+    head, marker, listed = help_text.partition(", known subclasses: ")
+    if not marker or not listed.endswith(")"):
+        return help_text
+    class_paths = listed[:-1].split(", ")
+    if len(class_paths) <= most:
+        return help_text
+    kept = [path for path in class_paths if path.startswith(keep)]
+    others = f"and {len(class_paths) - len(kept)} others: any importable class path"
+    return f"{head}{marker}{', '.join([*kept, others])})"
+
+
+class ShortListsHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with long lists of known subclasses cut (:func:`shorten_subclass_list`
+    keeps :data:`OWN_CLASSES`)."""
+
+    def _get_help_string(self, action: Any) -> str:
+        keep = OWN_CLASSES.get(action.dest, "adios_pl.")
+        return shorten_subclass_list(super()._get_help_string(action), keep)
+
+
 class SuggestingParser(LightningArgumentParser):
     """A parser whose "unknown option" errors suggest the closest known key."""
 
@@ -190,9 +222,11 @@ class ADIOSCLI(LightningCLI):
         return commands
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """Parsers that suggest the closest key for a misspelt one and take no abbreviations."""
+        """Parsers that suggest the closest key for a misspelt one, take no abbreviations and keep
+        their help short."""
         kwargs.setdefault("dump_header", ["adios-pl"])
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", ShortListsHelpFormatter)
         parser = SuggestingParser(**kwargs)
         parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file in json or yaml format.")
         return parser
