@@ -510,6 +510,10 @@ FAULTS = [
           "a bad ADIOS_PL_LIGHTNING stops adios-pl with a traceback from importing the package"),
     Fault("help_lists_every_module", "cli.py", '        kwargs.setdefault("formatter_class", ShortListsHelpFormatter)\n', "",
           "fit --help lists some 1,600 nn.Module classes for each module argument"),
+    Fault("bare_import_lacks_modules", "__init__.py",
+          '    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:\n'
+          '        return importlib.import_module(f"{__name__}.{name}")\n', "",
+          "import adios_pl alone no longer gives adios_pl.objectives, adios_pl.masks, adios_pl.encoders"),
 ]
 
 
