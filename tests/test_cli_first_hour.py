@@ -6,8 +6,8 @@ import functools
 import json
 import logging
 import os
-import runpy
 import re
+import runpy
 import shlex
 import subprocess
 import sys
