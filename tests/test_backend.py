@@ -72,7 +72,7 @@ def test_the_command_line_reports_a_bad_variable_in_one_line(tmp_path: Path) -> 
     assert script.value == "adios_pl.console:console_main"
     env = {**os.environ, ENV_VAR: "lightening"}
     env.pop("ADIOS_PL_DEBUG", None)
-    done = subprocess.run([sys.executable, "-m", "adios_pl.console", "demo", "--tiny", f"--out={tmp_path}"], env=env,
+    done = subprocess.run([sys.executable, "-m", "adios_pl", "demo", "--tiny", f"--out={tmp_path}"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == "", done
     assert done.stderr.splitlines() == [f"adios-pl: error: {ENV_VAR}='lightening': accepted values are 'pytorch_lightning', 'lightning'"], done.stderr
