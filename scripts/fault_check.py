@@ -514,6 +514,8 @@ FAULTS = [
           '    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:\n'
           '        return importlib.import_module(f"{__name__}.{name}")\n', "",
           "import adios_pl alone no longer gives adios_pl.objectives, adios_pl.masks, adios_pl.encoders"),
+    Fault("one_batch_read_as_whole_epoch", "cli.py", "        whole_numbers_as_int(parser)\n", "",
+          "--trainer.limit_train_batches=1 trains whole epochs (read as 1.0)"),
 ]
 
 

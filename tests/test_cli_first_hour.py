@@ -87,6 +87,36 @@ def test_a_long_subclass_list_is_cut_to_the_kept_prefix() -> None:
     assert shorten_subclass_list(short) == short and shorten_subclass_list("A number. (type: int)") == "A number. (type: int)"
 
 
+def test_a_whole_number_of_batches_is_a_count_not_the_whole_epoch(tmp_path: Path) -> None:
+    """``--trainer.limit_train_batches=1`` (or ``1`` in a config) is one batch; ``1.0`` is all of
+    them. The Trainer's hint came out as ``Union[float, int, None]``, so it was read as 1.0."""
+    from adios_pl.cli import build_cli
+
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_test_batches: 2\n  limit_predict_batches: 1.0\n")
+    cli = build_cli(["--config", CONFIG, *CPU, "--config", str(config), "--trainer.limit_train_batches=1",
+                     "--trainer.limit_val_batches=0.5"], run=False)
+    limits = {name: getattr(cli.trainer, f"limit_{name}_batches") for name in ("train", "val", "test", "predict")}
+    assert limits == {"train": 1, "val": 0.5, "test": 2, "predict": 1.0}, limits
+    assert [type(v) for v in limits.values()] == [int, float, int, float], limits
+
+
+def test_whole_numbers_as_int_puts_int_before_float() -> None:
+    from typing import Union
+
+    from jsonargparse import ArgumentParser
+
+    from adios_pl.cli import whole_numbers_as_int
+
+    parser = ArgumentParser()
+    parser.add_argument("--limit", type=Union[(float, int, type(None))])  # as the Trainer's hint can come out
+    parser.add_argument("--scale", type=float)
+    assert repr(parser.parse_args(["--limit=1"]).limit) == "1.0"
+    assert whole_numbers_as_int(parser) == ["limit"]
+    assert [repr(parser.parse_args([f"--limit={v}"]).limit) for v in ("1", "1.0", "0.5", "7", "null")] == ["1", "1.0", "0.5", "7", "None"]
+    assert repr(parser.parse_args(["--scale=1"]).scale) == "1.0"
+
+
 @pytest.mark.parametrize("flag", ["--trainer.max_step=3", "--model.num_mask=2"])
 def test_abbreviated_flags_are_refused(flag: str, capsys: pytest.CaptureFixture) -> None:
     assert _exit_code(["fit", "--config", CONFIG, flag]) != 0

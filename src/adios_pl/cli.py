@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union, get_args, get_origin
 
 import difflib
 import inspect
@@ -207,6 +207,30 @@ class SuggestingParser(LightningArgumentParser):
         return super().error(message, *args, **kwargs)
 
 
+def whole_numbers_as_int(parser: Any) -> list[str]:
+    """Make the parser's arguments typed ``Union[..., float, int, ...]`` try ``int`` first; returns
+    their names.
+
+    For ``limit_train_batches`` and its kin ``1`` is one batch and ``1.0`` all of them. Python's
+    typing reuses a union made earlier that compares equal, so the Trainer's hint of
+    ``Optional[Union[int, float]]`` can come out as ``Union[float, int, None]``, and jsonargparse,
+    trying the subtypes in order, read ``--trainer.limit_train_batches=1`` (or ``1`` in a config)
+    as 1.0: a whole epoch. With ``int`` first, ``1`` is an integer and ``1.0`` or ``0.5`` a fraction.
+    """
+    changed = []
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        if get_origin(hint) is not Union:
+            continue
+        subtypes = get_args(hint)
+        if int in subtypes and float in subtypes and subtypes.index(float) < subtypes.index(int):
+            at = subtypes.index(float)
+            rest = tuple(t for t in subtypes[at:] if t is not int)
+            action._typehint = Union[subtypes[:at] + (int,) + rest]  # a tuple key: the order is kept
+            changed.append(action.dest)
+    return changed
+
+
 class ADIOSCLI(LightningCLI):
     """LightningCLI for :class:`ADIOSModule` and any :class:`SSLDataModule` subclass.
 
@@ -232,8 +256,10 @@ class ADIOSCLI(LightningCLI):
         return parser
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Link the image size of the data to the model."""
+        """Link the image size of the data to the model; read whole numbers as integers where a
+        Trainer argument takes either (:func:`whole_numbers_as_int`)."""
         parser.link_arguments("data.init_args.image_size", "model.image_size")
+        whole_numbers_as_int(parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The Trainer, with atomic, weights-only checkpoint I/O unless the config names plugins."""
