@@ -105,7 +105,7 @@ class ToSyncBatchNorm(pl.Callback):
 
 def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list, sync_batchnorm: bool = False) -> None:
     trainer = quiet_trainer(
-        max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
+        max_steps=STEPS, devices=devices, strategy="ddp_fork" if devices > 1 else "auto", use_distributed_sampler=False,
         callbacks=[*callbacks, SaveRankState(out), DeprecatedCollectivesFail()] + ([ToSyncBatchNorm()] if sync_batchnorm else []),
         num_sanity_val_steps=0,
     )
