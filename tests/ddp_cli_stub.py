@@ -1,7 +1,7 @@
 """Run ``adios-pl`` with the DataModules' data replaced by 16 random images (for the 2-process test).
 
-The patch sits at module level, so ``ddp_spawn``'s child processes, which import this file as
-their main module, get it too.
+The patch sits at module level, so the other ranks get it too: under ``ddp`` they run this file
+again, under ``ddp_spawn`` they import it as their main module.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ class ToSyncBatchNorm(pl.Callback):
 
 def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list, sync_batchnorm: bool = False) -> None:
     trainer = quiet_trainer(
-        max_steps=STEPS, devices=devices, strategy="ddp_fork" if devices > 1 else "auto", use_distributed_sampler=False,
+        max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
         callbacks=[*callbacks, SaveRankState(out), DeprecatedCollectivesFail()] + ([ToSyncBatchNorm()] if sync_batchnorm else []),
         num_sanity_val_steps=0,
     )
@@ -148,25 +148,29 @@ def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
 
 def test_shipped_config_with_all_its_callbacks_on_two_processes(tmp_path: Path) -> None:
     """A shipped config's callbacks at their defaults (probe, kNN, mask pictures, checkpoints) under
-    DDP on 2 CPU processes: no rank may wait in a collective the other never reaches."""
+    DDP on 2 CPU processes, started as on GPUs (``ddp``: the command runs again for rank 1, which
+    resolves ``--ckpt_path last`` on its own): no rank may wait in a collective the other never
+    reaches. One batch an epoch: the callbacks' collectives come at the epochs' ends."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     args = [
         sys.executable, str(root / "tests" / "ddp_cli_stub.py"), "fit", "--config", str(root / "configs/cifar10/simclr_adios_resnet18.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_spawn", "--trainer.precision=32-true",
-        "--trainer.max_epochs=2", "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.precision=32-true",
+        "--trainer.max_epochs=2", "--trainer.limit_train_batches=1", "--trainer.check_val_every_n_epoch=1",
+        "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        "--data.init_args.pin_memory=false",
     ]
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # a thread per process: the two share 2 cores
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     pictures = sorted(tmp_path.rglob("masks/*.png"))
     assert len(pictures) == 2, f"expected one mask picture per validation, found {pictures}"
     (first,) = tmp_path.rglob("last.ckpt")
     # a restart with the same command and --ckpt_path last continues that run (a third epoch only)
     resumed = [a.replace("--trainer.max_epochs=2", "--trainer.max_epochs=3") for a in args] + ["--ckpt_path=last"]
-    done = subprocess.run(resumed, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(resumed, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     (second,) = set(tmp_path.rglob("last.ckpt")) - {first}
     steps = [torch.load(path, weights_only=True)["global_step"] for path in (first, second)]
