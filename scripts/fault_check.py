@@ -516,6 +516,8 @@ FAULTS = [
           "import adios_pl alone no longer gives adios_pl.objectives, adios_pl.masks, adios_pl.encoders"),
     Fault("one_batch_read_as_whole_epoch", "cli.py", "        whole_numbers_as_int(parser)\n", "",
           "--trainer.limit_train_batches=1 trains whole epochs (read as 1.0)"),
+    Fault("gathered_score_logged_unsynced", "callbacks/base.py", ', sync_dist=True, reduce_fx="max")', ")",
+          "the validation scores are logged without sync_dist: Lightning warns in every multi-GPU run"),
 ]
 
 

@@ -30,6 +30,16 @@ class EvaluationCallback(pl.Callback):
             rank_zero_warn(message)
 
     @staticmethod
+    def _log_gathered(pl_module: pl.LightningModule, name: str, value: Tensor) -> None:
+        """Log a score computed from every rank's gathered rows, so the same on every rank.
+
+        Declared synchronised (``sync_dist`` with ``max``, exact for equal values: one all-reduce
+        of a scalar per score and validation): logged without it, Lightning warns in every
+        multi-GPU run that an epoch-level value should be synchronised across devices.
+        """
+        pl_module.log(name, value, add_dataloader_idx=False, sync_dist=True, reduce_fx="max")
+
+    @staticmethod
     def _dataset_length(trainer: pl.Trainer, dataloader_idx: int) -> int | None:
         loaders = trainer.val_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]

@@ -85,7 +85,7 @@ class OnlineKNN(EvaluationCallback):
         num_classes = int(max(bank_targets.max(), query_targets.max())) + 1
         hits = knn_hits(queries, query_targets, bank, bank_targets, num_classes, self.k, self.temperature, self.chunk_size)
         for i, top in enumerate((1, 5)):  # with fewer than 5 classes top-5 is trivially 1
-            pl_module.log(f"val/knn_top{top}", hits[i] / max(len(query_targets), 1), add_dataloader_idx=False)
+            self._log_gathered(pl_module, f"val/knn_top{top}", hits[i] / max(len(query_targets), 1))
 
 
 def knn_hits(queries: Tensor, query_targets: Tensor, bank: Tensor, bank_targets: Tensor, num_classes: int, k: int, temperature: float, chunk_size: int) -> Tensor:

@@ -155,7 +155,7 @@ class OnlineLinearProbe(EvaluationCallback):
             raise ConfigurationError(f"OnlineLinearProbe(num_classes={self.num_classes}) got label {int(targets.max())} in the evaluation split")
         for k in (1, 5):  # with fewer than 5 classes top-5 is trivially 1
             acc = multiclass_accuracy(logits[keep], targets[keep], num_classes=self.num_classes, top_k=min(k, self.num_classes), average="micro")
-            pl_module.log(f"val/linear_top{k}", acc, add_dataloader_idx=False)
+            self._log_gathered(pl_module, f"val/linear_top{k}", acc)
         self._logits, self._targets = [], []
 
     def state_dict(self) -> dict[str, Any]:

@@ -204,4 +204,4 @@ class MaskQuality(EvaluationCallback):
         self._scores = []
         means = scores.nanmean(dim=0)
         for name, value in zip(SCORES, means):
-            pl_module.log(f"val/{name}", value, add_dataloader_idx=False)
+            self._log_gathered(pl_module, f"val/{name}", value)
