@@ -73,6 +73,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(scope="session")
+def two_processes() -> Iterator[Any]:
+    """Two spawned CPU processes, kept for the session, that run a test's job on both ranks
+    (:class:`two_processes.TwoProcesses`)."""
+    from two_processes import TwoProcesses
+
+    pair = TwoProcesses()
+    yield pair
+    pair.close()
+
+
 @pytest.fixture
 def loader() -> DataLoader:
     return make_loader()

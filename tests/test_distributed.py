@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo, ddp_spawn) give what one process gives on the concatenated batch; the
-step's own gradient average and buffer broadcast equal one collective per tensor."""
+"""Two CPU processes (gloo; Lightning's ``ddp`` as under ``torchrun``) give what one process gives
+on the concatenated batch; the step's own gradient average and buffer broadcast equal one
+collective per tensor."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
 from adios_pl import ADIOSModule
@@ -105,13 +105,16 @@ class ToSyncBatchNorm(pl.Callback):
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())
 
 
-def _fit(model: ADIOSModule, devices: int, out: Path, callbacks: list, sync_batchnorm: bool = False) -> None:
-    trainer = quiet_trainer(
-        max_steps=STEPS, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", use_distributed_sampler=False,
+def _fit(model: ADIOSModule, out: Path, callbacks: list, sync_batchnorm: bool = False, two_processes: Any = None) -> None:
+    """Fit in this process, or on the 2 processes of ``two_processes`` (each with half the batch)."""
+    kwargs = dict(
+        max_steps=STEPS, use_distributed_sampler=False, num_sanity_val_steps=0,
         callbacks=[*callbacks, SaveRankState(out), DeprecatedCollectivesFail()] + ([ToSyncBatchNorm()] if sync_batchnorm else []),
-        num_sanity_val_steps=0,
     )
-    trainer.fit(model, datamodule=ShardedData(PER_RANK * (2 if devices == 1 else 1)))
+    if two_processes is None:
+        quiet_trainer(**kwargs).fit(model, datamodule=ShardedData(PER_RANK * 2))
+    else:
+        two_processes.fit(model, ShardedData(PER_RANK), **kwargs)
 
 
 def _update_error(initial: dict, a: dict, b: dict, prefix: str) -> float:
@@ -123,7 +126,7 @@ def _update_error(initial: dict, a: dict, b: dict, prefix: str) -> float:
 
 
 @pytest.mark.parametrize("name", ["simclr", "byol", "simclr_batched", "simclr_syncbn", "simclr_batched_syncbn", "byol_batched_syncbn"])
-def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
+def test_two_processes_equal_one_process(tmp_path: Path, name: str, two_processes: Any) -> None:
     """``batched``: masked_views="batched", the negatives of all masked views gathered at once.
     ``syncbn``: batch norm in the encoder (and BYOL's heads and momentum copies) as
     ``SyncBatchNorm``, which in one process is plain batch norm of the whole batch."""
@@ -132,8 +135,8 @@ def test_two_processes_equal_one_process(tmp_path: Path, name: str) -> None:
     model = _model(objective, norm="bn" if sync else "gn", masked_views="batched" if "batched" in name else "sequential")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     callbacks = lambda: [OnlineLinearProbe(num_classes=4), OnlineKNN(k=5)]  # noqa: E731
-    _fit(copy.deepcopy(model), 1, tmp_path, callbacks(), sync_batchnorm=sync)
-    _fit(copy.deepcopy(model), 2, tmp_path, callbacks(), sync_batchnorm=sync)
+    _fit(copy.deepcopy(model), tmp_path, callbacks(), sync_batchnorm=sync)
+    _fit(copy.deepcopy(model), tmp_path, callbacks(), sync_batchnorm=sync, two_processes=two_processes)
     one = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
     rank0 = torch.load(tmp_path / "rank0_of2.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1_of2.pt", weights_only=True)
@@ -192,7 +195,7 @@ class SaveFirstViews(pl.Callback):
             torch.save({"v1": v1, "v2": v2, "targets": targets}, self.out / f"views{trainer.global_rank}.pt")
 
 
-def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
+def test_device_augmentation_on_two_processes(tmp_path: Path, two_processes: Any) -> None:
     """augment_on="device" under DDP: each rank trains on its own views of its shard of the cached
     images, and the replicas stay identical (that each rank draws its own crops is checked in
     tests/test_device_augment.py). The encoder has plain batch norm, whose running statistics
@@ -201,11 +204,8 @@ def test_device_augmentation_on_two_processes(tmp_path: Path) -> None:
 
     model = _model(SimCLR(proj_hidden_dim=32, proj_output_dim=16), norm="bn")
     data = ShapesDataModule(train_size=64, val_size=8, image_size=16, batch_size=8, num_workers=0, augment_on="device")
-    trainer = quiet_trainer(
-        max_steps=STEPS, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=[SaveFirstViews(tmp_path), SaveRankState(tmp_path)],
-    )
-    trainer.fit(model, datamodule=data)
+    two_processes.fit(model, data, max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0,
+                      callbacks=[SaveFirstViews(tmp_path), SaveRankState(tmp_path)])
     views = [torch.load(tmp_path / f"views{r}.pt") for r in range(2)]
     states = [torch.load(tmp_path / f"rank{r}_of2.pt") for r in range(2)]
     assert all(v["v1"].shape == (8, 3, 16, 16) and v["v1"].dtype == torch.float32 for v in views)
@@ -285,12 +285,12 @@ def _sync_worker(rank: int, port: int) -> None:
         assert buffers[4].item() == rank + 5, "an integer buffer (a counter) was broadcast"
 
 
-def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives() -> None:
+def test_flat_gradient_average_and_buffer_broadcast_match_per_tensor_collectives(two_processes: Any) -> None:
     """The one-buffer gradient average and buffer broadcast give, bit for bit, what one collective
     per tensor gives: contiguous, channels-last (2-D and 3-D) and transposed tensors, two dtypes, a
     gradient missing on one rank (averaged as zeros), a gradient whose layout differs between the
     ranks; the gradients keep their layouts."""
-    mp.spawn(_sync_worker, args=(free_port(),), nprocs=2)
+    two_processes.run(_sync_worker, free_port())
 
 
 def _gather_worker(rank: int, port: int) -> None:
@@ -304,10 +304,10 @@ def _gather_worker(rank: int, port: int) -> None:
             assert torch.equal(gathered, want), f"rank {rank}, {n} images: {gathered[:, 0].tolist()}"
 
 
-def test_gathered_rows_come_back_in_dataset_order_without_padding() -> None:
+def test_gathered_rows_come_back_in_dataset_order_without_padding(two_processes: Any) -> None:
     """What every evaluation callback relies on: the rows of an unshuffled ``DistributedSampler``'s
     shares, gathered, are the dataset's rows once each, in order, the padding dropped."""
-    mp.spawn(_gather_worker, args=(free_port(),), nprocs=2)
+    two_processes.run(_gather_worker, free_port())
 
 
 def _finite_worker(rank: int, port: int) -> None:
@@ -321,9 +321,9 @@ def _finite_worker(rank: int, port: int) -> None:
         assert not bool(all_finite(mine)), f"rank {rank} would keep a batch that rank 1 skips"
 
 
-def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank() -> None:
+def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank(two_processes: Any) -> None:
     """``nonfinite="skip"`` must take one decision on all ranks, or their weights part."""
-    mp.spawn(_finite_worker, args=(free_port(),), nprocs=2)
+    two_processes.run(_finite_worker, free_port())
 
 
 @pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])

@@ -302,7 +302,7 @@ def test_a_strategy_that_restores_after_setup_resumes_its_loader_and_that_fit_on
         assert record.batches == straight.batches[skipped:]
 
 
-def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) -> None:
+def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path, two_processes: Any) -> None:
     """Under DDP (2 CPU processes) Lightning keeps the loader's sampler, so each rank's batches are
     its ``DistributedSampler`` share for the seed: disjoint, together every image once an epoch.
     The checkpoint holds rank 0's loader state; each rank applies it to its own share: after 2 of
@@ -311,9 +311,8 @@ def test_two_processes_resume_mid_epoch_with_their_own_shares(tmp_path: Path) ->
         pl.seed_everything(5, verbose=False)
         data = NumberedData(n=40, num_workers=0)
         data.batch_size = 4
-        trainer = quiet_trainer(max_steps=10, devices=2, strategy="ddp_spawn", limit_val_batches=0, num_sanity_val_steps=0,
-                                callbacks=[SaveTargets(tmp_path), *callbacks], enable_checkpointing=ckpt_path is None)
-        trainer.fit(model(), datamodule=data, ckpt_path=ckpt_path)
+        two_processes.fit(model(), data, ckpt_path, max_steps=10, limit_val_batches=0, num_sanity_val_steps=0,
+                          callbacks=[SaveTargets(tmp_path), *callbacks], enable_checkpointing=ckpt_path is None)
         return [torch.load(tmp_path / f"targets{rank}.pt") for rank in (0, 1)]
 
     first = run([ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=2, save_last=True, save_top_k=0), StopAt(3)])

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -46,6 +45,7 @@ def _rank(rank: int, port: int, shape: tuple[int, ...], views: int, channels_las
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     calls = {"all_gather": 0, "all_reduce": 0}
+    originals = {}
     for name, kind in (("all_gather_single", "all_gather"), ("all_gather_into_tensor", "all_gather"), ("all_reduce", "all_reduce")):
         original = getattr(dist, name, None)
 
@@ -54,7 +54,16 @@ def _rank(rank: int, port: int, shape: tuple[int, ...], views: int, channels_las
             return _original(*args, **kwargs)
 
         if original is not None:
+            originals[name] = original
             setattr(dist, name, counted)
+    try:
+        _record(rank, shape, views, channels_last, out, calls)
+    finally:  # the process runs other tests' jobs after this one
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _record(rank: int, shape: tuple[int, ...], views: int, channels_last: bool, out: str, calls: dict[str, int]) -> None:
     data, loss_weights, weight, bias = _global_data(shape)
     mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     x = torch.cat([d[mine] for d in data[:views]])
@@ -82,8 +91,9 @@ def _rank(rank: int, port: int, shape: tuple[int, ...], views: int, channels_las
 @pytest.mark.parametrize("shape, views, channels_last", [
     ((CHANNELS, 3, 3), VIEWS, False), ((CHANNELS, 3, 3), VIEWS, True), ((CHANNELS,), VIEWS, False), ((CHANNELS, 3, 3), 1, False),
 ], ids=["nchw", "channels_last", "1d", "one_view"])
-def test_two_processes_equal_plain_batch_norm_of_the_whole_batch(tmp_path: Path, shape: tuple[int, ...], views: int, channels_last: bool) -> None:
-    mp.spawn(_rank, args=(free_port(), shape, views, channels_last, str(tmp_path)), nprocs=WORLD)
+def test_two_processes_equal_plain_batch_norm_of_the_whole_batch(tmp_path: Path, shape: tuple[int, ...], views: int, channels_last: bool,
+                                                                  two_processes: Any) -> None:
+    two_processes.run(_rank, free_port(), shape, views, channels_last, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     ref = _reference(shape, views)
     for r, got in enumerate(ranks):
