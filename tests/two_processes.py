@@ -3,10 +3,13 @@
 Spawning a pair for each test cost 6-8 s of imports (two fresh interpreters on 2 cores), more
 than the test itself. Here the pair stays: :meth:`TwoProcesses.run` hands ``fn(rank, *args)`` to
 both and returns their results. Each job starts as a freshly spawned process would: the test
-process's environment variables and random states, no process group (a job makes its own, or a
-fit under Lightning's ``ddp`` makes one as under ``torchrun``, each process told its rank by
-``LOCAL_RANK``), and the warning filters of the process's start; whatever it leaves is undone.
-A job that fails or outlives its time limit ends the pair; the next job spawns a new one.
+process's environment variables and random states, its own copy of the arguments, no process
+group (a job makes its own, or a fit under Lightning's ``ddp`` makes one as under ``torchrun``,
+each process told its rank by ``LOCAL_RANK``), and the warning filters of the process's start.
+What else a job changes in a module stays for the next, so a job that patches a function puts it
+back (``tests/test_sync_batch_norm.py``); and since the pair are daemons, a job starts no
+processes of its own (loaders with ``num_workers=0``). A job that fails or outlives its time
+limit ends the pair; the next job spawns a new one.
 """
 
 from __future__ import annotations
