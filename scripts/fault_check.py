@@ -518,6 +518,8 @@ FAULTS = [
           "--trainer.limit_train_batches=1 trains whole epochs (read as 1.0)"),
     Fault("gathered_score_logged_unsynced", "callbacks/base.py", ', sync_dist=True, reduce_fx="max")', ")",
           "the validation scores are logged without sync_dist: Lightning warns in every multi-GPU run"),
+    Fault("fast_dev_run_saves_last", "cli.py", '                    setattr(callback, "save_last", False)\n', "                    pass\n",
+          "--trainer.fast_dev_run writes a 100-200 MB last.ckpt (Lightning 2.6's on_train_end)"),
 ]
 
 

@@ -67,8 +67,10 @@ def test_every_published_setting_has_a_config() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS])
-def test_config_runs_fast_dev_run(config: Path, stubbed_data: None) -> None:
+def test_config_runs_fast_dev_run(config: Path, stubbed_data: None, tmp_path: Path) -> None:
     assert main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", *CPU]) == 0
+    written = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.ckpt")]
+    assert not written, f"fast_dev_run wrote checkpoints: {written}"  # Lightning 2.6's save_last did (100-200 MB each)
 
 
 def test_print_config_and_misspelt_key(capsys: pytest.CaptureFixture, stubbed_data: None) -> None:

@@ -262,11 +262,21 @@ class ADIOSCLI(LightningCLI):
         whole_numbers_as_int(parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        """The Trainer, with atomic, weights-only checkpoint I/O unless the config names plugins."""
+        """The Trainer, with atomic, weights-only checkpoint I/O unless the config names plugins.
+
+        Under ``--trainer.fast_dev_run`` no checkpoint is written, as Lightning documents: its 2.6
+        ``ModelCheckpoint.on_train_end`` saves ``last.ckpt`` without checking ``fast_dev_run``,
+        so a shipped config's trial run wrote a 100-200 MB ``checkpoints/last.ckpt``.
+        """
         trainer_config = self._get(self.config_init, "trainer", default={})
         if not trainer_config.get("plugins") and "plugins" not in kwargs:
             kwargs["plugins"] = [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if getattr(trainer, "fast_dev_run", False):
+            for callback in trainer.checkpoint_callbacks:
+                if hasattr(callback, "save_last"):  # a ModelCheckpoint
+                    setattr(callback, "save_last", False)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Do not apply a checkpoint's hyper-parameters over the user's configuration.
