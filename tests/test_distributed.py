@@ -326,6 +326,25 @@ def test_a_batch_non_finite_on_one_rank_is_non_finite_on_every_rank(two_processe
     two_processes.run(_finite_worker, free_port())
 
 
+def _warn_once_worker(rank: int, message: str) -> bool:
+    """Whether Lightning's once-only cache already holds ``message``; then warns it through the cache."""
+    from pytorch_lightning.trainer.connectors.logger_connector import result
+
+    held = message in result.warning_cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result.warning_cache.warn(message)
+    return held
+
+
+def test_each_job_of_the_pair_sees_lightnings_once_only_warnings_again(two_processes: Any) -> None:
+    """The 2-process tests make Lightning's sync advice an error; a warning that Lightning shows
+    once per process would pass unseen in a job run after one that had shown it."""
+    message = "adios-pl tests: a warning Lightning shows once"
+    assert two_processes.run(_warn_once_worker, message) == [False, False]
+    assert two_processes.run(_warn_once_worker, message) == [False, False], "the second job found the first job's warning in the cache"
+
+
 @pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"])
 def test_strategies_that_shard_the_parameters_are_refused(name: str) -> None:
     """FSDP, DeepSpeed and ModelParallel hand each rank a shard of the parameters and reduce its

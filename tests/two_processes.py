@@ -5,11 +5,13 @@ than the test itself. Here the pair stays: :meth:`TwoProcesses.run` hands ``fn(r
 both and returns their results. Each job starts as a freshly spawned process would: the test
 process's environment variables and random states, its own copy of the arguments, no process
 group (a job makes its own, or a fit under Lightning's ``ddp`` makes one as under ``torchrun``,
-each process told its rank by ``LOCAL_RANK``), and the warning filters of the process's start.
-What else a job changes in a module stays for the next, so a job that patches a function puts it
-back (``tests/test_sync_batch_norm.py``); and since the pair are daemons, a job starts no
-processes of its own (loaders with ``num_workers=0``). A job that fails or outlives its time
-limit ends the pair; the next job spawns a new one.
+each process told its rank by ``LOCAL_RANK``), the warning filters of the process's start, and
+no memory of warnings shown (Lightning's once-only caches are emptied, so a job that makes a
+warning an error sees it even if an earlier job showed it). What else a job changes in a module
+stays for the next, so a job that patches a function puts it back
+(``tests/test_sync_batch_norm.py``); and since the pair are daemons, a job starts no processes
+of its own (loaders with ``num_workers=0``). A job that fails or outlives its time limit ends
+the pair; the next job spawns a new one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import sys
 import traceback
 import warnings
 from typing import Any, Callable
@@ -25,10 +28,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning_utilities.core.rank_zero import WarningCache
 
 from conftest import free_port, quiet_trainer
 
 WORLD = 2
+LIGHTNING_PACKAGES = {"pytorch_lightning", "lightning_fabric", "lightning"}
 
 
 def _serve(rank: int, jobs: Any, results: Any) -> None:
@@ -48,6 +53,19 @@ def _serve(rank: int, jobs: Any, results: Any) -> None:
             if dist.is_initialized():
                 dist.destroy_process_group()
             warnings.filters[:] = filters
+            _forget_shown_warnings()
+
+
+def _forget_shown_warnings() -> None:
+    """Let the next job see every warning again: Lightning's once-only caches (module-level
+    ``WarningCache`` sets) are emptied, and Python's registries of warnings already shown are
+    made stale, as a change of the filters through ``warnings`` itself would make them."""
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] in LIGHTNING_PACKAGES:
+            for value in list(vars(module).values()):
+                if isinstance(value, WarningCache):
+                    value.clear()
+    warnings._filters_mutated()  # type: ignore[attr-defined]
 
 
 class TwoProcesses:
