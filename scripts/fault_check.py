@@ -520,6 +520,9 @@ FAULTS = [
           "the validation scores are logged without sync_dist: Lightning warns in every multi-GPU run"),
     Fault("fast_dev_run_saves_last", "cli.py", '                    setattr(callback, "save_last", False)\n', "                    pass\n",
           "--trainer.fast_dev_run writes a 100-200 MB last.ckpt (Lightning 2.6's on_train_end)"),
+    Fault("usage_buries_the_error", "cli.py", "        return f\"usage: {self.prog.replace(' [options]', '')} [-h] [options]\\n\"\n",
+          "        return super().format_usage()\n",
+          "a misspelt flag's error comes below jsonargparse's 74-line usage of every option"),
 ]
 
 

@@ -192,7 +192,13 @@ class ShortListsHelpFormatter(DefaultHelpFormatter):
 
 
 class SuggestingParser(LightningArgumentParser):
-    """A parser whose "unknown option" errors suggest the closest known key."""
+    """A parser whose "unknown option" errors suggest the closest known key, under a one-line usage."""
+
+    def format_usage(self) -> str:
+        """``usage: adios-pl fit [-h] [options]``: what an error prints above itself. jsonargparse's
+        usage lists every option (74 lines for ``fit``), which pushed the error's cause far below
+        the command that was typed; ``--help`` still lists them all."""
+        return f"usage: {self.prog.replace(' [options]', '')} [-h] [options]\n"
 
     def error(self, message: str, *args: Any, **kwargs: Any) -> Any:
         """Add "did you mean ..." to errors about unknown keys; name the real cause of errors in a
