@@ -219,6 +219,53 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (scored["linear_top1"], scored["knn_top1"]) == (after["linear_top1"], after["knn_top1"]), (scored, after)
 
 
+def test_demo_lays_its_schedule_over_the_batches_its_budget_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``--max-steps`` the demo times a copy and trains the batches that fit; its learning
+    rates end annealed. The planned count is replaced by 5 here, so the test does not depend on
+    this machine's speed."""
+    from adios_pl import demo
+
+    plans: list[tuple[int, float]] = []
+    real_plan = demo.plan_batches
+
+    def plan(seconds: float, **kwargs: Any) -> tuple[int, float]:
+        plans.append(real_plan(seconds, **kwargs))
+        return 5, plans[-1][1]
+
+    monkeypatch.setattr(demo, "plan_batches", plan)
+    result = demo.run_demo(out=str(tmp_path / "demo"), minutes=10, tiny=True)
+    ((planned, spent),) = plans
+    assert planned > 2 and 0 < spent < 600, plans  # the tiny demo's warm-up is 2 batches
+    assert result["steps"] == 5
+    checkpoint = torch.load(tmp_path / "demo" / "checkpoints" / "last.ckpt", weights_only=False)
+    for scheduler in checkpoint["lr_schedulers"]:  # the encoder's and the mask generator's
+        assert scheduler["last_epoch"] == 5 and max(scheduler["_last_lr"]) < 1e-9, scheduler
+
+
+def test_batches_that_fit_match_a_clock_run_batch_by_batch() -> None:
+    """The closed form against a clock advanced batch by batch, a validation after each epoch."""
+    from adios_pl.demo import batches_that_fit
+
+    def by_clock(seconds: float, batch: float, validation: float, per_epoch: int) -> int:
+        clock = batches = 0
+        while clock + batch <= seconds:
+            clock += batch
+            batches += 1
+            if batches % per_epoch == 0:
+                clock += validation
+        return max(1, batches)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        seconds, batch, validation = (float(x) for x in torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([300.0, 3.0, 20.0], dtype=torch.float64))
+        per_epoch = int(torch.randint(1, 80, (1,), generator=g))
+        batch += 1e-3
+        assert batches_that_fit(seconds, batch, validation, per_epoch) == by_clock(seconds, batch, validation, per_epoch)
+    assert batches_that_fit(10.0, 1.0, 0.0, 4) == 10 and batches_that_fit(0.5, 1.0, 0.0, 4) == 1
+    with pytest.raises(ValueError, match="batch_seconds"):
+        batches_that_fit(10.0, 0.0, 1.0, 4)
+
+
 def test_demo_speed_counts_images_not_views() -> None:
     """Three batches of 16 images, each with two views: 48 images, timed over the batches only."""
     from adios_pl.demo import TrainSpeed

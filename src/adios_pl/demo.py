@@ -3,15 +3,26 @@
 It prints what the networks achieve at initialisation and after training, so one can see that
 ADIOS learned something: kNN and linear top-1 of the encoder, and the foreground ARI of the
 masks against random patch masks.
+
+The budget is time, and the run ends as a training run does, with its learning rates annealed:
+a copy of the demo first trains a few batches and validates a few, timed, and the schedule is
+then laid over as many batches as that says fit in the rest of the budget. A schedule laid over
+a fixed long run instead stops at its peak learning rate, wherever the budget ends, and there
+the encoder's kNN moved by several points from one batch to the next
+(``benchmarks/demo_steps.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import logging
 import json
+import math
 import shlex
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -50,6 +61,105 @@ class TrainSpeed(pl.Callback):
     def images_per_second(self) -> float:
         """Mean training throughput so far."""
         return self.images / self.seconds if self.seconds else 0.0
+
+
+#: Batches the timing copy trains and validates; the first of each is not timed (warm-up).
+TIMED_TRAIN_BATCHES = 6
+TIMED_VAL_BATCHES = 4
+#: The share of the budget the planned batches and validations may fill: room for the clocks' noise.
+BUDGET_SHARE = 0.92
+
+
+class BatchClock(pl.Callback):
+    """Seconds between consecutive training batch ends, and between consecutive validation batch
+    ends: loading, the step and the callbacks' work, each batch's whole cost."""
+
+    def __init__(self) -> None:
+        self.train: list[float] = []
+        self.val: list[float] = []
+        self._last = 0.0
+
+    def _tick(self, into: list[float]) -> None:
+        now = time.perf_counter()
+        if self._last:
+            into.append(now - self._last)
+        self._last = now
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Time since the last training batch ended."""
+        self._tick(self.train)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validation's clock starts afresh."""
+        self._last = 0.0
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Time since the last validation batch ended."""
+        self._tick(self.val)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training's clock starts afresh."""
+        self._last = 0.0
+
+
+def batches_that_fit(seconds: float, batch_seconds: float, validation_seconds: float, batches_per_epoch: int) -> int:
+    """How many training batches fit in ``seconds`` when each takes ``batch_seconds`` and every
+    ``batches_per_epoch``-th is followed by a validation of ``validation_seconds`` (at least 1)."""
+    if batch_seconds <= 0 or validation_seconds < 0 or batches_per_epoch < 1:
+        raise ValueError(f"batch_seconds must be > 0, validation_seconds >= 0 and batches_per_epoch >= 1; "
+                         f"got {batch_seconds}, {validation_seconds}, {batches_per_epoch}")
+    epoch_seconds = batches_per_epoch * batch_seconds + validation_seconds
+    epochs = math.floor(seconds / epoch_seconds)
+    rest = seconds - epochs * epoch_seconds
+    return max(1, epochs * batches_per_epoch + min(batches_per_epoch, math.floor(rest / batch_seconds)))
+
+
+def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: str = "all") -> tuple[int, float]:
+    """How many batches the demo trains in ``seconds``, and the seconds that planning took.
+
+    A copy of the demo (its model, data and callbacks) trains :data:`TIMED_TRAIN_BATCHES` batches
+    and validates :data:`TIMED_VAL_BATCHES`; the median times of each, and the validation's
+    length, give :func:`batches_that_fit` for what is left of ``seconds`` times
+    :data:`BUDGET_SHARE`. Never fewer batches than the warm-up needs to end.
+    """
+    started = time.perf_counter()
+    model, data = demo_parts(tiny=tiny, seed=seed, mask_mode=mask_mode)
+    clock = BatchClock()
+    with _quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=TIMED_TRAIN_BATCHES, val_check_interval=TIMED_TRAIN_BATCHES,
+            check_val_every_n_epoch=None, limit_val_batches=TIMED_VAL_BATCHES, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[*_online_callbacks(), clock],
+        )
+        trainer.fit(model, data)
+    per_epoch = int(trainer.num_training_batches)
+    val_batches = sum(len(loader) for loader in data.val_dataloader())
+    batch_seconds = statistics.median(clock.train[1:] or clock.train)
+    validation_seconds = val_batches * statistics.median(clock.val[1:] or clock.val)
+    spent = time.perf_counter() - started
+    planned = batches_that_fit(BUDGET_SHARE * (seconds - spent), batch_seconds, validation_seconds, per_epoch)
+    warmup = math.ceil(model.hparams["warmup_epochs"] * per_epoch)
+    return max(planned, warmup + 1), spent
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Any:
+    """Lightning's notes on the timing copy's Trainer (accelerators found, ...) left out: the
+    demo's own Trainer prints them."""
+    lightning = logging.getLogger(pl.__name__)
+    level = lightning.level
+    lightning.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        lightning.setLevel(level)
+
+
+def _online_callbacks() -> list[pl.Callback]:
+    """The demo's online evaluation: linear probe, kNN and mask quality."""
+    return [OnlineLinearProbe(num_classes=4), OnlineKNN(k=200, temperature=0.07), MaskQuality()]
 
 
 def demo_model(encoder: str = "small_cnn", width: int = 16, **overrides: Any) -> ADIOSModule:
@@ -103,18 +213,25 @@ def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, 
     """Train the demo, print the table, and return the figures."""
     started = time.perf_counter()
     out_dir = Path(out)
-    model, data = demo_parts(tiny=tiny, seed=seed, mask_mode=mask_mode)
-    data.setup("fit")
     variant = "ADIOS" if mask_mode == "all" else "ADIOS-s"
-    print(f"adios-pl demo: SimCLR + {variant} (N={model.num_masks}) on Shapes, {data.train_size} scenes, CPU, budget {minutes:g} min")
+    budget = minutes * 60
+    plan = ""
+    if max_steps < 0:
+        print(f"adios-pl demo: timing a few batches to fit the schedule to the {minutes:g}-minute budget")
+        max_steps, spent = plan_batches(budget, tiny=tiny, seed=seed, mask_mode=mask_mode)
+        budget -= spent
+        plan = f", {max_steps} batches planned"
+    model, data = demo_parts(tiny=tiny, seed=seed, mask_mode=mask_mode)  # seeded: as if no copy had trained
+    data.setup("fit")
+    print(f"adios-pl demo: SimCLR + {variant} (N={model.num_masks}) on Shapes, {data.train_size} scenes, CPU, budget {minutes:g} min{plan}")
     before = measure(model, data, probe_epochs=5 if tiny else 30)
     speed = TrainSpeed()
     checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0)
     visualizer = MaskVisualizer(num_images=8, out_dir=str(out_dir / "masks"))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1000 if max_steps < 0 else -1, max_steps=max_steps,
-        max_time={"seconds": int(minutes * 60)}, logger=TensorBoardLogger(str(out_dir), name="tensorboard"),
-        callbacks=[OnlineLinearProbe(num_classes=4), OnlineKNN(k=200, temperature=0.07), MaskQuality(), visualizer, checkpoint, speed],
+        accelerator="cpu", devices=1, max_steps=max_steps,
+        max_time={"seconds": max(1, int(budget))}, logger=TensorBoardLogger(str(out_dir), name="tensorboard"),
+        callbacks=[*_online_callbacks(), visualizer, checkpoint, speed],
         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(model, data)
@@ -168,8 +285,10 @@ def format_table(result: dict[str, Any]) -> str:
 def run_demo_cli(argv: Sequence[str]) -> int:
     """``adios-pl demo [--minutes M] [--max-steps S] [--out DIR] [--tiny] [--seed N]``."""
     parser = argparse.ArgumentParser(prog="adios-pl demo", description=__doc__, allow_abbrev=False)
-    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many batches")
+    parser.add_argument("--minutes", type=float, default=3.0,
+                        help="training time budget (default 3): the schedule is laid over the batches a timed copy says fit in it")
+    parser.add_argument("--max-steps", type=int, default=-1,
+                        help="train this many batches instead, the schedule laid over them (the budget still stops the run)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model and data set (for tests)")
     parser.add_argument("--seed", type=int, default=0)
