@@ -1,15 +1,17 @@
-"""The demo's figures along one run: how much of them is where the time budget happens to stop.
+"""The demo's figures along one run at its peak learning rate: why the demo plans its batches.
 
-``adios-pl demo`` trains for a time budget with the schedule of a 1,000-epoch run, so it stops
-at whatever step the budget ends on, at the peak learning rate. This trains the demo's model and
-data (seed, callbacks and schedule as the demo has them, no time limit), copies the model after
-each of the given numbers of batches, stops after the last, and scores every copy as the demo
-scores its end (offline kNN and linear probe, mask FG-ARI). One JSON line per copy is printed.
+Until 33264b9, ``adios-pl demo`` trained for its time budget with the schedule of a 1,000-epoch
+run, so it stopped at whatever batch the budget ended on, at the peak learning rate. This trains
+that run (the demo's model, data, seed and callbacks; ``max_epochs=1000`` and no time limit),
+copies the model after each of the given numbers of batches, stops after the last, and scores
+every copy as the demo scores its end (offline kNN and linear probe, mask FG-ARI). One JSON line
+per copy is printed. The demo now lays its schedule over the batches its budget fits, and ends
+annealed; ``adios-pl demo --max-steps N`` is that run for N batches.
 
     python benchmarks/demo_steps.py --steps 150 156 160 164 168 172 --out benchmarks/results/demo_steps_cpu.json
 
 Since the host augmentation draws each image's views from (seed, epoch, place in the epoch), a
-copy after N batches is the model a demo stopped by its budget after N batches trains.
+copy after N batches is the model such a demo, stopped by its budget after N batches, trained.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main() -> None:
     model, data = demo_parts(seed=args.seed)
     data.setup("fit")
     copies = CopyAfter(args.steps)
-    trainer = pl.Trainer(  # the demo's Trainer (adios_pl.demo.run_demo) without its time limit, logger and pictures
+    trainer = pl.Trainer(  # the demo's Trainer before 33264b9, without its time limit, logger and pictures
         accelerator="cpu", devices=1, max_epochs=1000, logger=False, enable_checkpointing=False,
         callbacks=[OnlineLinearProbe(num_classes=4), OnlineKNN(k=200, temperature=0.07), MaskQuality(), copies],
         log_every_n_steps=10, num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False,
