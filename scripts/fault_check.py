@@ -523,6 +523,9 @@ FAULTS = [
     Fault("usage_buries_the_error", "cli.py", "        return f\"usage: {self.prog.replace(' [options]', '')} [-h] [options]\\n\"\n",
           "        return super().format_usage()\n",
           "a misspelt flag's error comes below jsonargparse's 74-line usage of every option"),
+    Fault("demo_plan_forgets_validation", "demo.py", "    epoch_seconds = batches_per_epoch * batch_seconds + validation_seconds\n",
+          "    epoch_seconds = batches_per_epoch * batch_seconds\n",
+          "the demo plans more batches than its budget fits: the validations' time is left out"),
 ]
 
 
