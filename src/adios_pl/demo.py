@@ -8,8 +8,7 @@ The budget is time, and the run ends as a training run does, with its learning r
 a copy of the demo first trains a few batches and validates a few, timed, and the schedule is
 then laid over as many batches as that says fit in the rest of the budget. A schedule laid over
 a fixed long run instead stops at its peak learning rate, wherever the budget ends, and there
-the encoder's kNN moved by several points from one batch to the next
-(``benchmarks/demo_steps.py``).
+the encoder's kNN moved by up to 5 points within a few batches (``benchmarks/demo_steps.py``).
 """
 
 from __future__ import annotations
@@ -17,15 +16,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
-import logging
 import json
+import logging
 import math
 import shlex
 import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -153,7 +152,7 @@ def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: s
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Any:
+def _quiet_lightning() -> Iterator[None]:
     """Lightning's notes on the timing copy's Trainer (accelerators found, ...) left out: the
     demo's own Trainer prints them."""
     lightning = logging.getLogger(pl.__name__)
