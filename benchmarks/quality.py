@@ -38,7 +38,7 @@ from torchvision.utils import save_image
 
 from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe, mask_grid
 from adios_pl.data import ImageFolderDataModule, ShapesDataModule
-from adios_pl.demo import TrainSpeed, demo_model, measure
+from adios_pl.demo import BatchClock, TrainSpeed, demo_model, measure
 from adios_pl.objectives import BYOL, Objective, SimCLR
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,23 +55,6 @@ OBJECTIVES = {
     "simclr": lambda: SimCLR(temperature=0.2, proj_hidden_dim=512, proj_output_dim=128),
     "byol": lambda: BYOL(proj_hidden_dim=512, proj_output_dim=128, pred_hidden_dim=512),
 }
-
-
-class StepClock(pl.Callback):
-    """Wall time per training step after ``warmup`` steps, data-loading waits included."""
-
-    def __init__(self, warmup: int = 5) -> None:
-        self.warmup = warmup
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.times.append(time.perf_counter())
-
-    @property
-    def seconds_per_step(self) -> float:
-        """Mean seconds between consecutive step ends, the first ``warmup`` steps left out."""
-        times = self.times[self.warmup :]
-        return (times[-1] - times[0]) / (len(times) - 1)
 
 
 def make_data(args: argparse.Namespace) -> Any:
@@ -109,10 +92,11 @@ def calibrate(args: argparse.Namespace, seconds: float, probe_steps: int = 25) -
     per_step = 0.0
     for variant in args.variants:
         pl.seed_everything(0, verbose=False)
-        clock = StepClock()
+        clock = BatchClock()
         trainer_for(args, [clock], max_steps=probe_steps, limit_val_batches=0).fit(make_model(args, variant), make_data(args))
-        print(f"calibration: {variant} {clock.seconds_per_step:.3f} s/step", flush=True)
-        per_step += clock.seconds_per_step
+        seconds_per_step = statistics.mean(clock.train[4:])  # data-loading waits included; the first 5 steps left out
+        print(f"calibration: {variant} {seconds_per_step:.3f} s/step", flush=True)
+        per_step += seconds_per_step
     left = seconds - (time.perf_counter() - started) - args.eval_reserve * len(args.variants) * len(args.seeds)
     steps = int(left / (per_step * len(args.seeds)))
     if steps < 1:
