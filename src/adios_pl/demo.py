@@ -143,7 +143,7 @@ def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: s
         trainer.fit(model, data)
     per_epoch = int(trainer.num_training_batches)
     batch_seconds = statistics.median(clock.train)
-    validation_seconds = sum(len(loader) * statistics.median(clock.val[index] or [0.0])
+    validation_seconds = sum(len(loader) * statistics.median(clock.val.get(index) or [0.0])
                              for index, loader in enumerate(data.val_dataloader()))
     spent = time.perf_counter() - started
     planned = batches_that_fit(BUDGET_SHARE * (seconds - spent), batch_seconds, validation_seconds, per_epoch)
