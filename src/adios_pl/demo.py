@@ -227,7 +227,7 @@ def run_demo(out: str = "runs/demo", minutes: float = 3.0, max_steps: int = -1, 
         print(f"adios-pl demo: timing a few batches to fit the schedule to the {minutes:g}-minute budget")
         max_steps, spent = plan_batches(budget, tiny=tiny, seed=seed, mask_mode=mask_mode)
         budget -= spent
-        plan = f", {max_steps} batches planned"
+        plan = f", {max_steps} batches planned (timing took {spent:.0f} s)"
     model, data = demo_parts(tiny=tiny, seed=seed, mask_mode=mask_mode)  # seeded: as if no copy had trained
     data.setup("fit")
     print(f"adios-pl demo: SimCLR + {variant} (N={model.num_masks}) on Shapes, {data.train_size} scenes, CPU, budget {minutes:g} min{plan}")
