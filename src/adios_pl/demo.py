@@ -74,13 +74,16 @@ BUDGET_SHARE = 0.95
 class BatchClock(pl.Callback):
     """Seconds between consecutive training batch ends, and between consecutive validation batch
     ends of each evaluation loader: loading, the step and the callbacks' work, each batch's whole
-    cost. The first batch after a start (of training, of a validation, of a loader) is not timed."""
+    cost. The first batch after a start (of training, of a validation, of a loader) is not timed.
+    ``validation_seconds`` is the last validation's whole time, start-up and scoring included."""
 
     def __init__(self, stop_after_validation: bool = False) -> None:
         self.train: list[float] = []
         self.val: dict[int, list[float]] = {}
+        self.validation_seconds = 0.0
         self.stop_after_validation = stop_after_validation
         self._last = 0.0
+        self._validation_started = 0.0
 
     def _tick(self, into: list[float]) -> None:
         now = time.perf_counter()
@@ -95,6 +98,7 @@ class BatchClock(pl.Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validation's clock starts afresh."""
         self._last = 0.0
+        self._validation_started = time.perf_counter()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -105,6 +109,7 @@ class BatchClock(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training's clock starts afresh; with ``stop_after_validation`` the fit ends here."""
+        self.validation_seconds = time.perf_counter() - self._validation_started
         self._last = 0.0
         trainer.should_stop = trainer.should_stop or self.stop_after_validation
 
@@ -125,10 +130,10 @@ def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: s
     """How many batches the demo trains in ``seconds``, and the seconds that planning took.
 
     A copy of the demo (its model, data and callbacks) trains :data:`TIMED_TRAIN_BATCHES` batches
-    and validates :data:`TIMED_VAL_BATCHES` of each evaluation loader; the median times of a
-    training batch and of each loader's batches (times the loader's length) give
-    :func:`batches_that_fit` for what is left of ``seconds`` times :data:`BUDGET_SHARE`. Never
-    fewer batches than the warm-up needs to end.
+    and validates :data:`TIMED_VAL_BATCHES` of each evaluation loader. The median time of a
+    training batch, and the validation's whole time plus each loader's batches it did not reach
+    at that loader's median, give :func:`batches_that_fit` for what is left of ``seconds`` times
+    :data:`BUDGET_SHARE`. Never fewer batches than the warm-up needs to end.
     """
     started = time.perf_counter()
     model, data = demo_parts(tiny=tiny, seed=seed, mask_mode=mask_mode)
@@ -143,8 +148,10 @@ def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: s
         trainer.fit(model, data)
     per_epoch = int(trainer.num_training_batches)
     batch_seconds = statistics.median(clock.train)
-    validation_seconds = sum(len(loader) * statistics.median(clock.val.get(index) or [0.0])
-                             for index, loader in enumerate(data.val_dataloader()))
+    loaders = data.val_dataloader()
+    unreached = [max(0, len(loader) - min(len(loader), TIMED_VAL_BATCHES)) for loader in loaders]
+    validation_seconds = clock.validation_seconds + sum(
+        count * statistics.median(clock.val.get(index) or [0.0]) for index, count in enumerate(unreached))
     spent = time.perf_counter() - started
     planned = batches_that_fit(BUDGET_SHARE * (seconds - spent), batch_seconds, validation_seconds, per_epoch)
     warmup = math.ceil(model.hparams["warmup_epochs"] * per_epoch)
