@@ -526,6 +526,8 @@ FAULTS = [
     Fault("demo_plan_forgets_validation", "demo.py", "    epoch_seconds = batches_per_epoch * batch_seconds + validation_seconds\n",
           "    epoch_seconds = batches_per_epoch * batch_seconds\n",
           "the demo plans more batches than its budget fits: the validations' time is left out"),
+    Fault("demo_validation_start_up_untimed", "demo.py", "    total = clock.validation_seconds\n", "    total = 0.0\n",
+          "the demo's plan counts a validation's batches only, not its start-up and scoring"),
 ]
 
 

@@ -9,6 +9,7 @@ import shlex
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -264,6 +265,28 @@ def test_batches_that_fit_match_a_clock_run_batch_by_batch() -> None:
     assert batches_that_fit(10.0, 1.0, 0.0, 4) == 10 and batches_that_fit(0.5, 1.0, 0.0, 4) == 1
     with pytest.raises(ValueError, match="batch_seconds"):
         batches_that_fit(10.0, 0.0, 1.0, 4)
+
+
+def test_batch_clock_and_the_whole_validation_it_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intervals between batch ends (the first after each start untimed), each evaluation loader
+    apart, and a validation's whole time; a whole validation adds the unreached batches at each
+    loader's median."""
+    from adios_pl import demo
+
+    now = iter([1.0, 2.0, 4.0, 5.0, 6.0, 7.0, 9.0, 10.0, 13.0, 14.0])
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(now))
+    clock = demo.BatchClock(stop_after_validation=True)
+    trainer = SimpleNamespace(should_stop=False)
+    for index in range(3):  # training batches end at 1, 2, 4
+        clock.on_train_batch_end(trainer, None, None, None, index)  # type: ignore[arg-type]
+    clock.on_validation_start(trainer, None)  # type: ignore[arg-type]  # at 5
+    for loader, index in ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2)):  # at 6, 7 and 9, 10, 13
+        clock.on_validation_batch_end(trainer, None, None, None, index, loader)  # type: ignore[arg-type]
+    clock.on_validation_end(trainer, None)  # type: ignore[arg-type]  # at 14
+    assert clock.train == [1.0, 2.0] and clock.val == {0: [1.0], 1: [1.0, 3.0]}
+    assert clock.validation_seconds == 9.0 and trainer.should_stop
+    # loader 0: 2 of 10 batches reached, 8 more at 1 s; loader 1: 3 of 3; a loader never reached: free
+    assert demo.whole_validation_seconds(clock, [10, 3, 5]) == 9.0 + 8 * 1.0
 
 
 def test_demo_speed_counts_images_not_views() -> None:

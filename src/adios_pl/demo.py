@@ -126,6 +126,18 @@ def batches_that_fit(seconds: float, batch_seconds: float, validation_seconds: f
     return max(1, epochs * batches_per_epoch + min(batches_per_epoch, math.floor(rest / batch_seconds)))
 
 
+def whole_validation_seconds(clock: BatchClock, lengths: list[int]) -> float:
+    """A whole validation's seconds from ``clock``'s shortened one: its measured time, plus the
+    batches of each loader (of ``lengths``) that it did not reach, at that loader's median batch
+    time. A loader it did not reach at all counts as free."""
+    total = clock.validation_seconds
+    for index, length in enumerate(lengths):
+        times = clock.val.get(index)
+        if times is not None:  # reached: the first batch untimed, the others timed
+            total += (length - min(length, len(times) + 1)) * statistics.median(times or [0.0])
+    return total
+
+
 def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: str = "all") -> tuple[int, float]:
     """How many batches the demo trains in ``seconds``, and the seconds that planning took.
 
@@ -148,10 +160,7 @@ def plan_batches(seconds: float, tiny: bool = False, seed: int = 0, mask_mode: s
         trainer.fit(model, data)
     per_epoch = int(trainer.num_training_batches)
     batch_seconds = statistics.median(clock.train)
-    loaders = data.val_dataloader()
-    unreached = [max(0, len(loader) - min(len(loader), TIMED_VAL_BATCHES)) for loader in loaders]
-    validation_seconds = clock.validation_seconds + sum(
-        count * statistics.median(clock.val.get(index) or [0.0]) for index, count in enumerate(unreached))
+    validation_seconds = whole_validation_seconds(clock, [len(loader) for loader in data.val_dataloader()])
     spent = time.perf_counter() - started
     planned = batches_that_fit(BUDGET_SHARE * (seconds - spent), batch_seconds, validation_seconds, per_epoch)
     warmup = math.ceil(model.hparams["warmup_epochs"] * per_epoch)
