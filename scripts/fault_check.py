@@ -18,7 +18,8 @@ Each fault first runs, on its own, the test that caught it last (``scripts/fault
 updated by every run); only if that passes does the whole suite run. A hint that no longer
 fails thus costs only its own test's time. ``--no-hints`` runs the whole suite for every fault.
 
-The exit status is 0 when the suite caught every fault it ran.
+The exit status is 0 when the suite caught every fault it ran, and 2 when the suite does not
+collect on the unfaulted code (a broken environment would otherwise make every fault "caught").
 """
 
 from __future__ import annotations
@@ -558,6 +559,17 @@ def failed_node(line: str) -> str | None:
     return None
 
 
+def unfaulted_problem(pytest_args: list[str]) -> str | None:
+    """Why the suite cannot be collected on the code as it is (a package missing from the
+    environment, say), or None. Every fault would otherwise be told caught by that error."""
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *pytest_args, *_suite()]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    if done.returncode == 0:
+        return None
+    lines = done.stdout.strip().splitlines()
+    return next((line for line in lines if line.startswith("ERROR")), lines[-1] if lines else done.stderr.strip()[-300:])
+
+
 def run_fault(fault: Fault, pytest_args: list[str], hint: str | None = None) -> tuple[str, str]:
     """Apply ``fault``, run ``hint`` (a node id) and, unless it fails, the suite; restore the file;
     ``(outcome, detail)`` with outcome ``"caught"``, ``"MISSED"``, ``"TIMEOUT"`` or ``"STALE"``
@@ -612,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     # restore the file on SIGTERM too (KeyboardInterrupt already unwinds through run_fault)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     chosen = [known[n] for n in args.names] if args.names else FAULTS
+    problem = unfaulted_problem(args.pytest_arg)
+    if problem:
+        print(f"fault_check: the suite does not even collect on the unfaulted code, so no fault was run: {problem}")
+        return 2
     outcomes: dict[str, int] = {}
     hints = read_hints()
     start = time.monotonic()

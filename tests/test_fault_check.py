@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -46,3 +47,22 @@ def test_the_catching_test_is_read_from_pytests_summary_line(fault_check: Module
     assert fault_check.failed_node(line) == "tests/test_bad_input.py::test_bad_batch[wrong image size]"
     assert fault_check.failed_node("ERROR tests/test_cli.py - ImportError: cannot import name") == "tests/test_cli.py"
     assert fault_check.failed_node("3 passed in 1.20s") is None
+
+
+def test_a_suite_that_does_not_collect_unfaulted_runs_no_fault(fault_check: ModuleType, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """Run without the project's packages, every fault's pytest failed at its imports, and each was
+    counted as caught. The collection of the unfaulted suite is checked first."""
+    broken = "ERROR tests/test_cli.py - ModuleNotFoundError: No module named 'pytorch_lightning'"
+
+    def collect(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert "--collect-only" in command, command
+        return subprocess.CompletedProcess(command, 2, stdout=f"{broken}\n1 error in 0.50s\n", stderr="")
+
+    def no_fault(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a fault was run")
+
+    monkeypatch.setattr(fault_check.subprocess, "run", collect)
+    monkeypatch.setattr(fault_check, "run_fault", no_fault)
+    assert fault_check.main(["usage_buries_the_error"]) == 2
+    assert broken in capsys.readouterr().out
