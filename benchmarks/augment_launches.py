@@ -20,6 +20,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from adios_pl.data.device_augment import DeviceAugmentation
+
 from ops_per_step import CountOps  # benchmarks/ops_per_step.py
 
 #: A call in the generated code's ``call`` function that launches work on the device.

@@ -39,9 +39,9 @@ import contextlib
 from typing import Any, Dict, Iterator, Mapping
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 from ops_per_step import NO_KERNEL, one_batch  # benchmarks/ops_per_step.py
 from train_speed import VARIANTS, append_entries  # benchmarks/train_speed.py

@@ -39,6 +39,7 @@ from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
 from adios_pl.data.device_augment import DeviceAugmentation
 from adios_pl.masks import MaskGenerator
+
 from train_speed import VARIANTS, append_entries  # benchmarks/train_speed.py
 
 #: Where an operation is attributed: the innermost frame in one of these, else "other".

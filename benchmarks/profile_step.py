@@ -34,8 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
-from train_speed import VARIANTS  # benchmarks/train_speed.py
 
+from train_speed import VARIANTS  # benchmarks/train_speed.py
 
 CUDA = torch.cuda.is_available()  # without, the script runs (for a dry run) but counts nothing on a GPU
 

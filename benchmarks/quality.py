@@ -32,10 +32,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-
-from adios_pl import ADIOSModule
 from torchvision.utils import save_image
 
+from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe, mask_grid
 from adios_pl.data import ImageFolderDataModule, ShapesDataModule
 from adios_pl.demo import BatchClock, TrainSpeed, demo_model, measure

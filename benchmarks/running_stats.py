@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import test_exactness  # noqa: E402  (the same harness as the exactness tests)
+
 from conftest import TwoViewTensors  # noqa: E402
 
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR
+
 from reference_step import reference_step  # benchmarks/reference_step.py
 
 

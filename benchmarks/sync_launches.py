@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from adios_pl import ADIOSModule
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers
+
 from ops_per_step import CountOps  # benchmarks/ops_per_step.py
 
 

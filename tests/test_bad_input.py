@@ -14,11 +14,20 @@ from PIL import Image
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
-from adios_pl.data import CIFAR10DataModule, CorruptImageError, ImageFiles, ImageFolderDataModule, ImageNet100DataModule, ShapesDataModule, STL10DataModule
-from adios_pl.masks import MaskGenerator, RandomMasks
+from adios_pl.data import (
+    CIFAR10DataModule,
+    CorruptImageError,
+    ImageFiles,
+    ImageFolderDataModule,
+    ImageNet100DataModule,
+    ShapesDataModule,
+    STL10DataModule,
+)
 from adios_pl.evaluation import linear_probe
+from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.objectives import BYOL, SimCLR, SimSiam
 from adios_pl.optim import LARS, build_optimizer
+
 from conftest import make_loader, quiet_trainer
 
 TINY = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, mask_width=8, num_masks=2)

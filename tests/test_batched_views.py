@@ -14,6 +14,7 @@ from adios_pl import ADIOSModule
 from adios_pl.batched_views import batch_norm_per_view, forward_views, grouped_batch_norm
 from adios_pl.errors import ConfigurationError
 from adios_pl.objectives import SimCLR
+
 from conftest import make_loader, quiet_trainer
 
 VIEWS, BATCH = 4, 5  # four views: plain batch norm takes the per-view function (MIN_VIEWS_FOR_FUNCTION)

@@ -20,6 +20,7 @@ from adios_pl.evaluation import evaluate_encoder, extract_features, knn_accuracy
 from adios_pl.export import export_encoder
 from adios_pl.metrics import adjusted_rand_index, foreground_ari, knn_predict, mean_best_overlap, random_patch_segmentation, segmentation_covering
 from adios_pl.objectives import SimCLR
+
 from conftest import quiet_trainer
 
 

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
 from adios_pl import ADIOSModule
 from adios_pl.checkpoint import AtomicCheckpointIO
-from adios_pl.errors import ConfigurationError
 from adios_pl.cli import main
 from adios_pl.encoders import SmallConvNet
+from adios_pl.errors import ConfigurationError
 from adios_pl.masks import MaskGenerator
 from adios_pl.objectives import SimCLR
+
 from conftest import make_loader, quiet_trainer
-from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
 CONFIG = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
 

@@ -160,6 +160,7 @@ def test_a_class_that_fails_to_build_says_why_in_one_line(capsys: pytest.Capture
 def test_checkpoint_of_another_objective_is_refused(capsys: pytest.CaptureFixture, stubbed_data: None, tmp_path: Path) -> None:
     from adios_pl import ADIOSModule
     from adios_pl.objectives import SimCLR
+
     from conftest import make_loader, quiet_trainer
 
     simclr = ADIOSModule(encoder="resnet18", objective=SimCLR(), num_masks=4, mask_width=32, image_size=32, warmup_epochs=0)

@@ -23,6 +23,8 @@ import torch
 import torchvision
 import yaml
 from PIL import Image
+from test_checkpoints import HalfTemperature, _checkpoint
+from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
 import adios_pl.cli
 from adios_pl import ADIOSModule
@@ -30,9 +32,8 @@ from adios_pl.callbacks import MaskVisualizer
 from adios_pl.cli import main
 from adios_pl.data import CIFAR10DataModule, ImageFolderDataModule, ShapesDataModule
 from adios_pl.evaluation import evaluate_encoder
+
 from conftest import make_loader, quiet_trainer
-from test_checkpoints import HalfTemperature, _checkpoint
-from test_cli import CPU, ROOT, stubbed_data  # noqa: F401  (fixture)
 
 CONFIG = str(ROOT / "configs/cifar10/simclr_adios_resnet18.yaml")
 

@@ -15,8 +15,16 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from adios_pl.data import (
-    CIFAR10DataModule, CIFAR100DataModule, CorruptImageError, ImageFolderDataModule, ImageNet100DataModule,
-    STL10DataModule, ShapesDataModule, ShapesDataset, imagenet100_classes, load_rgb,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    CorruptImageError,
+    ImageFolderDataModule,
+    ImageNet100DataModule,
+    ShapesDataModule,
+    ShapesDataset,
+    STL10DataModule,
+    imagenet100_classes,
+    load_rgb,
 )
 from adios_pl.data.shapes import RandomColourShuffle
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform

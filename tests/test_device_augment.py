@@ -16,7 +16,15 @@ from torchvision.transforms.v2 import functional as TF
 from adios_pl.data import ShapesDataModule
 from adios_pl.data.base import CachedImages, SSLDataModule
 from adios_pl.data.device_augment import (
-    DRAW_COLUMNS, DRAWS_PER_IMAGE, DeviceAugmentation, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, sample_crops,
+    DRAW_COLUMNS,
+    DRAWS_PER_IMAGE,
+    DeviceAugmentation,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    gaussian_blur,
+    sample_crops,
 )
 from adios_pl.data.transforms import pretrain_transform
 

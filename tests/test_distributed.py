@@ -22,6 +22,7 @@ from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.distributed import all_reduce_gradients, broadcast_buffers, check_strategy, gather_in_order
 from adios_pl.masking import sample_slots
 from adios_pl.objectives import BYOL, SimCLR
+
 from conftest import TwoViewTensors, free_port, quiet_trainer
 
 PER_RANK = 4

@@ -18,6 +18,7 @@ from torch import Tensor
 import adios_pl.module as module_lib
 from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR, SimSiam
+
 from conftest import make_loader, quiet_trainer
 from oracle import Oracle, byol_mlp, load_from, simclr_projector, simsiam_predictor, simsiam_projector
 

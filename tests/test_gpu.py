@@ -10,6 +10,7 @@ import torch
 from adios_pl import ADIOSModule
 from adios_pl.evaluation import extract_features
 from adios_pl.objectives import BYOL, SimCLR
+
 from conftest import make_loader, quiet_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -164,8 +165,9 @@ def test_device_augmentation_never_synchronises_and_matches_the_cpu_draws() -> N
     """On CUDA the two-view pipeline makes no host synchronisation (sync debug mode 'error'
     raises on any), and the distributions of per-view statistics match the same code's on the
     CPU (two-sample KS test at alpha = 0.001; the two devices draw different random numbers)."""
-    from adios_pl.data.device_augment import DeviceAugmentation
     from test_device_augment import KS_LIMIT, N, ks
+
+    from adios_pl.data.device_augment import DeviceAugmentation
 
     images = torch.randint(0, 256, (N, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     augment = DeviceAugmentation(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), solarization_prob=0.2)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from adios_pl import ADIOSModule
 from adios_pl.masks import MaskGenerator, RandomMasks
+
 from conftest import make_loader, quiet_trainer
 
 TINY = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, warmup_epochs=0, lr=0.05, mask_lr=0.05)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adios_pl.masks import MaskGenerator, default_num_blocks
 from adios_pl.masking import masked_view, sample_slots
+from adios_pl.masks import MaskGenerator, default_num_blocks
 from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from adios_pl import ADIOSModule
 from adios_pl.objectives import BYOL, SimCLR, momentum_tau
 from adios_pl.optim import warmup_cosine
+
 from conftest import make_loader, quiet_trainer
 
 TINY: dict[str, Any] = dict(encoder="small_cnn", encoder_kwargs={"width": 8}, image_size=16, mask_width=8, num_masks=3)

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 from lightly.loss import VICRegLoss
@@ -17,6 +16,7 @@ from torch import nn
 from adios_pl import ADIOSModule
 from adios_pl.encoders import SmallConvNet
 from adios_pl.objectives import BYOL, SimCLR, SimSiam, byol_loss, momentum_tau, simsiam_loss
+
 from conftest import make_loader, quiet_trainer
 
 

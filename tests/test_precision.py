@@ -15,6 +15,7 @@ from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ShapesDataModule
 from adios_pl.objectives import SimCLR
+
 from conftest import make_loader, quiet_trainer
 
 

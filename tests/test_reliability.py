@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineLinearProbe
 from adios_pl.objectives import BYOL, SimCLR
 from adios_pl.optim import warmup_cosine
+
 from conftest import StopAt, make_loader, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from adios_pl.data.base import SSLDataModule
 from adios_pl.data.resumable import EpochSampler, ResumableLoader, SeededDataset
 from adios_pl.module import ADIOSModule
 from adios_pl.objectives import SimCLR
+
 from conftest import StopAt, quiet_trainer
 
 

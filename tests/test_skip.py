@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineLinearProbe
 from adios_pl.objectives import BYOL
+
 from conftest import TwoViewTensors, quiet_trainer
 
 

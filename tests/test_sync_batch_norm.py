@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adios_pl.batched_views import batch_norm_per_view, synchronised_batch_norm
+
 from conftest import free_port
 
 WORLD, VIEWS, PER_RANK, CHANNELS = 2, 3, 4, 5

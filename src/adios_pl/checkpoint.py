@@ -13,9 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from adios_pl.backend import (
-    PACKAGES, TorchCheckpointIO, get_filesystem, load_hparams_from_tags_csv, load_hparams_from_yaml, pl, pl_load,
-)
+from adios_pl.backend import PACKAGES, TorchCheckpointIO, get_filesystem, load_hparams_from_tags_csv, load_hparams_from_yaml, pl, pl_load
 from adios_pl.errors import ConfigurationError
 
 

@@ -8,24 +8,32 @@ the callbacks and the Trainer is a flag or a YAML key (jsonargparse reads the si
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union, get_args, get_origin
-
 import difflib
 import inspect
 import json
 import logging
-import warnings
+import os
 import re
+import sys
+import warnings
 from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union, get_args, get_origin
 
 import torch
 from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 
 from adios_pl import __version__
 from adios_pl.backend import (
-    ENV_VAR, OTHER_PACKAGE, PACKAGE, PACKAGES, LightningArgumentParser, LightningCLI, MisconfigurationException, pl, rank_zero_info, rank_zero_warn,
+    ENV_VAR,
+    OTHER_PACKAGE,
+    PACKAGE,
+    PACKAGES,
+    LightningArgumentParser,
+    LightningCLI,
+    MisconfigurationException,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
 )
 from adios_pl.callbacks.features import FeatureWriter
 from adios_pl.checkpoint import AtomicCheckpointIO, read_hyper_parameters

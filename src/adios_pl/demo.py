@@ -31,7 +31,7 @@ import torch
 from adios_pl.backend import ModelCheckpoint, TensorBoardLogger, pl
 from adios_pl.callbacks import MaskQuality, MaskVisualizer, OnlineKNN, OnlineLinearProbe
 from adios_pl.checkpoint import AtomicCheckpointIO
-from adios_pl.data import SSLDataModule, ShapesDataModule
+from adios_pl.data import ShapesDataModule, SSLDataModule
 from adios_pl.evaluation import evaluate_encoder
 from adios_pl.metrics import foreground_ari, random_patch_segmentation
 from adios_pl.modes import eval_mode

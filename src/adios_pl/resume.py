@@ -14,7 +14,6 @@ import os
 import re
 from typing import Any, Sequence
 
-
 from adios_pl.backend import ModelCheckpoint, get_filesystem, pl
 from adios_pl.errors import ConfigurationError
 

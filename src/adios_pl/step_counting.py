@@ -12,7 +12,6 @@ from typing import Any
 
 from adios_pl.backend import pl
 
-
 _HOOKS = ("_on_before_step", "_on_after_step")
 
 

@@ -11,8 +11,8 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from adios_pl.backend import pl
 from adios_pl.callbacks.base import EvaluationCallback, batch_parts
-from adios_pl.errors import ConfigurationError
 from adios_pl.distributed import gather_in_order, gather_rows
+from adios_pl.errors import ConfigurationError
 from adios_pl.evaluation import seeded_linear
 from adios_pl.nonfinite import StateSnapshot
 

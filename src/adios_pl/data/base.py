@@ -10,10 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from adios_pl.backend import pl
 from adios_pl.checks import check_compile_setting
-from adios_pl.errors import ConfigurationError
 from adios_pl.data.device_augment import DeviceAugmentation
 from adios_pl.data.resumable import EpochSampler, ResumableLoader, SeededDataset, batch_seed, lightning_seed
 from adios_pl.data.transforms import TwoViews, eval_transform, pretrain_transform, uint8_transform
+from adios_pl.errors import ConfigurationError
 
 #: Largest decoded training set (bytes, per process) that ``cache_images=None`` keeps in memory.
 AUTO_CACHE_BYTES = 4 * 2**30

@@ -14,9 +14,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from adios_pl.backend import rank_zero_warn
-from adios_pl.errors import ConfigurationError, UserInputError
 from adios_pl.data.base import SSLDataModule
 from adios_pl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from adios_pl.errors import ConfigurationError, UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_LAYOUT = "<dir>/<class>/<image>.jpg (class folders) or <dir>/<image>.jpg (unlabelled)"

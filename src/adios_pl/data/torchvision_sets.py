@@ -9,10 +9,7 @@ import torchvision
 from torch.utils.data import ConcatDataset, Dataset
 
 from adios_pl.data.base import SSLDataModule
-from adios_pl.data.transforms import (
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, STL10_MEAN, STL10_STD, eval_transform,
-)
-
+from adios_pl.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, STL10_MEAN, STL10_STD, eval_transform
 
 #: The folder torchvision reads under ``data_dir``, and where the archive comes from.
 _FOLDERS = {

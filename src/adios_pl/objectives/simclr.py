@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lightly.models.modules.heads import ProjectionHead
-from lightly.utils import dist
 import torch
 import torch.nn.functional as F
+from lightly.models.modules.heads import ProjectionHead
+from lightly.utils import dist
 from torch import Tensor, nn
 
 from adios_pl.errors import ConfigurationError
-
 from adios_pl.objectives.base import Objective, ViewOutput
 
 
