@@ -104,7 +104,7 @@ def calibrate(args: argparse.Namespace, seconds: float, probe_steps: int = 25) -
     return steps
 
 
-def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
+def run(args: argparse.Namespace, variant: str, seed: int, revision: str) -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     data = make_data(args)
     data.setup("fit")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, variant: str, seed: int) -> dict[str, Any]:
     if model.mask_generator is not None and seed == args.seeds[0]:
         save_mask_picture(model, data, args.results / f"masks_{result_name(args)}_{variant}.png")
     epochs = args.steps * args.batch_size / len(data.pretrain_set)
-    row = {"variant": variant, "seed": seed, "git_revision": git_revision(), "steps": args.steps, "epochs": epochs, "images_per_s": speed.images_per_second,
+    row = {"variant": variant, "seed": seed, "git_revision": revision, "steps": args.steps, "epochs": epochs, "images_per_s": speed.images_per_second,
            "train_seconds": train_seconds, "validate_seconds": validate_seconds, "offline_eval_seconds": measure_seconds, "online_linear_top1": online.get("val/linear_top1"), "knn_top1": online.get("val/knn_top1"),
            "offline_linear_top1": offline["linear_top1"], "offline_knn_top1": offline["knn_top1"],
            "mask_fg_ari": offline.get("mask_fg_ari"), "random_patch_fg_ari": offline.get("random_patch_fg_ari")}
@@ -250,7 +250,7 @@ def main() -> None:
         result: dict[str, Any] = {"data": data_name(args), "title": title, "command": command, "git_revision": revision, "machine": machine, "runs": kept}
         for seed in args.seeds:
             for variant in args.variants:
-                result["runs"].append(run(args, variant, seed))
+                result["runs"].append(run(args, variant, seed, revision))
                 result["wall_seconds"] = time.perf_counter() - started
                 path.write_text(json.dumps(result, indent=2))  # after every run: an interrupted benchmark keeps its runs
     (args.results / "quality.md").write_text(render(args.results))
