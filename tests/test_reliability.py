@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -113,16 +112,22 @@ KILLED_RUN = textwrap.dedent("""
 def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
     beat = tmp_path / "beat"
     script = KILLED_RUN.format(tests=str(ROOT / "tests"), beat=str(beat), out=str(tmp_path / "ck"))
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", script], cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not (beat.exists() and beat.read_text().strip() and int(beat.read_text()) >= 5):
+        while (time.time() < deadline and process.poll() is None
+               and not (beat.exists() and beat.read_text().strip() and int(beat.read_text()) >= 5)):
             time.sleep(0.05)
-        os.kill(process.pid, signal.SIGKILL)
+        exited = process.poll()  # on its own, before the kill: the run failed
+        process.send_signal(signal.SIGKILL)  # (nothing if it has ended)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
+    assert exited is None, f"the run to kill ended on its own (exit status {exited}):\n{errors.read_text()[-3000:]}"
+    assert beat.exists(), f"the run trained no batch in 120 s:\n{errors.read_text()[-3000:]}"
     killed_at = int(beat.read_text())
     assert killed_at >= 5, "the run did not get going"
     saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["global_step"]

@@ -1,6 +1,6 @@
 """Runs the test suite on the unified ``lightning`` package (by hand, not in CI):
 
-    ADIOS_PL_LIGHTNING=lightning PYTHONPATH=scripts/lightning_alias pytest
+    ADIOS_PL_LIGHTNING=lightning PYTHONPATH=$PWD/scripts/lightning_alias pytest
 
 The tests import ``pytorch_lightning`` and ``lightning_fabric`` as a user's script would. On
 ``PYTHONPATH``, this file is read at the start of every Python process (subprocesses and DDP
