@@ -256,11 +256,12 @@ def exact_kernels() -> Iterator[None]:
         cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
 
 
+@pytest.mark.parametrize("objective", [False, True], ids=["", "objective"])
 @pytest.mark.parametrize("masked_views", ["sequential", "batched"])
-def test_cuda_graph_replays_match_the_same_compiled_kernels(masked_views: str, exact_kernels: None) -> None:
-    """compile_encoder="reduce-overhead" (with batched views the mask generator's too): three
-    training steps, the later ones replayed from recorded CUDA graphs, against the same compiled
-    kernels run without graphs (the default mode).
+def test_cuda_graph_replays_match_the_same_compiled_kernels(masked_views: str, objective: bool, exact_kernels: None) -> None:
+    """compile_encoder="reduce-overhead" (with batched views the mask generator's too; with
+    ``objective``, compile_objective too): three training steps, the later ones replayed from
+    recorded CUDA graphs, against the same compiled kernels run without graphs (the default mode).
 
     With deterministic kernels the two differ only where a replay reads a stale input or
     overwrites an output still in use, which moves the updates far more than rounding does. The
@@ -286,7 +287,7 @@ def test_cuda_graph_replays_match_the_same_compiled_kernels(masked_views: str, e
         counters.clear()
         compile_mask_generator = mode if masked_views == "batched" else False
         runs[mode] = _updates(_model(channels_last=True, compile_encoder=mode, compile_mask_generator=compile_mask_generator,
-                                     **settings), steps=3, precision="32-true")
+                                     compile_objective=mode if objective else False, **settings), steps=3, precision="32-true")
     assert counters["inductor"]["cudagraph_skips"] == 0, "a compiled graph ran without CUDA graphs (TORCH_LOGS=cudagraphs says why)"
     manager = get_manager(torch.cuda.current_device(), create_if_none_exists=False)
     assert manager is not None and any(manager.roots.values()), "no CUDA graph was recorded"

@@ -13,8 +13,9 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import MaskQuality, OnlineKNN, OnlineLinearProbe
+from adios_pl.checks import compile_options
 from adios_pl.data import ShapesDataModule
-from adios_pl.objectives import SimCLR
+from adios_pl.objectives import BYOL, SimCLR, SimSiam
 
 from conftest import make_loader, quiet_trainer
 
@@ -133,16 +134,118 @@ def test_compiled_parts_get_their_mode_with_mix_order_reduction_off(monkeypatch:
     ]
 
 
+def test_compile_objective_compiles_its_forward_and_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile_objective compiles the objective's forward in place (parameter names unchanged) and
+    its three losses, each with its mode's options and mix-order reduction off."""
+    calls: list[tuple[Any, dict]] = []
+
+    def record(fn: Any, **kwargs: Any) -> Any:
+        calls.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    model = _model(compile_objective="reduce-overhead")
+    names = set(model.state_dict())
+    model.configure_model()
+    assert set(model.state_dict()) == names
+    options = {"options": compile_options("reduce-overhead")}
+    objective = model.objective
+    assert calls == [(objective._call_impl, options), (objective.loss, options), (objective.loss_both, options), (objective.terms_loss, options)]
+    calls.clear()
+    model.configure_model()  # once only
+    assert calls == [] and _model().objective._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager-kernels", "cuda-graphs"])
+def test_what_leaves_the_step_is_copied_out_of_the_objectives_cuda_graphs(graphs: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the objective replaying as CUDA graphs (simulated: the decision is made as on a GPU),
+    the encoder loss and the features that the step hands to logs and callbacks are copies, not
+    the graphs' outputs, which the next replay overwrites; otherwise they are the outputs
+    themselves (no copy)."""
+    import adios_pl.module
+
+    monkeypatch.setattr(adios_pl.module, "replays_as_cuda_graphs", lambda setting, device: graphs and setting == "reduce-overhead")
+    model = _model(masked_views="batched", compile_objective="reduce-overhead")
+    monkeypatch.setattr(model, "configure_model", lambda: None)  # runs eagerly: only what is copied is checked
+    made: list[torch.Tensor] = []  # what the compiled parts would return: the objective's outputs, its losses
+    plain_loss, plain_forward = model._loss, model.objective.forward
+
+    def loss(name: str) -> Any:
+        def call(*args: Any) -> torch.Tensor:
+            made.append(plain_loss(name)(*args))
+            return made[-1]
+        return call
+
+    def forward(*args: Any) -> dict[str, torch.Tensor]:
+        out = plain_forward(*args)
+        made.extend(out.values())
+        return out
+
+    monkeypatch.setattr(model, "_loss", loss)
+    monkeypatch.setattr(model.objective, "forward", forward)
+    outputs: list[Any] = []
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, out: Any, batch: Any, batch_idx: int) -> None:
+            outputs.append(out)
+
+    quiet_trainer(max_steps=1, callbacks=[Keep()]).fit(model, make_loader(n=8, size=16))
+    storages = {t.untyped_storage().data_ptr() for t in made}
+    left = [outputs[0]["loss"], outputs[0]["features"]]
+    assert [t.untyped_storage().data_ptr() in storages for t in left] == [not graphs, not graphs]
+
+
+def _double_updates(model: ADIOSModule, steps: int = 2) -> torch.Tensor:
+    """Every parameter's change over ``steps`` float64 steps, flattened."""
+    before = {k: v.detach().double().clone() for k, v in model.named_parameters()}
+    quiet_trainer(max_steps=steps, precision="64-true").fit(model, make_loader(n=8 * steps, size=16, dtype=torch.float64))
+    after = dict(model.named_parameters())
+    return torch.cat([(after[k].detach() - v).flatten() for k, v in before.items()])
+
+
+@pytest.mark.parametrize(
+    ("objective", "settings", "graphs"),
+    [
+        (lambda: SimCLR(proj_hidden_dim=32, proj_output_dim=16), {"masked_views": "batched"}, 5),
+        (lambda: SimCLR(proj_hidden_dim=32, proj_output_dim=16), {"mask_mode": "one"}, 5),
+        (lambda: SimCLR(proj_hidden_dim=32, proj_output_dim=16), {"masked_views": "batched", "update": "simultaneous"}, 2),
+        (lambda: BYOL(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32), {"masked_views": "batched"}, 5),
+        (lambda: SimSiam(proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=8, mask_both_views=True), {}, 5),
+    ],
+    ids=["simclr-batched", "simclr-adios-s", "simclr-simultaneous", "byol-batched", "simsiam-both-views"],
+)
+def test_compiled_objective_traces_the_step_it_runs_eagerly(
+    objective: Any, settings: dict[str, Any], graphs: int, graphs_per_part: Counter[str],
+) -> None:
+    """The step with compile_objective, as dynamo traces it (its graphs run eagerly, no code
+    generated), against the eager step: the same updates in float64 (batched, batch norm takes
+    its grouped form under the compiler, which rounds otherwise), without a graph break. The
+    step calls the compiled losses: the objective's graphs are its forward's three (the encoder
+    step's, the mask step's clean views without gradients and its masked views with the encoder
+    side frozen; one in a simultaneous step) and a loss's per player. Measured here: the updates
+    (up to 0.2) differ by 2e-15 at most, as much as the eager batched and sequential steps do."""
+    eager = _double_updates(_model(objective=objective(), **settings))
+    graphs_per_part.clear()
+    traced = _double_updates(_model(objective=objective(), compile_objective=True, **settings))
+    name = type(objective()).__name__
+    assert dict(graphs_per_part) == {name: graphs}, dict(graphs_per_part)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(traced, eager, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_compiled_parts_in_a_cuda_graph_mode_match_eager_on_the_cpu() -> None:
-    """compile_encoder and compile_mask_generator="reduce-overhead" with batched views: three steps
-    (on the CPU the mode compiles without CUDA graphs, so this checks the step under the
-    compiler, not the graphs)."""
+    """compile_encoder, compile_mask_generator and compile_objective="reduce-overhead" with batched
+    views: three steps (on the CPU the mode compiles without CUDA graphs, so this checks the step
+    under the compiler, not the graphs)."""
     eager = _updates(_model(masked_views="batched"), steps=3)
     torch._dynamo.reset()
-    compiled = _updates(_model(masked_views="batched", compile_encoder="reduce-overhead", compile_mask_generator="reduce-overhead"), steps=3)
-    # measured here: 2.5e-6 (encoder) and 3.1e-6 (mask generator); bounds kept wide, as the mask
-    # generator's gradient is tiny and noise-like (1e-3 apart with the encoder alone compiled)
+    mode = "reduce-overhead"
+    compiled = _updates(_model(masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, compile_objective=mode), steps=3)
+    torch._dynamo.reset()
+    # measured here: 2.5e-6 (encoder) and 3.3e-6 (mask generator), 2.5e-6 and 3.1e-6 without the
+    # objective compiled; bounds kept wide, as the mask generator's gradient is tiny and
+    # noise-like (1e-3 apart with the encoder alone compiled)
     assert _rel(compiled["encoder"], eager["encoder"]) < 1e-2
     assert _rel(compiled["mask_generator"], eager["mask_generator"]) < 0.1
 
@@ -154,9 +257,9 @@ def _fast_data(image_size: int, train_size: int, val_size: int, batch_size: int)
 
 
 def _compiled_fit(graphs: Counter[str], data: ShapesDataModule, epochs: int, callbacks: list[pl.Callback], **model: Any) -> list[dict[str, int]]:
-    """Fit on the GPU fast path (``data`` from :func:`_fast_data`, batched views, the encoder and the
-    mask generator compiled in ``"reduce-overhead"`` mode); returns the graphs made by each epoch's
-    end, counted by ``graphs`` (the ``graphs_per_part`` fixture)."""
+    """Fit on the GPU fast path (``data`` from :func:`_fast_data`, batched views, the encoder, the
+    mask generator and the objective compiled in ``"reduce-overhead"`` mode); returns the graphs
+    made by each epoch's end, counted by ``graphs`` (the ``graphs_per_part`` fixture)."""
     per_epoch: list[dict[str, int]] = []
 
     class Graphs(pl.Callback):
@@ -164,7 +267,8 @@ def _compiled_fit(graphs: Counter[str], data: ShapesDataModule, epochs: int, cal
             per_epoch.append(dict(graphs))
 
     mode = "reduce-overhead"
-    fit_model = _model(image_size=data.image_size, masked_views="batched", compile_encoder=mode, compile_mask_generator=mode, **model)
+    fit_model = _model(image_size=data.image_size, masked_views="batched", compile_encoder=mode, compile_mask_generator=mode,
+                       compile_objective=mode, **model)
     trainer = {} if any(isinstance(c, OnlineKNN) for c in callbacks) else {"limit_val_batches": 0}
     quiet_trainer(max_epochs=epochs, num_sanity_val_steps=0, callbacks=[*callbacks, Graphs()], **trainer).fit(fit_model, datamodule=data)
     return per_epoch
@@ -172,7 +276,7 @@ def _compiled_fit(graphs: Counter[str], data: ShapesDataModule, epochs: int, cal
 
 @pytest.mark.parametrize("variant", [{}, {"mask_mode": "one"}, {"update": "simultaneous"}])
 def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], graphs_per_part: Counter[str]) -> None:
-    """The GPU fast path (device augmentation, batched views, the three compile options) through
+    """The GPU fast path (device augmentation, batched views, the four compile options) through
     a fit with validation and the evaluation callbacks, a partial last evaluation batch included:
     every graph is made in the first epoch, none after, no part nears dynamo's recompile limit
     (past it, a part would silently run eager), and no graph breaks. dynamo's guards decide this, not the code
@@ -180,7 +284,8 @@ def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], 
     data = _fast_data(image_size=16, train_size=32, val_size=20, batch_size=8)
     callbacks = [OnlineKNN(), OnlineLinearProbe(num_classes=data.num_classes), MaskQuality()]
     per_epoch = _compiled_fit(graphs_per_part, data, epochs=3, callbacks=callbacks, **variant)
-    assert set(graphs_per_part) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation"}, graphs_per_part
+    # the encoder's graphs in training are the objective's (SimCLR); its own are evaluation's
+    assert set(graphs_per_part) == {"SmallConvNet", "MaskGenerator", "DeviceAugmentation", "SimCLR"}, graphs_per_part
     assert per_epoch[0] == per_epoch[-1] == dict(graphs_per_part), per_epoch  # epoch 0's end follows its validation
     assert max(graphs_per_part.values()) < torch._dynamo.config.recompile_limit, graphs_per_part
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
@@ -188,12 +293,14 @@ def test_compiled_fit_compiles_in_its_first_epoch_only(variant: dict[str, Any], 
 
 def test_compiled_resnet18_at_96_px_makes_the_graphs_of_a_32_px_run(graphs_per_part: Counter[str]) -> None:
     """The 96 px, N=6 setting of the GPU benchmark (ResNet18 with its ImageNet stem, batched views,
-    the three parts compiled) traces into as many graphs as exact ADIOS at 32 px did on the GPU
-    (five: the augmentation, the U-Net, and the encoder's three: its step, the clean views under
-    ``no_grad`` and the masked views), all in the first epoch, with no graph break. It fails on a
-    graph break in the stem's max-pool, which the 32 px stem does not have (tried with a hook that
-    breaks the graph there: 9 encoder graphs)."""
+    the four parts compiled) traces into as few graphs as the 32 px step: the augmentation's, the
+    U-Net's and the objective's five (its forward's three, the encoder inside: the step, the clean
+    views under ``no_grad`` and the masked views; and a loss per player), all in the first epoch,
+    with no graph break. Without the objective compiled, exact ADIOS at 32 px made the encoder's
+    three on the GPU. It fails on a graph break in the stem's max-pool, which the 32 px stem does
+    not have (tried with a graph break put there: 6 ResNet graphs beside the objective's 5, and 9
+    breaks)."""
     data = _fast_data(image_size=96, train_size=8, val_size=4, batch_size=4)
     per_epoch = _compiled_fit(graphs_per_part, data, epochs=2, callbacks=[], encoder="resnet18", encoder_kwargs={}, num_masks=6)
-    assert per_epoch[0] == per_epoch[-1] == {"DeviceAugmentation": 1, "MaskGenerator": 1, "ResNet": 3}, per_epoch
+    assert per_epoch[0] == per_epoch[-1] == {"DeviceAugmentation": 1, "MaskGenerator": 1, "SimCLR": 5}, per_epoch
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])

@@ -30,6 +30,10 @@ from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 from adios_pl.resume import apply_configured_rates, check_identity
 from adios_pl.step_counting import count_batches_only
 
+#: The objective's loss methods that ``compile_objective`` compiles (the step calls them through
+#: :meth:`ADIOSModule._loss`).
+OBJECTIVE_LOSSES = ("loss", "loss_both", "terms_loss")
+
 # Lightning's classmethod that refuses a call on an instance (which would return a new model)
 _restricted_classmethod: Any = getattr(import_module(f"{pl.__name__}.utilities.model_helpers"), "_restricted_classmethod", classmethod)
 
@@ -117,6 +121,13 @@ class ADIOSModule(pl.LightningModule):
             ``mask_patch_size``.
         compile_mask_generator: ``torch.compile`` a learned mask generator in place, as
             ``compile_encoder`` does the encoder (same values; ignored for random masks).
+        compile_objective: ``torch.compile`` the objective in place (same values as
+            ``compile_encoder``): its forward, which runs the encoder, the heads and any momentum
+            copies as one graph, and its losses (:data:`OBJECTIVE_LOSSES`). In training the encoder
+            is then compiled within the objective's graphs (``compile_encoder`` still compiles it
+            for evaluation and ``model(x)``). With the encoder and the mask generator compiled, the
+            heads and the losses launch the largest share of the kernels left eager
+            (``benchmarks/ops_per_step.py``).
     """
 
     def __init__(
@@ -151,6 +162,7 @@ class ADIOSModule(pl.LightningModule):
         mask_generator: nn.Module | None = None,
         masked_views: Literal["sequential", "batched"] = "sequential",
         compile_mask_generator: bool | str = False,
+        compile_objective: bool | str = False,
     ) -> None:
         super().__init__()
         if (mixed := mixed_packages_warning(os.environ, sys.modules)) is not None:
@@ -162,7 +174,7 @@ class ADIOSModule(pl.LightningModule):
             warmup_epochs=warmup_epochs, min_lr_factor=min_lr_factor, mask_type=mask_type, update=update,
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
             mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
-            compile_mask_generator=compile_mask_generator,
+            compile_mask_generator=compile_mask_generator, compile_objective=compile_objective,
         )
         # Under LightningCLI the hyper-parameters are the run's config, where the parts are class
         # paths with their arguments: all are kept, so load_from_checkpoint(path) rebuilds the
@@ -335,6 +347,9 @@ class ADIOSModule(pl.LightningModule):
             for setting, part in ((self.hparams["compile_encoder"], self.encoder), (self._compile_mask_generator(), self.mask_generator)):
                 if setting and part is not None:
                     part.compile(options=compile_options(setting))
+            if setting := self.hparams["compile_objective"]:
+                self.objective.compile(options=compile_options(setting))
+                self._losses = {name: torch.compile(getattr(self.objective, name), options=compile_options(setting)) for name in OBJECTIVE_LOSSES}
             self._compiled = True
 
     @_restricted_classmethod
@@ -580,7 +595,7 @@ class ADIOSModule(pl.LightningModule):
 
     def _term_loss(self, clean: list[ViewOutput], masked: list[ViewOutput]) -> Tensor:
         """The SSL loss of one term: the clean views' outputs against the term's."""
-        return self.objective.loss_both(clean, masked) if len(clean) == 2 else self.objective.loss(clean[0], masked[0])
+        return self._loss("loss_both")(clean, masked) if len(clean) == 2 else self._loss("loss")(clean[0], masked[0])
 
     def _batched(self, views: int) -> bool:
         return self.masked_views == "batched" and views > 1
@@ -606,9 +621,10 @@ class ADIOSModule(pl.LightningModule):
         terms = self._masked_inputs(x1, x2, masks, slots)
         if self._batched(len(clean_views) * (1 + self._term_count(slots))):
             clean, masked = self._forward_together(clean_views, terms)
-            total = self.objective.terms_loss(clean, masked)
+            total = self._loss("terms_loss")(clean, masked)
             self.manual_backward(total)
-            return total.detach(), self._out_of_graphs(clean[0]["features"].detach())
+            # the total goes on to the logs and the outputs: out of the loss's graphs, as the features
+            return self._out_of_graphs(total.detach()), self._out_of_graphs(clean[0]["features"].detach())
         clean = [self.objective(self.encoder, x) for x in clean_views]
         leaves = [_leaf_copies(out) for out in clean]
         total = x1.new_zeros(())
@@ -642,7 +658,7 @@ class ADIOSModule(pl.LightningModule):
             losses: Iterable[Tensor]
             if self._batched(len(clean) * self._term_count(slots)):
                 _, masked = self._forward_together([], terms)
-                losses = [self.objective.terms_loss(clean, masked)]
+                losses = [self._loss("terms_loss")(clean, masked)]
             else:
                 losses = (self._term_loss(clean, [self.objective(self.encoder, x) for x in term]) for term in terms)
             ssl = x1.new_zeros(())
@@ -713,14 +729,21 @@ class ADIOSModule(pl.LightningModule):
 
     def _cuda_graphs(self) -> bool:
         """Whether a compiled part replays as CUDA graphs (a CUDA-graph mode, on a GPU)."""
-        modes = (self.hparams["compile_encoder"], self._compile_mask_generator())
+        modes = (self.hparams["compile_encoder"], self._compile_mask_generator(), self.hparams["compile_objective"])
         return any(replays_as_cuda_graphs(mode, self.device) for mode in modes)
 
-    def _out_of_graphs(self, features: Tensor) -> Tensor:
-        """``features``, copied out of the CUDA graphs' memory when the encoder replays as CUDA
-        graphs: a later replay (the mask step's, the next batch's) may overwrite the outputs of
-        the last, and callbacks receive and may keep these."""
-        return features.clone() if replays_as_cuda_graphs(self.hparams["compile_encoder"], self.device) else features
+    def _out_of_graphs(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (features, a loss), copied out of the CUDA graphs' memory when the encoder or
+        the objective replays as CUDA graphs: a later replay (the mask step's, the next batch's)
+        may overwrite the outputs of the last, and callbacks and logs receive and may keep these."""
+        modes = (self.hparams["compile_encoder"], self.hparams["compile_objective"])
+        return tensor.clone() if any(replays_as_cuda_graphs(mode, self.device) for mode in modes) else tensor
+
+    def _loss(self, name: str) -> Any:
+        """The objective's loss method ``name`` (one of :data:`OBJECTIVE_LOSSES`), compiled where
+        ``compile_objective`` says so."""
+        compiled = getattr(self, "_losses", None)
+        return compiled[name] if compiled is not None else getattr(self.objective, name)
 
     @staticmethod
     def _params_of(optimizer: Any) -> list[nn.Parameter]:
