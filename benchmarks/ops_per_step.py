@@ -11,19 +11,23 @@ that issued it. The CPU optimisers loop over weights where CUDA ones use multi-t
 (``foreach``), so ``--foreach`` (default) switches them to the CUDA setting. Each entry also
 gives the kernels issued outside the parts that ``compile_encoder``, ``compile_mask_generator``
 and ``compile_augmentation`` compile (``kernel_ops_outside_compilable_parts``): what would stay
-eager, and launch one by one, with those parts compiled.
+eager, and launch one by one, with those parts compiled; ``--compile-objective`` counts the
+objective's forward and losses (``compile_objective``) among those parts.
 
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --label after --out benchmarks/results/ops_per_step.json
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --precision bf16-mixed --label "after, bf16-mixed" \
         --variants baseline_batched adios_batched adios_s_batched simultaneous_batched --out benchmarks/results/ops_per_step.json
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --log-every 50 --variants baseline_batched adios_batched \
         adios_s_batched simultaneous_batched --out benchmarks/results/ops_outside_compiled.json
+    python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --log-every 50 --precision bf16-mixed --compile-objective \
+        --variants baseline_batched adios_batched adios_s_batched simultaneous_batched --out benchmarks/results/ops_outside_compiled.json
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import traceback
 from typing import Any
 
@@ -39,6 +43,7 @@ from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
 from adios_pl.data.device_augment import DeviceAugmentation
 from adios_pl.masks import MaskGenerator
+from adios_pl.objectives import Objective
 
 from train_speed import VARIANTS, append_entries  # benchmarks/train_speed.py
 
@@ -59,11 +64,13 @@ COMPILABLE = (ResNet, MaskGenerator, DeviceAugmentation)
 
 class CountOps(TorchDispatchMode):
     """Counts the operations that reach a kernel, by name and by the code that issued them, and
-    how many of the kernels are the compilable parts' (:data:`COMPILABLE`): issued in their
-    forward, or in the backward of the autograd nodes their forward made."""
+    how many of the kernels are the compilable parts' (``parts``, by default :data:`COMPILABLE`,
+    and functions called through :meth:`in_part`): issued in their forward, or in the backward of
+    the autograd nodes their forward made."""
 
-    def __init__(self) -> None:
+    def __init__(self, parts: tuple[type, ...] = COMPILABLE) -> None:
         super().__init__()
+        self.parts = parts
         self.ops: collections.Counter[str] = collections.Counter()
         self.places: collections.Counter[str] = collections.Counter()
         self.kernels = 0
@@ -86,14 +93,26 @@ class CountOps(TorchDispatchMode):
         self._nodes, self._node_ids = [], set()
         super().__exit__(*exc)
 
+    def in_part(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, counted as a compilable part (a compiled function that is no module's forward)."""
+        self._enter(args)
+        output = fn(*args)
+        self._exit(output)
+        return output
+
     def _part_starts(self, module: nn.Module, args: Any) -> None:
-        if isinstance(module, COMPILABLE):
-            self._depth += 1
-            self._inputs.append({id(t.grad_fn) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.grad_fn})
+        if isinstance(module, self.parts):
+            self._enter(args)
 
     def _part_ends(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not isinstance(module, COMPILABLE):
-            return
+        if isinstance(module, self.parts):
+            self._exit(output)
+
+    def _enter(self, args: Any) -> None:
+        self._depth += 1
+        self._inputs.append({id(t.grad_fn) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor) and t.grad_fn})
+
+    def _exit(self, output: Any) -> None:
         self._depth -= 1
         stop = self._inputs.pop()  # the graph before the part; parameters' AccumulateGrad stays eager too
         todo = [t.grad_fn for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.grad_fn]
@@ -163,6 +182,9 @@ def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
             return optimizers, schedulers
 
         model.configure_optimizers = with_foreach  # type: ignore[method-assign]
+    if args.compile_objective:  # the losses compile_objective compiles count as parts too
+        plain_loss = model._loss
+        model._loss = lambda name: functools.partial(mode.in_part, plain_loss(name))  # type: ignore[method-assign]
     if args.log_every > 1:  # as on an accelerator: logs and read-backs every log_every_n_steps batches
         model._readback_interval = lambda: args.log_every  # type: ignore[method-assign]
     step = OneStep(args.warmup, mode)
@@ -177,10 +199,11 @@ def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
 
 def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     """The operations of one batch of ``variant``."""
-    result = CountOps()
+    result = CountOps(COMPILABLE + (Objective,) if args.compile_objective else COMPILABLE)
     one_batch(args, variant, result)
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
+        "compile_objective": args.compile_objective,
         "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(result.ops.values()), "kernel_ops_per_step": result.kernels,
         "kernel_ops_outside_compilable_parts": result.kernels - result.part_kernels,
         "outside_compilable_parts_by_place": dict(result.outside.most_common(args.top)),
@@ -203,6 +226,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=1,
                         help="batches between the module's logs and read-backs; 1 (default) as on the CPU, where the "
                              "counted batch logs; on an accelerator it is log_every_n_steps (50), and most batches do not")
+    parser.add_argument("--compile-objective", action="store_true",
+                        help="count the objective's forward and losses (compile_objective) among the compilable parts")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append the entries to this JSON list")
@@ -213,7 +238,7 @@ def main() -> None:
         entries.append(entry)
         print(f"{variant:>22}: {entry['ops_per_step']:6d} operations per step, {entry['kernel_ops_per_step']:6d} of them "
               f"kernels (not views or allocations), {entry['kernel_ops_outside_compilable_parts']} of those outside the "
-              "encoder, the mask generator and the augmentation", flush=True)
+              f"encoder, the mask generator{', the objective' if args.compile_objective else ''} and the augmentation", flush=True)
     if args.out:
         append_entries(args.out, entries)
 

@@ -221,7 +221,8 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
     lines = [
         f"## {args.variant}, augment_on={args.augment_on}"
         + (f", compile_augmentation={args.compile_augmentation!r}" if args.compile_augmentation else "")
-        + (f", compile encoder and mask generator={args.compile!r}" if args.compile else "") + f", {args.label}".rstrip(", "),
+        + (f", compile encoder and mask generator={args.compile!r}" if args.compile else "")
+        + (f", compile_objective={args.compile_objective!r}" if args.compile_objective else "") + f", {args.label}".rstrip(", "),
         "",
         f"{torch.cuda.get_device_name() if CUDA else 'CPU'}, ResNet18, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
         f"N={args.num_masks}; {steps} steps after {args.warmup}, Trainer loop with data, OnlineKNN, OnlineLinearProbe.",
@@ -264,6 +265,8 @@ def main() -> None:
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the encoder and the mask generator (in MODE if given; reduce-overhead: CUDA "
                              "graphs); --warmup must cover the compiling and the graphs' recording")
+    parser.add_argument("--compile-objective", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile the objective's forward and losses (in MODE if given)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -274,6 +277,8 @@ def main() -> None:
     datamodule = ImageFolderDataModule(train_dir=args.data_dir, image_size=args.image_size, batch_size=args.batch_size,
                                        num_workers=args.num_workers, **place)
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[args.variant]}
+    if args.compile_objective:  # older versions lack the argument
+        settings["compile_objective"] = args.compile_objective
     model = ADIOSModule(encoder="resnet18", image_size=args.image_size, warmup_epochs=0, compile_encoder=args.compile,
                         compile_mask_generator=args.compile, **settings)
     profiler = StepProfiler(args.warmup, args.steps)
