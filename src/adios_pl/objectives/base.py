@@ -34,6 +34,11 @@ class Objective(nn.Module):
     Parameters with ``requires_grad=True`` are trained by the encoder optimiser; momentum copies
     must set ``requires_grad=False``. The loss of one view pair must not depend on other pairs, so
     that ADIOS can back-propagate the N masked terms one at a time.
+
+    With ``ADIOSModule(compile_objective=...)``, ``forward`` and the three losses run under
+    ``torch.compile``, which traces them into graphs; code it cannot put in a graph (a print, a
+    tensor's value read into Python) splits the graph there and runs eagerly, at the cost of the
+    speed the option is for. Keep such work in the hooks of step 4, which are not compiled.
     """
 
     projector: nn.Module
