@@ -379,3 +379,32 @@ def test_a_fit_under_a_sharding_strategy_stops_before_its_first_step() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     assert trainer.global_step == 0
+
+
+def _compiled_loss_worker(rank: int, port: int) -> None:
+    """One rank of :func:`test_the_compiled_nt_xent_gathers_as_the_eager_one`."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from adios_pl.objectives.simclr import nt_xent
+
+    with _gloo(rank, port):
+        torch._dynamo.reset()
+        counters.clear()
+        generator = torch.Generator().manual_seed(rank)
+        z0 = torch.randn(4, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+        terms = torch.randn(3, 4, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+        eager = nt_xent(z0, terms, 0.2)
+        compiled = torch.compile(nt_xent, backend="eager")(z0, terms, 0.2)  # dynamo's graph, run eagerly
+        assert not counters["graph_break"], f"rank {rank}: {dict(counters['graph_break'])}"
+        torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=0)
+        for got, want in zip(torch.autograd.grad(compiled, [z0, terms]), torch.autograd.grad(eager, [z0, terms])):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+        torch._dynamo.reset()
+
+
+def test_the_compiled_nt_xent_gathers_as_the_eager_one(two_processes: Any) -> None:
+    """compile_objective under DDP: SimCLR's loss, as dynamo traces it, gathers the negatives from
+    both ranks (lightly's gather, gradients flowing back) in one graph, with the eager loss's value
+    and gradients (float64)."""
+    two_processes.run(_compiled_loss_worker, free_port())

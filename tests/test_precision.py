@@ -218,8 +218,9 @@ def test_compiled_objective_traces_the_step_it_runs_eagerly(
     objective: Any, settings: dict[str, Any], graphs: int, graphs_per_part: Counter[str],
 ) -> None:
     """The step with compile_objective, as dynamo traces it (its graphs run eagerly, no code
-    generated), against the eager step: the same updates in float64 (batched, batch norm takes
-    its grouped form under the compiler, which rounds otherwise), without a graph break. The
+    generated), against the eager step: the same updates in float64 (with batched views batch
+    norm takes its grouped form under the compiler, which rounds differently), without a graph
+    break. The
     step calls the compiled losses: the objective's graphs are its forward's three (the encoder
     step's, the mask step's clean views without gradients and its masked views with the encoder
     side frozen; one in a simultaneous step) and a loss's per player. Measured here: the updates
