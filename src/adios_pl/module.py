@@ -348,8 +348,9 @@ class ADIOSModule(pl.LightningModule):
                 if setting and part is not None:
                     part.compile(options=compile_options(setting))
             if setting := self.hparams["compile_objective"]:
-                self.objective.compile(options=compile_options(setting))
-                self._losses = {name: torch.compile(getattr(self.objective, name), options=compile_options(setting)) for name in OBJECTIVE_LOSSES}
+                options = compile_options(setting)
+                self.objective.compile(options=options)
+                self._losses = {name: torch.compile(getattr(self.objective, name), options=options) for name in OBJECTIVE_LOSSES}
             self._compiled = True
 
     @_restricted_classmethod
