@@ -531,7 +531,7 @@ FAULTS = [
           "the demo's plan counts a validation's batches only, not its start-up and scoring"),
     Fault("objective_losses_eager", "module.py", "        return compiled[name] if compiled is not None else getattr(self.objective, name)\n",
           "        return getattr(self.objective, name)\n", "compile_objective compiles the losses, but the step calls them eagerly"),
-    Fault("objective_forward_not_compiled", "module.py", "                self.objective.compile(options=compile_options(setting))\n", "",
+    Fault("objective_forward_not_compiled", "module.py", "                self.objective.compile(options=options)\n", "",
           "compile_objective compiles the losses only, not the objective's forward (heads and encoder)"),
     Fault("objective_outputs_left_in_graphs", "module.py",
           '        modes = (self.hparams["compile_encoder"], self.hparams["compile_objective"])\n',
