@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,22 +60,38 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Tensor | None] = []
+            self._init_group(group, params, grads, buffers)
+            if not params:
+                continue
             foreach = self.foreach
             if foreach is None:
-                foreach = all(p.is_cuda for p in group["params"])
+                foreach = all(p.is_cuda for p in params)
             if foreach:
-                self._foreach_group(group)
+                self._foreach_group(group, params, grads, buffers)
             else:
-                self._loop_group(group)
+                self._loop_group(group, params, grads, buffers)
+            if group["momentum"] != 0:
+                for p, buffer in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buffer
         return loss
 
-    def _loop_group(self, group: dict) -> None:
+    def _init_group(self, group: dict, params: list[Tensor], grads: list[Tensor], buffers: list[Tensor | None]) -> None:
+        """Collect the group's weights that have a gradient, the gradients and the momentum
+        buffers (``None`` before the first step), as torch's optimisers do: ``torch.compile``
+        runs this part eagerly and traces the update alone."""
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(self.state[p].get("momentum_buffer"))
+
+    def _loop_group(self, group: dict, params: list[Tensor], grads: list[Tensor], buffers: list[Tensor | None]) -> None:
         """The update of one group, weight by weight (the readable version)."""
         lr, wd, eta, eps = group["lr"], group["weight_decay"], group["eta"], group["eps"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            d_p: Tensor = p.grad
+        for i, (p, d_p) in enumerate(zip(params, grads)):
             if p.ndim != 1 or not group["exclude_bias_n_norm"]:
                 p_norm = torch.linalg.vector_norm(p)
                 g_norm = torch.linalg.vector_norm(d_p)
@@ -85,21 +101,17 @@ class LARS(Optimizer):
                 # As the reference: neither scaling nor weight decay where either norm is zero.
                 d_p = torch.where((p_norm > 0) & (g_norm > 0), d_p.add(p, alpha=wd) * scale, d_p)
             if group["momentum"] != 0:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d_p.detach().clone()
+                buffer = buffers[i]
+                if buffer is None:
+                    buffer = buffers[i] = d_p.detach().clone()
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d_p)
-                d_p = state["momentum_buffer"]
+                    buffer.mul_(group["momentum"]).add_(d_p)
+                d_p = buffer
             p.add_(d_p, alpha=-lr)
 
-    def _foreach_group(self, group: dict) -> None:
+    def _foreach_group(self, group: dict, params: list[Tensor], grads: list[Tensor], buffers: list[Tensor | None]) -> None:
         """The same update as :meth:`_loop_group` with multi-tensor kernels."""
         lr, wd, eta, eps, momentum = group["lr"], group["weight_decay"], group["eta"], group["eps"], group["momentum"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
         scaled = [i for i, p in enumerate(params) if p.ndim != 1 or not group["exclude_bias_n_norm"]]
         updates = list(grads)
         if scaled:
@@ -117,19 +129,14 @@ class LARS(Optimizer):
             for i, u in zip(scaled, d):
                 updates[i] = u
         if momentum != 0:
-            buffers: list[Tensor | None] = []
-            for p, u in zip(params, updates):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = u.detach().clone()
-                    buffers.append(None)
-                else:
-                    buffers.append(state["momentum_buffer"])
-            old = [(b, u) for b, u in zip(buffers, updates) if b is not None]
-            if old:
-                torch._foreach_mul_([b for b, _ in old], momentum)
-                torch._foreach_add_([b for b, _ in old], [u for _, u in old])
-            updates = [self.state[p]["momentum_buffer"] for p in params]
+            kept = [(b, u) for b, u in zip(buffers, updates) if b is not None]
+            if kept:
+                torch._foreach_mul_([b for b, _ in kept], momentum)
+                torch._foreach_add_([b for b, _ in kept], [u for _, u in kept])
+            for i, b in enumerate(buffers):  # the first step: a buffer starts as the update
+                if b is None:
+                    buffers[i] = updates[i].detach().clone()
+            updates = [cast(Tensor, b) for b in buffers]
         torch._foreach_add_(params, updates, alpha=-lr)
 
 
