@@ -94,13 +94,13 @@ def graphs_per_part(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[str]]:
     """``torch.compile`` made quick: dynamo traces as usual, and a backend counts each compiled
     part's graphs and runs them eagerly, with no code generated. What dynamo's guards decide
     (which graphs, when it recompiles) is then checked in seconds. A part is named by the class
-    of the module (or object) whose method is compiled; dynamo's own counters
-    (``torch._dynamo.utils.counters``, graph breaks among them) start empty."""
+    of the module (or object) whose method is compiled, a function by its name; dynamo's own
+    counters (``torch._dynamo.utils.counters``, graph breaks among them) start empty."""
     real_compile = torch.compile
     graphs: Counter[str] = Counter()
 
     def counting_compile(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        part = type(getattr(fn, "__self__", fn)).__name__
+        part = type(fn.__self__).__name__ if hasattr(fn, "__self__") else fn.__qualname__
 
         def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Any:
             graphs[part] += 1

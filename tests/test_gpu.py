@@ -295,3 +295,40 @@ def test_cuda_graph_replays_match_the_same_compiled_kernels(masked_views: str, o
         spread = _rel(other_kernels[part], eager[part])
         gap = _rel(runs["reduce-overhead"][part], runs[True][part])
         assert gap <= 3 * spread + 1e-4, f"{part}: graphs against the same kernels without them {gap:.2e}, rounding spread {spread:.2e}"
+
+
+def test_compiled_optimizers_on_cuda_equal_eager_in_float64_without_host_synchronisation() -> None:
+    """compile_optimizers="reduce-overhead" (Inductor's kernels for the LARS updates, without
+    CUDA graphs) against eager: float64, so only the order of the fused kernels' arithmetic
+    differs (the tolerance of the float64 batched-views test above). From the third batch on,
+    with the updates compiled, any read-back in the step raises."""
+    import pytorch_lightning as pl
+    from torch._dynamo.utils import counters
+
+    class Strict(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 3:
+                torch.cuda.set_sync_debug_mode("default")
+
+    def after_four_steps(**kw: Any) -> dict[str, torch.Tensor]:
+        model = _model(encoder="small_cnn", image_size=32, optimizer="lars", warmup_epochs=1, **kw).double()
+        try:
+            quiet_trainer(accelerator="gpu", max_steps=4, limit_train_batches=2, precision="64-true", log_every_n_steps=1000,
+                          callbacks=[Strict()]).fit(model, make_loader(n=128, batch_size=32, size=32))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    eager = after_four_steps()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = after_four_steps(compile_optimizers="reduce-overhead")
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])  # two per optimiser
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-9, atol=1e-12, msg=key)

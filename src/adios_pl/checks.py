@@ -16,8 +16,8 @@ from adios_pl.optim import OPTIMIZERS
 MASK_MODES = ("all", "one")
 SCHEDULE_INTERVALS = ("step", "epoch")
 #: ``torch.compile`` modes that the ``compile_*`` arguments (``compile_encoder``,
-#: ``compile_mask_generator``, ``compile_objective``, the DataModules' ``compile_augmentation``)
-#: accept by name.
+#: ``compile_mask_generator``, ``compile_objective``, ``compile_optimizers``, the DataModules'
+#: ``compile_augmentation``) accept by name.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The modes among them that replay the compiled code as CUDA graphs on a GPU.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
@@ -96,7 +96,7 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"update={kw['update']!r} is not supported; accepted: 'alternating', 'simultaneous'")
     if kw["masked_views"] not in ("sequential", "batched"):
         raise ValueError(f"masked_views={kw['masked_views']!r} is not supported; accepted: 'sequential', 'batched'")
-    for name in ("compile_encoder", "compile_mask_generator", "compile_objective"):
+    for name in ("compile_encoder", "compile_mask_generator", "compile_objective", "compile_optimizers"):
         check_compile_setting(name, kw[name])
     if kw["mask_norm"] not in MASK_NORMS:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")

@@ -25,7 +25,7 @@ from adios_pl.masking import masked_view, reverse_gradient, sample_slots
 from adios_pl.masks import MaskGenerator, RandomMasks
 from adios_pl.nonfinite import FirstFailure, StateSnapshot, all_finite, gradient_norm
 from adios_pl.objectives import Objective, SimCLR, ViewOutput
-from adios_pl.optim import build_optimizer, schedule_factor
+from adios_pl.optim import build_optimizer, compile_step, schedule_factor
 from adios_pl.penalties import entropy_term, mask_areas, sparsity_penalty
 from adios_pl.resume import apply_configured_rates, check_identity
 from adios_pl.step_counting import count_batches_only
@@ -128,6 +128,11 @@ class ADIOSModule(pl.LightningModule):
             for evaluation and ``model(x)``). With the encoder and the mask generator compiled, the
             heads and the losses launch the largest share of the kernels left eager
             (``benchmarks/ops_per_step.py``).
+        compile_optimizers: ``torch.compile`` both players' optimiser updates (same values as
+            ``compile_encoder``; :func:`adios_pl.optim.compile_step`): a few fused kernels per
+            update instead of several per weight group (multi-tensor LARS) or per weight. Never
+            replayed as CUDA graphs, whatever the mode: the gradients they read are new tensors
+            at every step. Optimiser step hooks are not run.
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class ADIOSModule(pl.LightningModule):
         masked_views: Literal["sequential", "batched"] = "sequential",
         compile_mask_generator: bool | str = False,
         compile_objective: bool | str = False,
+        compile_optimizers: bool | str = False,
     ) -> None:
         super().__init__()
         if (mixed := mixed_packages_warning(os.environ, sys.modules)) is not None:
@@ -175,6 +181,7 @@ class ADIOSModule(pl.LightningModule):
             nonfinite=nonfinite, schedule_interval=schedule_interval, warmup_start_lr=warmup_start_lr,
             mask_patch_size=mask_patch_size, masked_views=masked_views, compile_encoder=compile_encoder,
             compile_mask_generator=compile_mask_generator, compile_objective=compile_objective,
+            compile_optimizers=compile_optimizers,
         )
         # Under LightningCLI the hyper-parameters are the run's config, where the parts are class
         # paths with their arguments: all are kept, so load_from_checkpoint(path) rebuilds the
@@ -302,6 +309,8 @@ class ADIOSModule(pl.LightningModule):
                 hp.optimizer, [{"params": g} for g in groups], lr=lr, weight_decay=hp.weight_decay,
                 momentum=hp.momentum, lars_eta=hp.lars_eta,
             )
+            if setting := hp.compile_optimizers:  # before the scheduler, which wraps step
+                compile_step(opt, {**compile_options(setting), "triton.cudagraphs": False})
             factors = [
                 schedule_factor(
                     hp.schedule_interval, hp.warmup_epochs, per_epoch, self.total_steps,
