@@ -31,7 +31,8 @@
 # COMPILE=reduce-overhead (or another torch.compile mode) compiles in that mode: reduce-overhead replays them as
 # CUDA graphs. Several, space separated ("1 reduce-overhead"), run one after the other. ONLY_COMPILE=1 runs nothing
 # else. COMPILE_OBJECTIVE=1 compiles the objective too (its forward, the encoder within it, and its losses;
-# ADIOSModule's compile_objective) in the same mode, in the parts compile, compile-96 and profile-compile (and warm). The part "kernels" counts the kernels per batch of the augmentation, eager and compiled (augment_launches.py:
+# ADIOSModule's compile_objective) in the same mode, in the parts compile, compile-96 and profile-compile (and warm);
+# COMPILE_OPTIMIZERS=1 compiles both optimisers' updates there too (compile_optimizers; never as CUDA graphs). The part "kernels" counts the kernels per batch of the augmentation, eager and compiled (augment_launches.py:
 # Triton's fusion, not the CPU's).
 # BUDGET_S: the seconds the whole script may take (a device lease); each run's time limit is cut to what is left,
 # and a part with under 30 s left is skipped. run.log records when each part starts. Runs are stopped by
@@ -126,10 +127,11 @@ profile() {  # profile LABEL SRC AUGMENT_ON VARIANT [SECONDS [ARGS...]]: ARGS go
 }
 c32=(--data-dir "$data/cifar10/train" --epochs 3 --batches 40)
 c96=(--data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 --epochs 2 --batches 20)
-# fast MODE: sets fast_args to the device path with its three parts (with COMPILE_OBJECTIVE, four) compiled in
+# fast MODE: sets fast_args to the device path with its three parts (and those COMPILE_OBJECTIVE and COMPILE_OPTIMIZERS add) compiled in
 # MODE ("" for torch.compile's default mode), and no validation: its eval-mode graphs would be compiled too,
 # minutes that the training figures do not need
-fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 ${COMPILE_OBJECTIVE:+--compile-objective $1} --val-batches 0); }
+fast() { fast_args=(--augment-on device --compile $1 --compile-augmentation $1 ${COMPILE_OBJECTIVE:+--compile-objective $1}
+    ${COMPILE_OPTIMIZERS:+--compile-optimizers $1} --val-batches 0); }
 read -r -a extra <<< "${SPEED_ARGS:-}"
 compile_variants=${COMPILE_VARIANTS:-adios_batched baseline_batched}
 compiled() {  # compiled PART [MODE VARIANT...]: sets args to the train_speed.py arguments of part compile or compile-96
@@ -213,7 +215,7 @@ for line in sys.stdin:
         # the eager rest of the step (heads, losses, optimisers, callbacks) costs around the graph replays; the
         # warmup covers the graphs' recording, and their code comes from the cache the warm or timed runs filled
         compiled_profile=(--compile reduce-overhead --compile-augmentation reduce-overhead
-            ${COMPILE_OBJECTIVE:+--compile-objective reduce-overhead} --warmup 12)
+            ${COMPILE_OBJECTIVE:+--compile-objective reduce-overhead} ${COMPILE_OPTIMIZERS:+--compile-optimizers reduce-overhead} --warmup 12)
         [[ $profile_sizes == *" 32 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}"
         [[ $profile_sizes == *" 96 "* ]] && profile new "$new" device adios_batched 240 "${compiled_profile[@]}" \
             --data-dir "$data/cifar10_96/train" --image-size 96 --num-masks 6 ;;

@@ -12,7 +12,8 @@ that issued it. The CPU optimisers loop over weights where CUDA ones use multi-t
 gives the kernels issued outside the parts that ``compile_encoder``, ``compile_mask_generator``
 and ``compile_augmentation`` compile (``kernel_ops_outside_compilable_parts``): what would stay
 eager, and launch one by one, with those parts compiled; ``--compile-objective`` counts the
-objective's forward and losses (``compile_objective``) among those parts.
+objective's forward and losses (``compile_objective``) among those parts, ``--compile-optimizers``
+the optimisers' updates (``compile_optimizers``).
 
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --label after --out benchmarks/results/ops_per_step.json
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --precision bf16-mixed --label "after, bf16-mixed" \
@@ -21,6 +22,9 @@ objective's forward and losses (``compile_objective``) among those parts.
         adios_s_batched simultaneous_batched --out benchmarks/results/ops_outside_compiled.json
     python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --log-every 50 --precision bf16-mixed --compile-objective \
         --variants baseline_batched adios_batched adios_s_batched simultaneous_batched --out benchmarks/results/ops_outside_compiled.json
+    python benchmarks/ops_per_step.py --data-dir /data/cifar10/train --log-every 50 --precision bf16-mixed --compile-objective \
+        --compile-optimizers --variants baseline_batched adios_batched adios_s_batched simultaneous_batched \
+        --out benchmarks/results/ops_outside_compiled.json
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import collections
 import functools
 import traceback
+import types
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torchvision.models import ResNet
 
+import adios_pl.module
 from adios_pl import ADIOSModule
 from adios_pl.callbacks import OnlineKNN, OnlineLinearProbe
 from adios_pl.data import ImageFolderDataModule
@@ -185,6 +191,22 @@ def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
     if args.compile_objective:  # the losses compile_objective compiles count as parts too
         plain_loss = model._loss
         model._loss = lambda name: functools.partial(mode.in_part, plain_loss(name))  # type: ignore[method-assign]
+    if args.compile_optimizers:  # in place of adios_pl.optim.compile_step: the update counts as a part, the closure not
+        def counted_step(optimizer: torch.optim.Optimizer, options: dict[str, Any]) -> None:
+            update = optimizer.step
+
+            def step(self: torch.optim.Optimizer, closure: Any = None) -> Any:
+                loss = None
+                if closure is not None:
+                    with torch.enable_grad():
+                        loss = closure()
+                mode.in_part(update)
+                return loss
+
+            optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
+
+        adios_pl.module.compile_step = counted_step  # type: ignore[attr-defined]
+        model.hparams["compile_optimizers"] = True
     if args.log_every > 1:  # as on an accelerator: logs and read-backs every log_every_n_steps batches
         model._readback_interval = lambda: args.log_every  # type: ignore[method-assign]
     step = OneStep(args.warmup, mode)
@@ -203,7 +225,7 @@ def count(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     one_batch(args, variant, result)
     return {
         "variant": variant, "num_masks": args.num_masks, "image_size": args.image_size, "optimizer": args.optimizer,
-        "compile_objective": args.compile_objective,
+        "compile_objective": args.compile_objective, "compile_optimizers": args.compile_optimizers,
         "foreach": args.foreach, "precision": args.precision, "log_every": args.log_every, "ops_per_step": sum(result.ops.values()), "kernel_ops_per_step": result.kernels,
         "kernel_ops_outside_compilable_parts": result.kernels - result.part_kernels,
         "outside_compilable_parts_by_place": dict(result.outside.most_common(args.top)),
@@ -228,6 +250,8 @@ def main() -> None:
                              "counted batch logs; on an accelerator it is log_every_n_steps (50), and most batches do not")
     parser.add_argument("--compile-objective", action="store_true",
                         help="count the objective's forward and losses (compile_objective) among the compilable parts")
+    parser.add_argument("--compile-optimizers", action="store_true",
+                        help="count the optimisers' updates (compile_optimizers) among the compilable parts")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--label", default="", help="a note stored with each entry (e.g. the code version)")
     parser.add_argument("--out", default=None, help="append the entries to this JSON list")
@@ -238,7 +262,8 @@ def main() -> None:
         entries.append(entry)
         print(f"{variant:>22}: {entry['ops_per_step']:6d} operations per step, {entry['kernel_ops_per_step']:6d} of them "
               f"kernels (not views or allocations), {entry['kernel_ops_outside_compilable_parts']} of those outside the "
-              f"encoder, the mask generator{', the objective' if args.compile_objective else ''} and the augmentation", flush=True)
+              f"encoder, the mask generator{', the objective' if args.compile_objective else ''}"
+              f"{', the optimisers' if args.compile_optimizers else ''} and the augmentation", flush=True)
     if args.out:
         append_entries(args.out, entries)
 

@@ -222,7 +222,8 @@ def summary(args: argparse.Namespace, profiler: StepProfiler) -> str:
         f"## {args.variant}, augment_on={args.augment_on}"
         + (f", compile_augmentation={args.compile_augmentation!r}" if args.compile_augmentation else "")
         + (f", compile encoder and mask generator={args.compile!r}" if args.compile else "")
-        + (f", compile_objective={args.compile_objective!r}" if args.compile_objective else "") + f", {args.label}".rstrip(", "),
+        + (f", compile_objective={args.compile_objective!r}" if args.compile_objective else "")
+        + (f", compile_optimizers={args.compile_optimizers!r}" if args.compile_optimizers else "") + f", {args.label}".rstrip(", "),
         "",
         f"{torch.cuda.get_device_name() if CUDA else 'CPU'}, ResNet18, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
         f"N={args.num_masks}; {steps} steps after {args.warmup}, Trainer loop with data, OnlineKNN, OnlineLinearProbe.",
@@ -267,6 +268,8 @@ def main() -> None:
                              "graphs); --warmup must cover the compiling and the graphs' recording")
     parser.add_argument("--compile-objective", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the objective's forward and losses (in MODE if given)")
+    parser.add_argument("--compile-optimizers", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile both optimisers' updates (in MODE if given; never as CUDA graphs)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -279,6 +282,8 @@ def main() -> None:
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[args.variant]}
     if args.compile_objective:  # older versions lack the argument
         settings["compile_objective"] = args.compile_objective
+    if args.compile_optimizers:  # older versions lack the argument
+        settings["compile_optimizers"] = args.compile_optimizers
     model = ADIOSModule(encoder="resnet18", image_size=args.image_size, warmup_epochs=0, compile_encoder=args.compile,
                         compile_mask_generator=args.compile, **settings)
     profiler = StepProfiler(args.warmup, args.steps)

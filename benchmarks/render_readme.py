@@ -60,6 +60,11 @@ def _compiled_objective(setting: bool | str | None) -> str:
     return ", objective compiled" if setting else ""
 
 
+def _compiled_optimizers(setting: bool | str | None) -> str:
+    """The variant's suffix for a run with the optimisers' updates compiled too (``--compile-optimizers``)."""
+    return ", optimisers compiled" if setting else ""
+
+
 def _per_view_bn(setting: str | None) -> str:
     """The variant's suffix for a run with batch norm per view the older way (``--per-view-bn cat``)."""
     return ", batch norm per view joined by cat" if setting == "cat" else ""
@@ -71,7 +76,7 @@ def train_table() -> str:
         return "_no end-to-end training results yet_"
     names = {**VARIANT_NAMES, **{f"{k}_batched": f"{v}, batched views" for k, v in VARIANT_NAMES.items()}}
     rows = [
-        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])}{_compiled(r.get('compile'))}{_compiled_augmentation(r.get('compile_augmentation'))}{_compiled_objective(r.get('compile_objective'))}{_per_view_bn(r.get('per_view_bn'))} | {r['image_size']} | {r['num_masks']} "
+        f"| {r['label'] or '-'} | {r['augment_on']} | {names.get(r['variant'], r['variant'])}{_compiled(r.get('compile'))}{_compiled_augmentation(r.get('compile_augmentation'))}{_compiled_objective(r.get('compile_objective'))}{_compiled_optimizers(r.get('compile_optimizers'))}{_per_view_bn(r.get('per_view_bn'))} | {r['image_size']} | {r['num_masks']} "
         f"| {r['images_per_s']:,.0f} | {format(r['peak_memory_mib'], ',') if r.get('peak_memory_mib') else '-'} | {r['device']} |"
         for r in json.loads(path.read_text())
     ]

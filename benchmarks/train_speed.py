@@ -68,7 +68,7 @@ class EpochTimer(pl.Callback):
 
 def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str, ImageFolderDataModule]) -> dict[str, Any]:
     pl.seed_everything(0, workers=True)
-    if args.compile or args.compile_augmentation or args.compile_objective:  # each run compiles its own, as a user's script would (and the
+    if args.compile or args.compile_augmentation or args.compile_objective or args.compile_optimizers:  # each run compiles its own, as a user's script would (and the
         torch._dynamo.reset()  # variants' encoder graphs together would pass dynamo's recompilation limit)
     if args.per_view_bn != "function":  # the switch exists from the version that has it on
         import adios_pl.batched_views as batched_views
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
     settings: dict[str, Any] = {"num_masks": args.num_masks, **VARIANTS[variant]}
     if args.compile_objective:  # older versions lack the argument
         settings["compile_objective"] = args.compile_objective
+    if args.compile_optimizers:  # older versions lack the argument
+        settings["compile_optimizers"] = args.compile_optimizers
     model = ADIOSModule(
         encoder="resnet18", image_size=args.image_size, mask_width=args.mask_width, lr=0.3, mask_lr=0.1,
         warmup_epochs=0, compile_encoder=args.compile, compile_mask_generator=args.compile, **settings,
@@ -112,12 +114,12 @@ def run(args: argparse.Namespace, variant: str, augment_on: str, data: dict[str,
         "variant": variant, "augment_on": augment_on, "device": device, "image_size": args.image_size,
         "batch_size": args.batch_size, "precision": args.precision, "num_masks": settings["num_masks"],
         "compile": args.compile, "compile_augmentation": args.compile_augmentation, "compile_objective": args.compile_objective,
-        "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "batches": timer.epochs[0][0], "epochs": len(timer.epochs), "epochs_measured": len(later),
+        "compile_optimizers": args.compile_optimizers, "per_view_bn": args.per_view_bn, "num_workers": args.num_workers, "batches": timer.epochs[0][0], "epochs": len(timer.epochs), "epochs_measured": len(later),
         "images_per_s": round(images / seconds, 1), "first_epoch_images_per_s": round(timer.epochs[0][0] * args.batch_size / timer.epochs[0][1], 1),
         "run_seconds": round(time.perf_counter() - start, 1), "data": os.path.basename(os.path.dirname(os.path.abspath(args.data_dir))),
         "torch": torch.__version__, "lightning": pl.__version__, "label": args.label,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20) if args.accelerator == "gpu" else None,
-        **(compiler_counts() if args.compile or args.compile_augmentation or args.compile_objective else {}),
+        **(compiler_counts() if args.compile or args.compile_augmentation or args.compile_objective or args.compile_optimizers else {}),
     }
 
 
@@ -170,6 +172,9 @@ def main() -> None:
     parser.add_argument("--compile-objective", nargs="?", const=True, default=False, metavar="MODE",
                         help="torch.compile the objective's forward (the encoder within it) and losses, in MODE if given "
                              "(ADIOSModule's compile_objective)")
+    parser.add_argument("--compile-optimizers", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile both optimisers' updates, in MODE if given, never as CUDA graphs "
+                             "(ADIOSModule's compile_optimizers)")
     parser.add_argument("--per-view-bn", choices=["function", "cat"], default="function",
                         help="batched views: plain batch norm through the per-view function (default), or its own "
                              "forward per view joined by cat (adios_pl.batched_views.PER_VIEW_FUNCTION)")
