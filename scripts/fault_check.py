@@ -537,6 +537,15 @@ FAULTS = [
           '        modes = (self.hparams["compile_encoder"], self.hparams["compile_objective"])\n',
           '        modes = (self.hparams["compile_encoder"],)\n',
           "with compile_objective replaying as CUDA graphs, the step hands the graphs' own loss and features to logs and callbacks"),
+    Fault("optimizers_share_a_code_object", "optim.py",
+          "    run.__code__ = run.__code__.replace(co_name=name)  # a new code object: its graphs are counted apart\n", "",
+          "every compiled optimiser update shares one code object: past dynamo's limit of 8 graphs the rest run eagerly"),
+    Fault("compile_optimizers_ignored", "module.py", "            if setting := hp.compile_optimizers:", "            if setting := False:",
+          "compile_optimizers leaves the optimisers eager"),
+    Fault("compiled_step_drops_the_closure_value", "optim.py", "            compiled()\n        return loss\n",
+          "            compiled()\n        return None\n", "the compiled step does not return its closure's value"),
+    Fault("lars_forgets_its_momentum", "optim.py", '                buffers.append(self.state[p].get("momentum_buffer"))\n',
+          "                buffers.append(None)\n", "LARS starts its momentum buffers afresh at every step"),
 ]
 
 
