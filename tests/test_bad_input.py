@@ -65,6 +65,7 @@ CASES: list[tuple[str, Callable[[Path], Callable[[], Any]], type, str]] = [
     ("compile_encoder unknown mode", lambda t: module(compile_encoder="cudagraphs"), ValueError, "compile_encoder"),
     ("compile_mask_generator not a mode", lambda t: module(compile_mask_generator="fast"), ValueError, "compile_mask_generator"),
     ("compile_optimizers not a mode", lambda t: module(compile_optimizers="fused"), ValueError, "compile_optimizers"),
+    ("compile_optimizers with AdamW", lambda t: module(compile_optimizers=True, optimizer="adamw"), ValueError, "compile_optimizers"),
     ("lr zero", lambda t: module(lr=0.0), ValueError, "lr"),
     ("mask_lr negative", lambda t: module(mask_lr=-1.0), ValueError, "mask_lr"),
     ("weight_decay negative", lambda t: module(weight_decay=-1e-4), ValueError, "weight_decay"),

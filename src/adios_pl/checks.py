@@ -102,6 +102,11 @@ def check_arguments(**kw: Any) -> None:
         raise ValueError(f"mask_norm={kw['mask_norm']!r} is not supported; accepted: {list(MASK_NORMS)}")
     if kw["optimizer"] not in OPTIMIZERS:
         raise ValueError(f"optimizer={kw['optimizer']!r} is not supported; accepted: {list(OPTIMIZERS)}")
+    if kw["compile_optimizers"] and kw["optimizer"] == "adamw":
+        raise ValueError(
+            "compile_optimizers works with optimizer='sgd' or 'lars', not 'adamw' (its compiled multi-tensor "
+            "update needs its state on the GPU, which a resumed run does not have); set compile_optimizers=False"
+        )
     patch = kw.get("mask_patch_size")
     if patch is not None and (not isinstance(patch, int) or isinstance(patch, bool) or patch < 1):
         raise ValueError(f"mask_patch_size must be an integer >= 1 or None, got {patch!r}")

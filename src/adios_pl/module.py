@@ -132,7 +132,7 @@ class ADIOSModule(pl.LightningModule):
             ``compile_encoder``; :func:`adios_pl.optim.compile_step`): a few fused kernels per
             update instead of several per weight group (multi-tensor LARS) or per weight. Never
             replayed as CUDA graphs, whatever the mode: the gradients they read are new tensors
-            at every step. Optimiser step hooks are not run.
+            at every step. Optimiser step hooks are not run. With ``"sgd"`` and ``"lars"``.
     """
 
     def __init__(

@@ -99,7 +99,7 @@ class LARS(Optimizer):
                 g_norm = torch.linalg.vector_norm(d_p)
                 scale = eta * p_norm / (g_norm + p_norm * wd + eps)
                 if group["clip_lr"]:
-                    scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
+                    scale = _clipped(scale, lr)
                 # As the reference: neither scaling nor weight decay where either norm is zero.
                 d_p = torch.where((p_norm > 0) & (g_norm > 0), d_p.add(p, alpha=wd) * scale, d_p)
             if group["momentum"] != 0:
@@ -109,7 +109,10 @@ class LARS(Optimizer):
                 else:
                     buffer.mul_(group["momentum"]).add_(d_p)
                 d_p = buffer
-            p.add_(d_p, alpha=-lr)
+            if isinstance(lr, Tensor):
+                p.sub_(d_p * lr)
+            else:
+                p.add_(d_p, alpha=-lr)
 
     def _foreach_group(self, group: dict, params: list[Tensor], grads: list[Tensor], buffers: list[Tensor | None]) -> None:
         """The same update as :meth:`_loop_group` with multi-tensor kernels."""
@@ -122,7 +125,7 @@ class LARS(Optimizer):
             g_norm = torch.stack(torch._foreach_norm(gs))
             scale = eta * p_norm / (g_norm + p_norm * wd + eps)
             if group["clip_lr"]:
-                scale = torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
+                scale = _clipped(scale, lr)
             # As the reference: neither scaling nor weight decay where either norm is zero.
             active = (p_norm > 0) & (g_norm > 0)
             decay = torch._foreach_mul(ps, list((active.to(p_norm.dtype) * wd).unbind()))
@@ -139,7 +142,18 @@ class LARS(Optimizer):
                 if b is None:
                     buffers[i] = updates[i].detach().clone()
             updates = [cast(Tensor, b) for b in buffers]
-        torch._foreach_add_(params, updates, alpha=-lr)
+        if isinstance(lr, Tensor):
+            torch._foreach_sub_(params, torch._foreach_mul(updates, lr))
+        else:
+            torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _clipped(scale: Tensor, lr: float | Tensor) -> Tensor:
+    """LARS's trust ratio ``scale`` over the learning rate, at most 1 (1 where the rate is 0). A
+    rate held as a tensor (:func:`compile_step`'s) is compared on the device."""
+    if isinstance(lr, Tensor):
+        return torch.where(lr > 0, torch.clamp(scale / lr, max=1.0), 1.0)
+    return torch.clamp(scale / lr, max=1.0) if lr > 0 else torch.ones_like(scale)
 
 
 def build_optimizer(
@@ -166,14 +180,21 @@ def compile_step(optimizer: Optimizer, options: dict[str, Any]) -> None:
     ``optimizer.step(closure)`` then runs the closure eagerly and the update (the class's own
     ``step``, without torch's profiling and hook wrapper) compiled, under ``torch.no_grad`` from
     the start so that the compiled code updates the weights in place: a few fused kernels instead
-    of several per weight or per group. A changing learning rate does not recompile (dynamo
-    makes a float that changes an input), so an optimiser makes two graphs, before and after its
-    momentum buffers exist, and a third where its rate first changes after that (a per-epoch
-    schedule). Optimiser step hooks (``register_step_pre_hook``) are not run. Each optimiser's
-    update has a code object of its own, since dynamo limits the graphs kept per code object
-    (8) and would run further optimisers eagerly. Call before creating a scheduler, which wraps
-    ``step``.
+    of several per weight or per group. For the compiled call only, each group's learning rate
+    is a 0-d float64 tensor on its weights' device, filled from the number in ``group["lr"]``
+    (one small kernel, no read-back); the number is put back after, so schedulers, checkpoints
+    and logs see numbers as before. A rate that changes is then data, not a constant of the
+    graph: an optimiser makes two graphs (before and after its state exists), and no float
+    reaches the compiler (Inductor in torch 2.14 bakes in a float that a graph uses both as an
+    ``alpha`` and in a tensor operation: LARS's clipped rate went stale). Optimiser step hooks
+    (``register_step_pre_hook``) are not run. Each optimiser's update has a code object of its
+    own, since dynamo keeps at most 8 graphs per code object and runs the function eagerly
+    beyond. Call before creating a scheduler, which wraps ``step``. For :class:`LARS` and
+    ``torch.optim.SGD`` (AdamW's multi-tensor update takes a tensor rate only with its state on
+    the device, which a run resumed from an uncompiled checkpoint does not have).
     """
+    if not isinstance(optimizer, (LARS, torch.optim.SGD)):
+        raise ValueError(f"compile_step supports LARS and SGD, got {type(optimizer).__name__}")
     update = inspect.unwrap(type(optimizer).step)
 
     def run() -> None:
@@ -183,14 +204,24 @@ def compile_step(optimizer: Optimizer, options: dict[str, Any]) -> None:
     run.__code__ = run.__code__.replace(co_name=name)  # a new code object: its graphs are counted apart
     run.__name__ = run.__qualname__ = name
     compiled = torch.compile(run, options=options)
+    rates: list[Tensor] = []
 
     def step(self: Optimizer, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with torch.no_grad():
-            compiled()
+        for group in self.param_groups[len(rates):]:  # groups added since, too
+            rates.append(torch.zeros((), dtype=torch.float64, device=group["params"][0].device))
+        numbers = [group["lr"] for group in self.param_groups]
+        try:
+            for group, rate, number in zip(self.param_groups, rates, numbers):
+                group["lr"] = rate.fill_(number)
+            with torch.no_grad():
+                compiled()
+        finally:
+            for group, number in zip(self.param_groups, numbers):
+                group["lr"] = number
         return loss
 
     optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
