@@ -181,12 +181,12 @@ def compile_step(optimizer: Optimizer, options: dict[str, Any]) -> None:
     ``step``, without torch's profiling and hook wrapper) compiled, under ``torch.no_grad`` from
     the start so that the compiled code updates the weights in place: a few fused kernels instead
     of several per weight or per group. For the compiled call only, each group's learning rate
-    is a 0-d float64 tensor on its weights' device, filled from the number in ``group["lr"]``
+    is a 0-d tensor on its weights' device, filled from the number in ``group["lr"]``
     (one small kernel, no read-back); the number is put back after, so schedulers, checkpoints
     and logs see numbers as before. A rate that changes is then data, not a constant of the
     graph: an optimiser makes two graphs (before and after its state exists), and no float
-    reaches the compiler (Inductor in torch 2.14 bakes in a float that a graph uses both as an
-    ``alpha`` and in a tensor operation: LARS's clipped rate went stale). Optimiser step hooks
+    reaches the compiler (Inductor in torch 2.14.1, on the CPU, baked in a float that a graph
+    uses both as an ``alpha`` and in a tensor operation: LARS's clipped rate went stale). Optimiser step hooks
     (``register_step_pre_hook``) are not run. Each optimiser's update has a code object of its
     own, since dynamo keeps at most 8 graphs per code object and runs the function eagerly
     beyond. Call before creating a scheduler, which wraps ``step``. For :class:`LARS` and
@@ -212,7 +212,9 @@ def compile_step(optimizer: Optimizer, options: dict[str, Any]) -> None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups[len(rates):]:  # groups added since, too
-            rates.append(torch.zeros((), dtype=torch.float64, device=group["params"][0].device))
+            weight = group["params"][0] if group["params"] else torch.zeros(())
+            # float32 for float32 and narrower weights, as eager's kernels take the rate
+            rates.append(torch.zeros((), dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device))
         numbers = [group["lr"] for group in self.param_groups]
         try:
             for group, rate, number in zip(self.param_groups, rates, numbers):
