@@ -305,14 +305,14 @@ def test_compiled_optimizers_on_cuda_equal_eager_in_float64_without_host_synchro
     import pytorch_lightning as pl
     from torch._dynamo.utils import counters
 
-    class Strict(pl.Callback):
+    class Strict(pl.Callback):  # by global_step: with 2 batches an epoch, batch_idx never reaches 2
         def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
-            if batch_idx == 2:
+            if trainer.global_step == 2:
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            if batch_idx == 3:
+            if trainer.global_step == 4:
                 torch.cuda.set_sync_debug_mode("default")
 
     def after_four_steps(**kw: Any) -> dict[str, torch.Tensor]:
