@@ -195,7 +195,7 @@ def one_batch(args: argparse.Namespace, variant: str, mode: Any) -> None:
     if args.compile_optimizers:  # the real compile_step, with a torch.compile that counts the update as a part
         def counted_step(optimizer: torch.optim.Optimizer, options: dict[str, Any]) -> None:
             with unittest.mock.patch.object(torch, "compile", lambda fn, **kw: functools.partial(mode.in_part, fn)):
-                compile_step(optimizer, options)  # adios_pl.optim's: the module's name is this stand-in (of another variant's count)
+                compile_step(optimizer, options)  # adios_pl.optim's own: adios_pl.module's name holds an earlier stand-in
 
         adios_pl.module.compile_step = counted_step  # type: ignore[attr-defined]
         model.hparams["compile_optimizers"] = True
