@@ -133,3 +133,32 @@ def test_compiled_optimizers_train_as_the_eager_ones(settings: dict[str, Any], g
     assert dict(graphs_per_part) == {"LARS_update": 4}, dict(graphs_per_part)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-13)
+
+
+def test_a_run_resumes_with_or_without_compiled_optimizers(tmp_path: Any, graphs_per_part: Counter[str]) -> None:
+    """Checkpoints hold the rates as numbers either way: an eager run stopped after its first
+    epoch and resumed with compile_optimizers, and a compiled run resumed eagerly, both end where
+    an uninterrupted eager run does (LARS, float64, per-batch warm-up, 2 epochs of 2 batches; the
+    tolerance of the loop test above; measured 2.2e-16). The models are made float64 before the
+    fit: under ``precision="64-true"`` Lightning 2.6.6 loads a checkpoint into a float32 model
+    before converting it, which rounds the weights (an eager resume then ends 6e-8 away)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from conftest import StopAt
+
+    def fit(model: ADIOSModule, callbacks: list[Any], ckpt_path: str | None = None) -> torch.Tensor:
+        trainer = quiet_trainer(max_epochs=2, precision="64-true", callbacks=callbacks, enable_checkpointing=bool(callbacks))
+        trainer.fit(model, make_loader(n=16, size=16, dtype=torch.float64), ckpt_path=ckpt_path)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    straight = fit(_model(warmup_epochs=1).double(), [])
+    for first, then in ((False, True), (True, False)):
+        folder = tmp_path / f"first_{first}"
+        fit(_model(warmup_epochs=1, compile_optimizers=first).double(), [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0), StopAt(2)])
+        saved = torch.load(folder / "last.ckpt", weights_only=False)
+        assert saved["global_step"] == 2
+        assert all(type(group["lr"]) is float for state in saved["optimizer_states"] for group in state["param_groups"])
+        resumed = fit(_model(warmup_epochs=1, compile_optimizers=then).double(), [], ckpt_path=str(folder / "last.ckpt"))
+        torch.testing.assert_close(resumed, straight, rtol=0, atol=1e-13)
+    # per optimiser: two in the compiled first half; one in the compiled second, whose buffers exist
+    assert graphs_per_part["LARS_update"] == 6
