@@ -186,10 +186,10 @@ def compile_step(optimizer: Optimizer, options: dict[str, Any]) -> None:
     and logs see numbers as before. A rate that changes is then data, not a constant of the
     graph: an optimiser makes two graphs (before and after its state exists), and no float
     reaches the compiler (Inductor in torch 2.14.1, on the CPU, baked in a float that a graph
-    uses both as an ``alpha`` and in a tensor operation: LARS's clipped rate went stale). Optimiser step hooks
-    (``register_step_pre_hook``) are not run. Each optimiser's update has a code object of its
-    own, since dynamo keeps at most 8 graphs per code object and runs the function eagerly
-    beyond. Call before creating a scheduler, which wraps ``step``. For :class:`LARS` and
+    uses both as an ``alpha`` and in a tensor operation: LARS's clipped rate went stale).
+    Optimiser step hooks (``register_step_pre_hook``) are not run. Each optimiser's update has a
+    code object of its own, since dynamo keeps at most 8 graphs per code object and runs the
+    function eagerly beyond. Call before creating a scheduler, which wraps ``step``. For :class:`LARS` and
     ``torch.optim.SGD`` (AdamW's multi-tensor update takes a tensor rate only with its state on
     the device, which a run resumed from an uncompiled checkpoint does not have).
     """
